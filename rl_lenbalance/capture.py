@@ -1,0 +1,150 @@
+"""Stream hidden states and next-token entropies out of `model.generate` with forward hooks, and run PLP.
+
+Nothing is stored per decoded token: each step folds the new token into a `StreamingPool`, runs the head every
+`predict_every` steps, and keeps the PLP features only at a fixed set of steps (the online training pairs).
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import LenBalanceConfig
+from .predictor import PLPHead, StreamingPool, plp_features, pool_tokens, token_entropy
+
+ENTROPY_CHUNK_ROWS = 8  # prompt rows per lm_head pass at prefill (bounds the (rows, P, V) logits in memory)
+
+
+def resolve_module(model: nn.Module, config: LenBalanceConfig) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """(final norm, feature module, lm_head) of a causal LM, or a clear error naming the setting to fix."""
+    try:
+        if config.hook_module:
+            norm = model.get_submodule(config.hook_module)
+        else:
+            norm = model.get_decoder().norm
+    except AttributeError as err:
+        where = f"lenbalance.hook_module={config.hook_module!r}" if config.hook_module else "the decoder's `.norm`"
+        raise ValueError(
+            f"rl-lenbalance could not find the final norm of {type(model).__name__} ({where}: {err}). Set "
+            "`lenbalance.hook_module` to the dotted path of the module that produces the last hidden states "
+            "(for Llama/Qwen: 'model.norm')."
+        ) from err
+    feature = norm
+    if config.feature_layer >= 0:
+        layers = model.get_decoder().layers
+        if config.feature_layer >= len(layers):
+            raise ValueError(
+                f"lenbalance.feature_layer={config.feature_layer} but the model has {len(layers)} decoder layers."
+            )
+        feature = layers[config.feature_layer]
+    lm_head = model.get_output_embeddings()
+    if lm_head is None:
+        raise ValueError(f"{type(model).__name__} has no output embeddings (lm_head); rl-lenbalance needs a causal LM.")
+    return norm, feature, lm_head
+
+
+def record_steps(max_length: int, every: int) -> list[int]:
+    """Decode steps whose PLP features become training pairs: 0, 8, then every `every` steps."""
+    return sorted({0, 8, *range(every, max_length, every)} & set(range(max_length)))
+
+
+@dataclass
+class CaptureResult:
+    """What one generate call left behind (rows in the order given to generate)."""
+
+    prompt_features: torch.Tensor | None = None  # (B, H)
+    prediction_steps: list[int] = field(default_factory=list)
+    predictions: list[torch.Tensor] = field(default_factory=list)  # per step: (B,) predicted remaining length
+    recorded: dict[int, torch.Tensor] = field(default_factory=dict)  # step -> (B, F) float16 PLP features
+    steps: int = 0
+    seconds: float = 0.0  # time spent inside the hooks
+
+    def predicted_total(self, step: int) -> torch.Tensor:
+        """Predicted total length (observed + remaining) from the prediction made at `step`."""
+        i = self.prediction_steps.index(step)
+        return self.predictions[i] + step
+
+
+class GenerationCapture:
+    """Forward hooks on the final norm (and feature layer) and lm_head of a causal LM."""
+
+    def __init__(self, model: nn.Module, head: PLPHead, config: LenBalanceConfig, max_length: int) -> None:
+        self.norm, self.feature_module, self.lm_head = resolve_module(model, config)
+        hidden = model.config.get_text_config().hidden_size
+        if head.config.hidden_size != hidden:
+            raise ValueError(
+                f"The length head expects hidden size {head.config.hidden_size} but the model has {hidden}; "
+                "point `lenbalance.predictor_path` at a predictor trained on this model."
+            )
+        self.head, self.config, self.max_length = head, config, max_length
+        self.record_at = set(record_steps(max_length, config.record_every))
+
+    @contextmanager
+    def capture(self, prompt_lengths: list[int]) -> Iterator[CaptureResult]:
+        """Hooks live only inside this block, around exactly one `generate` call over rows of these prompt lengths."""
+        result = CaptureResult()
+        state: dict = {"norm": None, "feature": None, "pool": None}
+
+        def keep(name: str):
+            def hook(_module, _inputs, output):
+                state[name] = output[0] if isinstance(output, tuple) else output
+
+            return hook
+
+        def on_logits(_module, _inputs, logits):
+            start = time.perf_counter()
+            with torch.no_grad():
+                if state["pool"] is None:
+                    self._prefill(state, prompt_lengths, result)
+                else:
+                    state["pool"].update(state["feature"][:, -1], token_entropy(logits[:, -1]))
+                    result.steps += 1
+                    self._predict_and_record(state["pool"], state["prompt"], result)
+            result.seconds += time.perf_counter() - start
+
+        handles = [self.norm.register_forward_hook(keep("norm"))]
+        if self.feature_module is not self.norm:
+            handles.append(self.feature_module.register_forward_hook(keep("feature")))
+        handles.append(self.lm_head.register_forward_hook(on_logits))
+        try:
+            yield result
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _prefill(self, state: dict, prompt_lengths: list[int], result: CaptureResult) -> None:
+        hidden = state["norm"]
+        feature = state["feature"] if state["feature"] is not None else hidden
+        if feature is None or feature.size(1) < max(prompt_lengths):
+            raise RuntimeError("rl-lenbalance: the prefill's hidden states were not captured (hook_module wrong?).")
+        batch, width = feature.shape[:2]
+        lengths = torch.tensor(prompt_lengths, device=feature.device)
+        mask = torch.arange(width, device=feature.device).unsqueeze(0) >= (width - lengths).unsqueeze(1)
+        entropy = torch.cat(
+            [
+                token_entropy(F.linear(hidden[i : i + ENTROPY_CHUNK_ROWS], self.lm_head.weight, self.lm_head.bias))
+                for i in range(0, batch, ENTROPY_CHUNK_ROWS)
+            ]
+        )
+        state["prompt"] = pool_tokens(feature, entropy, mask, self.config.pooling)
+        result.prompt_features = state["prompt"]
+        state["pool"] = StreamingPool(batch, feature.size(-1), device=feature.device)
+        self._predict_and_record(None, state["prompt"], result)
+
+    def _predict_and_record(self, pool: StreamingPool | None, prompt: torch.Tensor, result: CaptureResult) -> None:
+        step = result.steps
+        want_prediction = step % self.config.predict_every == 0
+        if not want_prediction and step not in self.record_at:
+            return
+        z = plp_features(prompt, pool, step, self.max_length)
+        if want_prediction:
+            result.prediction_steps.append(step)
+            result.predictions.append(self.head.predict(z.to(self.head.edges.device)).to(z.device))
+        if step in self.record_at:
+            result.recorded[step] = z.to(torch.float16)

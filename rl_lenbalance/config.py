@@ -1,0 +1,138 @@
+"""`LenBalanceConfig`: every rl-lenbalance setting, validated, documented field by field."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+from .predictor import POOLING_METHODS
+
+PARTITION_METHODS = ("kk", "lpt")
+EXACT_LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "sapo", "cispo", "luspo")  # row-mean or globally normalised
+
+
+@dataclass
+class LenBalanceConfig:
+    """Settings of the length predictor and the length-aware scheduler (the `lenbalance:` section of a recipe)."""
+
+    # Predictor
+    pooling: str = field(
+        default="egtp",
+        metadata={"help": f"How the prompt's hidden states are pooled: one of {', '.join(POOLING_METHODS)}."},
+    )
+    feature_layer: int = field(
+        default=-1,
+        metadata={"help": "Which hidden states the head reads: -1 = the decoder's final norm, i >= 0 = decoder layer i."},
+    )
+    hook_module: str | None = field(
+        default=None,
+        metadata={"help": "Dotted path of the module whose output is read (e.g. 'model.norm'); overrides feature_layer."},
+    )
+    num_bins: int = field(default=20, metadata={"help": "K, the number of log-spaced length bins of the head."})
+    ce_weight: float = field(default=0.95, metadata={"help": "λ in the loss λ·CE + (1-λ)·MSE."})
+    dropout: float = field(default=0.1, metadata={"help": "Dropout inside the head."})
+    predict_every: int = field(
+        default=1, metadata={"help": "Run the head every this many decode steps during generation (PLP)."}
+    )
+    record_every: int = field(
+        default=16,
+        metadata={"help": "Keep PLP features every this many decode steps (plus steps 0 and 8) as training pairs."},
+    )
+    samples_per_sequence: int = field(
+        default=8, metadata={"help": "At most this many (feature, remaining length) pairs per finished rollout."}
+    )
+    predictor_lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the head."})
+    predictor_steps_per_round: int = field(
+        default=20, metadata={"help": "Optimizer steps on the head after each generation round."}
+    )
+    predictor_batch_size: int = field(default=256, metadata={"help": "Minibatch size of the head's updates."})
+    replay_buffer_size: int = field(
+        default=20_000, metadata={"help": "Training pairs kept for the head (oldest dropped first)."}
+    )
+    predictor_path: str | None = field(
+        default=None, metadata={"help": "Folder of a saved predictor to start from (None: train from scratch)."}
+    )
+    # Scheduling
+    balance_training: bool = field(
+        default=True,
+        metadata={
+            "help": "Replace TRL's random shuffle with length-sorted micro-batches and trim all-pad columns "
+            "(exact: same loss and gradients)."
+        },
+    )
+    balance_ranks: bool = field(
+        default=True,
+        metadata={"help": "Move rows between data-parallel ranks so each rank gets an equal share of tokens."},
+    )
+    partition_method: str = field(
+        default="kk", metadata={"help": f"Cross-rank partition: one of {', '.join(PARTITION_METHODS)}."}
+    )
+    attention_alpha: float = field(
+        default=0.0, metadata={"help": "Cost of a sequence of L tokens = L + attention_alpha · L² when balancing."}
+    )
+    generation_wave_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Generate a rank's batch in waves of this many sequences, longest predicted first "
+            "(None: one generate call, as stock TRL)."
+        },
+    )
+    fallback_window: int = field(
+        default=3,
+        metadata={
+            "help": "Fall back to stock ordering of waves when the predictor's online MAE is worse than the naive "
+            "baseline for this many consecutive rounds."
+        },
+    )
+    log_table_every: int = field(
+        default=1, metadata={"help": "Log a predicted-vs-actual wandb.Table every this many generation rounds (0: never)."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.pooling not in POOLING_METHODS:
+            raise ValueError(f"lenbalance.pooling={self.pooling!r} is not valid; use one of {', '.join(POOLING_METHODS)}.")
+        if self.partition_method not in PARTITION_METHODS:
+            raise ValueError(
+                f"lenbalance.partition_method={self.partition_method!r} is not valid; use one of "
+                f"{', '.join(PARTITION_METHODS)}."
+            )
+        for name in ("num_bins", "predict_every", "record_every", "samples_per_sequence", "predictor_batch_size",
+                     "replay_buffer_size", "fallback_window"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"lenbalance.{name} must be >= 1, got {getattr(self, name)}.")
+        if self.num_bins < 2:
+            raise ValueError(f"lenbalance.num_bins must be >= 2, got {self.num_bins}.")
+        if not 0.0 <= self.ce_weight <= 1.0:
+            raise ValueError(f"lenbalance.ce_weight (λ) must lie in [0, 1], got {self.ce_weight}.")
+        if self.generation_wave_size is not None and self.generation_wave_size < 1:
+            raise ValueError(f"lenbalance.generation_wave_size must be >= 1 or None, got {self.generation_wave_size}.")
+
+    def check_trainer_args(self, args, num_generations: int) -> None:
+        """Refuse settings that contradict the trainer's (`args` is a GRPOConfig or RLOOConfig)."""
+        generation_batch = args.per_device_train_batch_size * args.steps_per_generation
+        if self.generation_wave_size is not None and self.generation_wave_size > generation_batch:
+            raise ValueError(
+                f"lenbalance.generation_wave_size={self.generation_wave_size} is larger than the per-rank generation "
+                f"batch (per_device_train_batch_size={args.per_device_train_batch_size} × "
+                f"steps_per_generation={args.steps_per_generation} = {generation_batch}); lower it or set it to None."
+            )
+        if not self.balance_training:
+            return
+        loss_type = getattr(args, "loss_type", None)
+        if loss_type is not None and loss_type not in EXACT_LOSS_TYPES:
+            raise ValueError(
+                f"loss_type={loss_type!r} normalises by each micro-batch's own token count, so regrouping rows would "
+                f"change what is learned. Use loss_type='dapo' (the same objective, normalised globally), or set "
+                "lenbalance.balance_training=False."
+            )
+        per_microbatch = [
+            name for name, off in (("top_entropy_quantile", 1.0), ("entropy_coef", 0.0)) if getattr(args, name, off) != off
+        ] + (["use_adaptive_entropy"] if getattr(args, "use_adaptive_entropy", False) else [])
+        if per_microbatch:
+            raise ValueError(
+                f"{', '.join(per_microbatch)} make TRL compute statistics per micro-batch, so regrouping rows would "
+                "change what is learned; reset them to their defaults or set lenbalance.balance_training=False."
+            )
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]

@@ -1,0 +1,159 @@
+"""The predictor's life in a training loop, framework-free: capture during generation, honest online error,
+online training on the finished rollouts, fallback when it fails. TRL adapters call this; it never imports TRL."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .capture import CaptureResult, GenerationCapture, record_steps
+from .config import LenBalanceConfig
+from .predictor import HeadConfig, NaiveLengthBaseline, OnlineTrainer, PLPHead, feature_size
+
+PLP_REPORT_STEP = 32  # the PLP error is reported after this many observed tokens (the paper's t = 32)
+
+
+
+@dataclass
+class Wave:
+    """One generate call: the rows (indices into the rank's batch) it ran, and what its hooks captured."""
+
+    rows: list[int]
+    capture: CaptureResult
+
+
+@contextmanager
+def private_rng(seed: int) -> Iterator[None]:
+    """Run predictor work on its own RNG stream so the policy's sampling sees exactly the RNG stock TRL sees."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+class LenBalanceEngine:
+    """Owns the head, its online trainer and naive baseline, and turns generation rounds into metrics."""
+
+    def __init__(self, model: nn.Module, config: LenBalanceConfig, max_length: int, seed: int = 0) -> None:
+        hidden = model.config.get_text_config().hidden_size
+        device = next(model.parameters()).device
+        with private_rng(seed):
+            if config.predictor_path:
+                head = PLPHead.from_pretrained(config.predictor_path, expected_hidden_size=hidden)
+            else:
+                head = PLPHead(HeadConfig(hidden, max_length, config.num_bins, config.ce_weight, config.dropout,
+                                          config.pooling, config.feature_layer))
+        self.head = head.to(device).eval()
+        self.config, self.max_length, self.seed = config, max_length, seed
+        self.capture = GenerationCapture(model, self.head, config, max_length)
+        self.trainer = OnlineTrainer(self.head, config.predictor_lr, config.replay_buffer_size,
+                                     config.predictor_batch_size, config.predictor_steps_per_round, seed)
+        self.baseline = NaiveLengthBaseline()
+        self.rounds = 0
+        self.rounds_worse_than_naive = 0
+        self.fallbacks = 0
+        self.healthy = True
+        self._steps = record_steps(max_length, config.record_every)
+
+    def training_pairs(self, waves: list[Wave], lengths: list[int]) -> dict[str, torch.Tensor]:
+        """Fixed-shape tensors of one rank's round (so ranks can be gathered): PLP features at t=0 and t=32, and
+        `samples_per_sequence` sampled (feature, remaining length) pairs per row; invalid rows have target -1."""
+        batch, width = len(lengths), feature_size(self.head.config.hidden_size)
+        samples = self.config.samples_per_sequence
+        out = {
+            "z0": torch.zeros(batch, width), "z32": torch.zeros(batch, width),
+            "y0": torch.full((batch,), -1.0), "y32": torch.full((batch,), -1.0),
+            "z": torch.zeros(batch * samples, width), "y": torch.full((batch * samples,), -1.0),
+        }
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.rounds)
+        for wave in waves:
+            for j, row in enumerate(wave.rows):
+                length = lengths[row]
+                steps = [s for s in self._steps if s < length and s in wave.capture.recorded]
+                for name, step in (("0", 0), ("32", PLP_REPORT_STEP)):
+                    if step in steps:
+                        out[f"z{name}"][row] = wave.capture.recorded[step][j].float().cpu()
+                        out[f"y{name}"][row] = float(length - step)
+                picks = torch.randperm(len(steps), generator=generator)[:samples].tolist()
+                for k, pick in enumerate(picks):
+                    out["z"][row * samples + k] = wave.capture.recorded[steps[pick]][j].float().cpu()
+                    out["y"][row * samples + k] = float(length - steps[pick])
+        return out
+
+    def learn(self, pairs: dict[str, torch.Tensor], lengths: torch.Tensor) -> dict[str, float]:
+        """Score the head on fresh rollouts (before it sees them), then train on them. `pairs` and `lengths` must
+        already hold every rank's rows, so every rank trains an identical head."""
+        metrics: dict[str, float] = {}
+        start = time.perf_counter()
+        for name in ("0", "32"):
+            valid = pairs[f"y{name}"] >= 0
+            if valid.any():
+                z, y = pairs[f"z{name}"][valid], pairs[f"y{name}"][valid]
+                mae = self.trainer.mean_abs_error(z.to(self.head.edges.device), y)
+                naive = self.baseline.predict_remaining(0 if name == "0" else PLP_REPORT_STEP)
+                label = "static" if name == "0" else "plp32"
+                metrics[f"predictor/mae_{label}"] = mae
+                if naive is not None:
+                    metrics[f"predictor/mae_naive_{label}"] = (y - naive).abs().mean().item()
+        self._update_health(metrics)
+        valid = pairs["y"] >= 0
+        with private_rng(self.seed + self.rounds):
+            loss = self.trainer.observe(pairs["z"][valid], pairs["y"][valid])
+        if loss is not None:
+            metrics["predictor/loss"] = loss
+        if not all(torch.isfinite(p).all() for p in self.head.parameters()):
+            self._fall_back("its weights became non-finite; re-initialising the head")
+            self._reinitialise()
+        self.baseline.update(lengths.tolist())
+        self.rounds += 1
+        metrics["predictor/train_s"] = time.perf_counter() - start
+        metrics["predictor/skipped_updates"] = float(self.trainer.skipped_updates)
+        metrics["predictor/fallbacks"] = float(self.fallbacks)
+        metrics["predictor/healthy"] = float(self.healthy)
+        return metrics
+
+    def _update_health(self, metrics: dict[str, float]) -> None:
+        mae, naive = metrics.get("predictor/mae_static"), metrics.get("predictor/mae_naive_static")
+        if mae is None:
+            return
+        if not torch.isfinite(torch.tensor(mae)):
+            self._fall_back("its predictions are not finite")
+            return
+        self.rounds_worse_than_naive = self.rounds_worse_than_naive + 1 if naive is not None and mae > naive else 0
+        was_healthy = self.healthy
+        self.healthy = self.rounds_worse_than_naive < self.config.fallback_window
+        if was_healthy and not self.healthy:
+            self._fall_back(
+                f"its online MAE was worse than the naive baseline for {self.config.fallback_window} rounds in a row"
+            )
+
+    def _fall_back(self, why: str) -> None:
+        self.healthy = False
+        self.fallbacks += 1
+        warnings.warn(
+            f"rl-lenbalance: the length predictor is unreliable ({why}); scheduling falls back to stock ordering "
+            "of generation and actual-length balancing of training until it recovers (lenbalance/predictor/fallbacks)."
+        )
+
+    def _reinitialise(self) -> None:
+        with private_rng(self.seed + self.rounds):
+            fresh = PLPHead(self.head.config).to(self.head.edges.device)
+        self.head.load_state_dict(fresh.state_dict())
+        self.trainer = OnlineTrainer(self.head, self.config.predictor_lr, self.config.replay_buffer_size,
+                                     self.config.predictor_batch_size, self.config.predictor_steps_per_round, self.seed)
+
+    def state_dict(self) -> dict:
+        """Everything needed to resume: the head, its optimizer, counters."""
+        return {"optimizer": self.trainer.optimizer.state_dict(), "rounds": self.rounds, "fallbacks": self.fallbacks,
+                "baseline": list(self.baseline.lengths)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.trainer.optimizer.load_state_dict(state["optimizer"])
+        self.rounds, self.fallbacks = state["rounds"], state["fallbacks"]
+        self.baseline.update(state["baseline"])

@@ -1,0 +1,255 @@
+"""TRL adapter: GRPOTrainer (and trainers sharing its generation/`_prepare_inputs` structure, like RLOO).
+
+Two stock methods change, each in one place:
+- `_generate_single_turn`: the same plain-`generate` call(s), under capture hooks, optionally in waves ordered by
+  predicted length, so the predictor sees every rollout and trains on it.
+- `_prepare_inputs`: TRL's random shuffle + equal split becomes a token-balanced cross-rank exchange and
+  length-sorted micro-batches with all-pad columns trimmed (same rows per micro-batch, same loss and gradients).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections import defaultdict
+
+import torch
+from accelerate.utils import pad_across_processes
+from trl import GRPOTrainer
+from trl.models import unwrap_model_for_generation
+
+from ..config import LenBalanceConfig
+from ..engine import LenBalanceEngine, Wave
+from ..metrics import decode_slots, loss_tokens, waste
+from ..schedule import imbalance, karmarkar_karp, lpt_partition, sequence_costs, sorted_equal_chunks, waves_by_length
+
+
+class LenBalanceMixin:
+    """Mixed in front of a TRL trainer class by `LenBalanceGRPOTrainer` or `wrap_trainer`."""
+
+    lenbalance: LenBalanceEngine
+    lenbalance_config: LenBalanceConfig
+
+    def _lenbalance_setup(self, config: LenBalanceConfig | None) -> None:
+        self.lenbalance_config = config = config or LenBalanceConfig()
+        config.check_trainer_args(self.args, self.num_generations)
+        model = self.accelerator.unwrap_model(self.model)
+        self.lenbalance = LenBalanceEngine(model, config, self.max_completion_length, seed=self.args.seed)
+        self._lenbalance_warned: set[str] = set()
+        self._lenbalance_round: dict[str, float] = {}
+        self.lenbalance_totals: dict[str, float] = defaultdict(float)  # summed over the run, for the summary table
+        self.lenbalance_last_lengths: list[tuple[float, int]] = []  # (predicted at t=0, actual) of the last round
+
+    # --- generation -------------------------------------------------------------------------------------------
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        """Stock: one `generate` over the rank's rows. Here: the same call(s) under capture hooks, in waves."""
+        if self.use_vllm or self.use_transformers_continuous_batching or images is not None or multimodal_fields:
+            self._warn_once("backend", "rl-lenbalance captures hidden states only on the plain transformers "
+                            "`generate` path (text-only); this generation ran as stock TRL, unpredicted.")
+            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations,
+                                                 has_tool_images)
+        start = time.perf_counter()
+        waves: list[Wave] = []
+        completions: list[list[int] | None] = [None] * len(prompt_ids)
+        for rows in self._plan_waves(prompt_ids):
+            with self.lenbalance.capture.capture([len(prompt_ids[i]) for i in rows]) as captured:
+                ids, _ = super()._generate_single_turn([prompt_ids[i] for i in rows], None, {}, num_generations)
+            for row, completion in zip(rows, ids, strict=True):
+                completions[row] = completion
+            waves.append(Wave(rows, captured))
+        generation_s = time.perf_counter() - start
+        self._after_generation(waves, [len(c) for c in completions], generation_s)
+        return completions, None
+
+    def _plan_waves(self, prompt_ids: list[list[int]]) -> list[list[int]]:
+        """Rows of each generate call: all at once (stock), or waves longest-predicted first."""
+        size = self.lenbalance_config.generation_wave_size
+        rows = list(range(len(prompt_ids)))
+        if size is None or size >= len(rows):
+            return [rows]
+        if not self.lenbalance.healthy or self.lenbalance.rounds == 0:
+            return [rows[i : i + size] for i in range(0, len(rows), size)]  # stock order, memory-limited waves
+        predicted = self._predict_prompt_lengths(prompt_ids)
+        return waves_by_length(predicted, size)
+
+    @torch.no_grad()
+    def _predict_prompt_lengths(self, prompt_ids: list[list[int]]) -> list[float]:
+        """EGTP prompt-only length of each row, from one prefill over the distinct prompts."""
+        distinct = list(dict.fromkeys(tuple(p) for p in prompt_ids))
+        width = max(len(p) for p in distinct)
+        pad = self.processing_class.pad_token_id if hasattr(self.processing_class, "pad_token_id") else 0
+        input_ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in distinct], device=self.accelerator.device)
+        attention_mask = (torch.arange(width) >= torch.tensor([width - len(p) for p in distinct]).unsqueeze(1)).long()
+        with (
+            unwrap_model_for_generation(self.model_wrapped, self.accelerator,
+                                        gather_deepspeed3_params=self.args.ds3_gather_for_generation) as model,
+            self.lenbalance.capture.capture([len(p) for p in distinct]) as captured,
+        ):
+            model(input_ids=input_ids, attention_mask=attention_mask.to(input_ids.device), logits_to_keep=1)
+        by_prompt = dict(zip(distinct, captured.predicted_total(0).tolist(), strict=True))
+        return [by_prompt[tuple(p)] for p in prompt_ids]
+
+    def _after_generation(self, waves: list[Wave], lengths: list[int], generation_s: float) -> None:
+        """Ledger of decode slots, honest online error, then online training of the head on every rank's rows."""
+        engine = self.lenbalance
+        local = engine.training_pairs(waves, lengths)
+        device = self.accelerator.device
+        gathered = {k: self.accelerator.gather(v.to(device)).cpu() for k, v in local.items()}
+        all_lengths = self.accelerator.gather(torch.tensor(lengths, device=device)).cpu()
+        predicted0 = torch.full((len(lengths),), float("nan"))
+        for wave in waves:
+            if 0 in wave.capture.prediction_steps:
+                predicted0[wave.rows] = wave.capture.predicted_total(0).float().cpu()
+        self.lenbalance_last_lengths = list(zip(predicted0.tolist(), lengths, strict=True))
+        metrics = engine.learn(gathered, all_lengths)
+        hook_s = sum(w.capture.seconds for w in waves)
+        ledger = torch.tensor([
+            decode_slots(lengths, [w.rows for w in waves]),
+            decode_slots(lengths, [list(range(len(lengths)))]),
+            sum(lengths), generation_s, hook_s,
+        ], dtype=torch.float64, device=device)
+        ledger = self.accelerator.gather(ledger.unsqueeze(0)).sum(0).tolist()
+        slots, stock_slots, real, gen_s, hook_s = ledger
+        metrics |= {
+            "gen/decode_slots": slots, "gen/decode_slots_stock": stock_slots, "gen/real_tokens": real,
+            "gen/slot_waste": waste(slots, real), "gen/slot_waste_stock": waste(stock_slots, real),
+            "gen/seconds": gen_s / self.accelerator.num_processes,
+            "predictor/overhead_frac": (hook_s + metrics["predictor/train_s"] * self.accelerator.num_processes) / gen_s,
+        }
+        for key in ("gen/decode_slots", "gen/decode_slots_stock", "gen/real_tokens", "gen/seconds"):
+            self.lenbalance_totals[key] += metrics[key]
+        self.lenbalance_totals["predictor/overhead_s"] += hook_s / self.accelerator.num_processes
+        self.lenbalance_totals["predictor/overhead_s"] += metrics["predictor/train_s"]
+        self._log_lenbalance(metrics)
+
+    # --- training-side balancing ------------------------------------------------------------------------------
+
+    def _prepare_inputs(self, generation_batch):
+        """Stock: shuffle rows randomly, split into equal chunks. Here: balance ranks, sort chunks, trim padding."""
+        if not self.model.training or not self.lenbalance_config.balance_training:
+            return super()._prepare_inputs(generation_batch)
+        spg = self.args.steps_per_generation
+        if self._step % (spg * self.num_iterations) == 0 or self._buffered_inputs is None:
+            batch = self._generate_and_score_completions(generation_batch)
+            if "pixel_values" in batch:
+                raise ValueError("rl-lenbalance does not balance multimodal batches yet; set "
+                                 "lenbalance.balance_training=False.")
+            batch = self._balance_ranks(batch)
+            torch.randperm(len(batch["advantages"]))  # draw what stock's shuffle draws: later sampling stays identical
+            lengths = _real_lengths(batch).tolist()
+            chunks = sorted_equal_chunks(lengths, spg)
+            self._buffered_inputs = [_trim_padding(_take_rows(batch, rows)) for rows in chunks]
+            self._ledger_training(batch, chunks)
+        return self._buffered_inputs[self._step % spg]
+
+    def _balance_ranks(self, batch: dict) -> dict:
+        """Give each rank an equal count of rows and an equal share of tokens (rows move between ranks)."""
+        world = self.accelerator.num_processes
+        lengths = _real_lengths(batch)
+        all_lengths = self.accelerator.gather(lengths).cpu().tolist()
+        costs = sequence_costs(all_lengths, self.lenbalance_config.attention_alpha)
+        rank_rows = len(lengths)
+        stock_parts = [list(range(r * rank_rows, (r + 1) * rank_rows)) for r in range(world)]
+        if world == 1 or not self.lenbalance_config.balance_ranks:
+            self._log_lenbalance({"train/rank_imbalance": imbalance(costs, stock_parts)})
+            return batch
+        partition = karmarkar_karp if self.lenbalance_config.partition_method == "kk" else lpt_partition
+        parts = partition(costs, world, equal_size=True)
+        mine = torch.tensor(parts[self.accelerator.process_index])
+        self._log_lenbalance({"train/rank_imbalance": imbalance(costs, parts),
+                              "train/rank_imbalance_stock": imbalance(costs, stock_parts)})
+        moved = {}
+        for key, value in batch.items():
+            if not isinstance(value, torch.Tensor) or value.ndim == 0:
+                moved[key] = value
+                continue
+            if value.ndim > 1:
+                value = pad_across_processes(value, dim=1, pad_index=_pad_value(self, key),
+                                             pad_first=key.startswith("prompt"))
+            moved[key] = self.accelerator.gather(value)[mine.to(value.device)]
+        return _trim_padding(moved)
+
+    def _ledger_training(self, batch: dict, chunks: list[list[int]]) -> None:
+        prompt = batch["prompt_mask"].sum(1).tolist()
+        completion = batch["completion_mask"].sum(1).tolist()
+        computed = loss_tokens(prompt, completion, chunks)
+        stock = loss_tokens(prompt, completion, chunks, self._stock_widths[0], self._stock_widths[1])
+        ledger = self.accelerator.gather(torch.tensor([[computed, stock, sum(prompt) + sum(completion)]],
+                                                      dtype=torch.float64, device=self.accelerator.device)).sum(0)
+        computed, stock, real = ledger.tolist()
+        for key, value in (("train/loss_tokens", computed), ("train/loss_tokens_stock", stock),
+                           ("train/real_tokens", real)):
+            self.lenbalance_totals[key] += value * self.num_iterations
+        self._log_lenbalance({"train/pad_frac": waste(computed, real), "train/pad_frac_stock": waste(stock, real)})
+
+    def _generate_and_score_completions(self, inputs):
+        """Stock, plus the widths stock TRL would pad every micro-batch of this rank to (for the ledger)."""
+        batch = super()._generate_and_score_completions(inputs)
+        if self.model.training:
+            self._stock_widths = (batch["prompt_ids"].size(1), batch["completion_ids"].size(1))
+        return batch
+
+    # --- logging ------------------------------------------------------------------------------------------------
+
+    def _log_lenbalance(self, metrics: dict[str, float]) -> None:
+        """Append to TRL's own metric store (already reduced over ranks): every `report_to` receives them."""
+        for name, value in metrics.items():
+            self._metrics["train"][f"lenbalance/{name}"].append(float(value))
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._lenbalance_warned:
+            self._lenbalance_warned.add(key)
+            warnings.warn(message)
+
+
+def _real_lengths(batch: dict) -> torch.Tensor:
+    return batch["prompt_mask"].sum(1) + batch["completion_mask"].sum(1)
+
+
+def _pad_value(trainer, key: str) -> int:
+    return trainer.processing_class.pad_token_id if key.endswith("_ids") else 0
+
+
+def _take_rows(batch: dict, rows: list[int]) -> dict:
+    index = torch.tensor(rows)
+    return {k: v[index.to(v.device)] if isinstance(v, torch.Tensor) and v.ndim > 0 else v for k, v in batch.items()}
+
+
+def _trim_padding(batch: dict) -> dict:
+    """Drop prompt columns that are padding in every row (left) and completion columns likewise (right)."""
+    prompt_keep = batch["prompt_mask"].any(0).nonzero()
+    completion_keep = batch["completion_mask"].any(0).nonzero()
+    p0 = int(prompt_keep[0]) if len(prompt_keep) else batch["prompt_mask"].size(1)
+    c1 = int(completion_keep[-1]) + 1 if len(completion_keep) else 0
+    width = batch["completion_ids"].size(1)
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor) and value.ndim > 1 and key.startswith("prompt"):
+            value = value[:, p0:]
+        elif isinstance(value, torch.Tensor) and value.ndim > 1 and value.size(1) == width:
+            value = value[:, :c1]
+        out[key] = value
+    return out
+
+
+class LenBalanceGRPOTrainer(LenBalanceMixin, GRPOTrainer):
+    """`GRPOTrainer` with rl-lenbalance: pass `lenbalance_config=` (or nothing, for the defaults)."""
+
+    def __init__(self, *args, lenbalance_config: LenBalanceConfig | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._lenbalance_setup(lenbalance_config)
+        from .callback import LenBalanceCallback  # the callback imports this module
+
+        self.add_callback(LenBalanceCallback(self))
+
+
+def mix_in(trainer, config: LenBalanceConfig | None = None):
+    """Turn an existing GRPOTrainer/RLOOTrainer into its rl-lenbalance version in place (no callback); returns it."""
+    if isinstance(trainer, LenBalanceMixin):
+        return trainer
+    if not hasattr(trainer, "_generate_single_turn") or not hasattr(trainer, "_buffered_inputs"):
+        raise TypeError(f"rl-lenbalance supports TRL's GRPOTrainer and RLOOTrainer, not {type(trainer).__name__}.")
+    trainer.__class__ = type(f"LenBalance{type(trainer).__name__}", (LenBalanceMixin, type(trainer)), {})
+    trainer._lenbalance_setup(config)
+    return trainer

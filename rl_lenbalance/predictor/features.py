@@ -1,0 +1,89 @@
+"""Features the length head reads: next-token entropy, prompt pooling (EGTP and ablations), and the
+streaming aggregate of generated tokens used by Progressive Length Prediction (PLP)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+POOLING_METHODS = ("egtp", "mean", "max", "last", "first4")
+
+
+def token_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) of softmax(logits) over the last dim, in float32; -inf logits count as p=0 (0·log 0 = 0)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    p = logp.exp()
+    return -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1)
+
+
+def pool_tokens(hidden: torch.Tensor, entropy: torch.Tensor, mask: torch.Tensor, method: str = "egtp") -> torch.Tensor:
+    """Pool `hidden` (B, T, H) over the positions where `mask` (B, T) is true.
+
+    `egtp` weights token i by softmax(entropy)_i (the paper's Entropy-Guided Token Pooling); `mean`, `max`,
+    `last` (last real token) and `first4` (mean of the first four real tokens) are the ablations.
+    """
+    if method not in POOLING_METHODS:
+        raise ValueError(f"Unknown pooling method {method!r}; valid: {', '.join(POOLING_METHODS)}.")
+    hidden = hidden.float()
+    mask = mask.bool()
+    if method == "egtp":
+        weights = torch.softmax(entropy.float().masked_fill(~mask, -math.inf), dim=-1)
+        return torch.einsum("bt,bth->bh", weights.nan_to_num(0.0), hidden)
+    if method == "max":
+        return hidden.masked_fill(~mask.unsqueeze(-1), -math.inf).amax(1).nan_to_num(0.0, neginf=0.0)
+    if method == "last":
+        last = mask.size(1) - 1 - mask.flip(1).int().argmax(1)
+        return hidden[torch.arange(hidden.size(0), device=hidden.device), last]
+    if method == "first4":
+        mask = mask & (mask.int().cumsum(1) <= 4)
+    weights = mask.float() / mask.float().sum(1, keepdim=True).clamp(min=1.0)
+    return torch.einsum("bt,bth->bh", weights, hidden)
+
+
+class StreamingPool:
+    """Entropy-softmax-weighted mean of a stream of hidden states, O(1) memory per sequence.
+
+    Keeps the running maximum entropy `m`, `s = Σ exp(H_j - m)` and `v = Σ exp(H_j - m) h_j` (online softmax),
+    so `value()` equals `pool_tokens(..., "egtp")` over the tokens seen so far.
+    """
+
+    def __init__(self, batch_size: int, hidden_size: int, device: torch.device | str = "cpu") -> None:
+        self.max = torch.full((batch_size,), -math.inf, device=device)
+        self.norm = torch.zeros(batch_size, device=device)
+        self.sum = torch.zeros(batch_size, hidden_size, device=device)
+        self.last = torch.zeros(batch_size, hidden_size, device=device)
+
+    def update(self, hidden: torch.Tensor, entropy: torch.Tensor) -> None:
+        """Add one token per sequence: `hidden` (B, H), `entropy` (B,)."""
+        hidden, entropy = hidden.float(), entropy.float()
+        new_max = torch.maximum(self.max, entropy)
+        scale = torch.exp(self.max - new_max)  # exp(-inf) = 0 on the first token
+        weight = torch.exp(entropy - new_max)
+        self.norm = self.norm * scale + weight
+        self.sum = self.sum * scale.unsqueeze(1) + weight.unsqueeze(1) * hidden
+        self.max = new_max
+        self.last = hidden
+
+    def value(self) -> torch.Tensor:
+        """(B, H) pooled state; zeros before the first token."""
+        return self.sum / self.norm.clamp(min=1e-30).unsqueeze(1)
+
+
+def plp_features(
+    prompt_feature: torch.Tensor, generated: StreamingPool | None, steps: int, max_length: int
+) -> torch.Tensor:
+    """z_t = [h_prompt, pool(h'_1..h'_t), h'_t, log1p(t)/log1p(max), t/max]: shape (B, 3H + 2)."""
+    batch, hidden = prompt_feature.shape
+    if generated is None:
+        pooled = last = prompt_feature.new_zeros(batch, hidden)
+    else:
+        pooled, last = generated.value(), generated.last
+    t = prompt_feature.new_full((batch, 1), float(steps))
+    time_features = torch.cat([torch.log1p(t) / math.log1p(max_length), t / max_length], dim=1)
+    return torch.cat([prompt_feature.float(), pooled, last, time_features], dim=1)
+
+
+def feature_size(hidden_size: int) -> int:
+    """Width of `plp_features` for a model of hidden size `hidden_size`."""
+    return 3 * hidden_size + 2

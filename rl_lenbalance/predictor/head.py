@@ -1,0 +1,122 @@
+"""The length head: K log-spaced bins, soft labels exp(-|j-i|), loss λ·CE + (1-λ)·MSE, expected-value readout."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .features import feature_size
+
+CONFIG_NAME = "predictor_config.json"
+WEIGHTS_NAME = "predictor.safetensors"
+
+
+@dataclass
+class HeadConfig:
+    """Shape and loss of a `PLPHead`; saved beside its weights."""
+
+    hidden_size: int
+    max_length: int
+    num_bins: int = 20
+    ce_weight: float = 0.95
+    dropout: float = 0.1
+    pooling: str = "egtp"
+    feature_layer: int = -1
+
+
+def bin_edges(num_bins: int, max_length: int) -> torch.Tensor:
+    """num_bins + 1 edges: 0, then log-spaced from 4 to max_length + 1 (a length of exactly max_length fits)."""
+    top = math.log10(max_length + 1)
+    return torch.cat([torch.zeros(1), torch.logspace(min(math.log10(4.0), top / 2), top, num_bins)])
+
+
+def bin_centers(edges: torch.Tensor) -> torch.Tensor:
+    """Geometric mid-points of the bins (the first bin, starting at 0, uses its arithmetic mid-point)."""
+    centers = (edges[:-1] * edges[1:]).sqrt()
+    centers[0] = edges[1] / 2
+    return centers
+
+
+def bin_index(lengths: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+    """The bin holding each length (lengths past the last edge go to the last bin)."""
+    return (torch.bucketize(lengths.float(), edges[1:-1].to(lengths.device), right=True)).long()
+
+
+def soft_labels(index: torch.Tensor, num_bins: int) -> torch.Tensor:
+    """p_j ∝ exp(-|j - i|) for true bin i: (N,) -> (N, K), rows sum to 1 and peak at i."""
+    j = torch.arange(num_bins, device=index.device)
+    return torch.softmax(-(j.unsqueeze(0) - index.unsqueeze(1)).abs().float(), dim=1)
+
+
+class PLPHead(nn.Module):
+    """`Linear(F, d/2) → LayerNorm → ReLU → Dropout → Linear(d/2, K)` over PLP features, as in the paper."""
+
+    def __init__(self, config: HeadConfig) -> None:
+        super().__init__()
+        self.config = config
+        width = max(config.hidden_size // 2, 16)
+        self.net = nn.Sequential(
+            nn.Linear(feature_size(config.hidden_size), width),
+            nn.LayerNorm(width),
+            nn.ReLU(),
+            nn.Dropout(config.dropout),
+            nn.Linear(width, config.num_bins),
+        )
+        edges = bin_edges(config.num_bins, config.max_length)
+        self.register_buffer("edges", edges, persistent=False)
+        self.register_buffer("centers", bin_centers(edges), persistent=False)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Bin logits (N, K)."""
+        return self.net(features.to(self.net[0].weight.dtype))
+
+    def expected_length(self, logits: torch.Tensor) -> torch.Tensor:
+        """Expected remaining length Σ_j p̂_j · center_j, in tokens."""
+        return torch.softmax(logits.float(), dim=-1) @ self.centers
+
+    @torch.no_grad()
+    def predict(self, features: torch.Tensor) -> torch.Tensor:
+        """Predicted remaining length (N,) in tokens, eval mode."""
+        was_training = self.training
+        self.eval()
+        out = self.expected_length(self(features))
+        self.train(was_training)
+        return out
+
+    def loss(self, features: torch.Tensor, remaining: torch.Tensor) -> torch.Tensor:
+        """λ·CE(soft labels, p̂) + (1-λ)·MSE on lengths scaled by max_length."""
+        logits = self(features)
+        target = soft_labels(bin_index(remaining, self.edges), self.config.num_bins)
+        ce = -(target * torch.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
+        scale = float(self.config.max_length)
+        mse = F.mse_loss(self.expected_length(logits) / scale, remaining.float() / scale)
+        return self.config.ce_weight * ce + (1.0 - self.config.ce_weight) * mse
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write `predictor_config.json` and `predictor.safetensors` into `directory`."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2))
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, directory / WEIGHTS_NAME)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, expected_hidden_size: int | None = None) -> "PLPHead":
+        """Load a head saved by `save_pretrained`; refuse one built for a different hidden size."""
+        directory = Path(directory)
+        config = HeadConfig(**json.loads((directory / CONFIG_NAME).read_text()))
+        if expected_hidden_size is not None and config.hidden_size != expected_hidden_size:
+            raise ValueError(
+                f"Predictor checkpoint {directory} was trained on hidden size {config.hidden_size}, but the policy "
+                f"model has hidden size {expected_hidden_size}. Point `lenbalance.predictor_path` at a predictor "
+                "trained on this model, or leave it unset to train one from scratch."
+            )
+        head = cls(config)
+        head.load_state_dict(load_file(directory / WEIGHTS_NAME))
+        return head
