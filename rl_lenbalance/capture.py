@@ -91,9 +91,10 @@ class GenerationCapture:
         result = CaptureResult()
         state: dict = {"norm": None, "feature": None, "pool": None}
 
-        def keep(name: str):
+        def keep(*names: str):
             def hook(_module, _inputs, output):
-                state[name] = output[0] if isinstance(output, tuple) else output
+                for name in names:
+                    state[name] = output[0] if isinstance(output, tuple) else output
 
             return hook
 
@@ -108,9 +109,11 @@ class GenerationCapture:
                     self._predict_and_record(state["pool"], state["prompt"], result)
             result.seconds += time.perf_counter() - start
 
-        handles = [self.norm.register_forward_hook(keep("norm"))]
-        if self.feature_module is not self.norm:
-            handles.append(self.feature_module.register_forward_hook(keep("feature")))
+        if self.feature_module is self.norm:
+            handles = [self.norm.register_forward_hook(keep("norm", "feature"))]
+        else:
+            handles = [self.norm.register_forward_hook(keep("norm")),
+                       self.feature_module.register_forward_hook(keep("feature"))]
         handles.append(self.lm_head.register_forward_hook(on_logits))
         try:
             yield result
@@ -119,8 +122,7 @@ class GenerationCapture:
                 handle.remove()
 
     def _prefill(self, state: dict, prompt_lengths: list[int], result: CaptureResult) -> None:
-        hidden = state["norm"]
-        feature = state["feature"] if state["feature"] is not None else hidden
+        hidden, feature = state["norm"], state["feature"]
         if feature is None or feature.size(1) < max(prompt_lengths):
             raise RuntimeError("rl-lenbalance: the prefill's hidden states were not captured (hook_module wrong?).")
         batch, width = feature.shape[:2]

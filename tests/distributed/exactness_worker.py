@@ -1,0 +1,93 @@
+"""Run under `torchrun --nproc_per_node 2`: stock GRPOTrainer vs rl-lenbalance on replayed completions.
+
+For each (loss_type, gradient_accumulation_steps, num_iterations) both trainers start from the same weights and
+seed, see the same completions (lengths and rewards differ inside every group), and train a few steps. Rank 0
+writes, per setting, the max relative parameter difference, how far the parameters moved, and the padding and
+rows-moved counters that prove rl-lenbalance actually reordered and trimmed.
+
+    torchrun --nproc_per_node 2 tests/distributed/exactness_worker.py MODEL_DIR OUT.json
+"""
+
+import itertools
+import json
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+
+from rl_lenbalance import LenBalanceConfig, LenBalanceGRPOTrainer  # noqa: E402
+
+MODEL_DIR, OUT = sys.argv[1], sys.argv[2]
+PROMPTS = ["What is 2+2?", "List 5 fruits.", "Write a poem.", "Explain gravity in detail.", "Hi", "Count to 20."]
+
+
+class Replay:
+    """Completions as a pure function of (prompt, occurrence in the batch): same for both trainers."""
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        seen: dict[tuple, int] = {}
+        out = []
+        for ids in prompt_ids:
+            k = seen[tuple(ids)] = seen.get(tuple(ids), -1) + 1
+            g = torch.Generator().manual_seed(hash(tuple(ids)) % 10_000 + 7919 * k + 31 * self.state.global_step)
+            length = int(torch.randint(1, 40, (1,), generator=g)) if k % 3 else int(torch.randint(1, 6, (1,), generator=g))
+            tokens = torch.randint(10, 1000, (length,), generator=g).tolist()
+            out.append(tokens + ([self.eos_token_ids[0]] if k % 2 else []))
+        return out, None
+
+
+class StockReplay(Replay, GRPOTrainer):
+    pass
+
+
+class LenBalanceReplay(Replay, LenBalanceGRPOTrainer):
+    pass
+
+
+def reward(completion_ids, **kwargs):
+    return [len(c) / 40.0 + (c[0] % 7) / 7.0 for c in completion_ids]
+
+
+def train(cls, loss_type, grad_acc, num_iterations, **extra):
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32)
+    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+    args = GRPOConfig(
+        output_dir="/tmp/rl_lenbalance_exactness", per_device_train_batch_size=4, num_generations=4,
+        gradient_accumulation_steps=grad_acc, num_iterations=num_iterations, max_completion_length=48,
+        max_steps=3, learning_rate=1e-2, loss_type=loss_type, beta=0.0, use_cpu=True, report_to="none",
+        save_strategy="no", logging_steps=1, seed=0, optim="sgd", max_grad_norm=0.0,
+    )
+    dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": p}]} for p in PROMPTS * 8])
+    trainer = cls(model=model, processing_class=tokenizer, reward_funcs=reward, args=args, train_dataset=dataset,
+                  **extra)
+    trainer.train()
+    return trainer, initial, {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+
+
+results = []
+for loss_type, grad_acc, num_iterations in itertools.product(["dapo", "grpo", "dr_grpo"], [1, 2], [1, 2]):
+    _, initial, stock = train(StockReplay, loss_type, grad_acc, num_iterations)
+    lb, _, ours = train(LenBalanceReplay, loss_type, grad_acc, num_iterations,
+                        lenbalance_config=LenBalanceConfig())
+    rel = max(((stock[n] - ours[n]).norm() / stock[n].norm().clamp(min=1e-12)).item() for n in stock)
+    moved = max(((stock[n] - initial[n]).norm() / initial[n].norm().clamp(min=1e-12)).item() for n in stock)
+    logs = [row for row in lb.state.log_history if "lenbalance/train/pad_frac" in row]
+    results.append({
+        "loss_type": loss_type, "grad_acc": grad_acc, "num_iterations": num_iterations,
+        "max_rel_diff": rel, "moved": moved,
+        "pad_frac": sum(r["lenbalance/train/pad_frac"] for r in logs) / len(logs),
+        "pad_frac_stock": sum(r["lenbalance/train/pad_frac_stock"] for r in logs) / len(logs),
+        "rank_imbalance": max(r["lenbalance/train/rank_imbalance"] for r in logs),
+        "rank_imbalance_stock": max(r.get("lenbalance/train/rank_imbalance_stock", 1.0) for r in logs),
+        "world_size": lb.accelerator.num_processes,
+    })
+if int(os.environ.get("RANK", "0")) == 0:
+    with open(OUT, "w") as f:
+        json.dump(results, f, indent=1)
