@@ -6,7 +6,7 @@ from dataclasses import dataclass, field, fields
 
 from .predictor import POOLING_METHODS
 
-PARTITION_METHODS = ("kk", "lpt")
+PARTITION_METHODS = ("best", "kk", "lpt")
 EXACT_LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "sapo", "cispo", "luspo")  # row-mean or globally normalised
 
 
@@ -64,7 +64,9 @@ class LenBalanceConfig:
         metadata={"help": "Move rows between data-parallel ranks so each rank gets an equal share of tokens."},
     )
     partition_method: str = field(
-        default="kk", metadata={"help": f"Cross-rank partition: one of {', '.join(PARTITION_METHODS)}."}
+        default="best",
+        metadata={"help": "How micro-batches are dealt to ranks: Karmarkar–Karp ('kk'), greedy LPT ('lpt'), or the "
+                          "better balanced of the two ('best')."},
     )
     attention_alpha: float = field(
         default=0.0, metadata={"help": "Cost of a sequence of L tokens = L + attention_alpha · L² when balancing."}

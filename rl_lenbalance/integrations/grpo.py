@@ -20,8 +20,8 @@ from trl.models import unwrap_model_for_generation
 
 from ..config import LenBalanceConfig
 from ..engine import LenBalanceEngine, Wave
-from ..metrics import decode_slots, loss_tokens, waste
-from ..schedule import imbalance, karmarkar_karp, lpt_partition, sequence_costs, sorted_equal_chunks, waves_by_length
+from ..metrics import decode_slots, waste
+from ..schedule import plan_microbatches, waves_by_length
 
 
 class LenBalanceMixin:
@@ -126,7 +126,8 @@ class LenBalanceMixin:
     # --- training-side balancing ------------------------------------------------------------------------------
 
     def _prepare_inputs(self, generation_batch):
-        """Stock: shuffle rows randomly, split into equal chunks. Here: balance ranks, sort chunks, trim padding."""
+        """Stock: shuffle rows randomly, split into equal chunks. Here: length-sorted micro-batches dealt to ranks
+        by padded cost (rows move between ranks), all-pad columns trimmed; same rows per micro-batch."""
         if not self.model.training or not self.lenbalance_config.balance_training:
             return super()._prepare_inputs(generation_batch)
         spg = self.args.steps_per_generation
@@ -135,53 +136,52 @@ class LenBalanceMixin:
             if "pixel_values" in batch:
                 raise ValueError("rl-lenbalance does not balance multimodal batches yet; set "
                                  "lenbalance.balance_training=False.")
-            batch = self._balance_ranks(batch)
             torch.randperm(len(batch["advantages"]))  # draw what stock's shuffle draws: later sampling stays identical
-            lengths = _real_lengths(batch).tolist()
-            chunks = sorted_equal_chunks(lengths, spg)
-            self._buffered_inputs = [_trim_padding(_take_rows(batch, rows)) for rows in chunks]
-            self._ledger_training(batch, chunks)
+            batch = self._exchange_rows(batch)
+            rows = len(batch["advantages"]) // spg
+            self._buffered_inputs = [_trim_padding(_take_rows(batch, list(range(i * rows, (i + 1) * rows))))
+                                     for i in range(spg)]
+            self._ledger_training(batch)
         return self._buffered_inputs[self._step % spg]
 
-    def _balance_ranks(self, batch: dict) -> dict:
-        """Give each rank an equal count of rows and an equal share of tokens (rows move between ranks)."""
-        world = self.accelerator.num_processes
+    def _exchange_rows(self, batch: dict) -> dict:
+        """This rank's rows of the plan, in micro-batch order (gathered from every rank when balancing ranks)."""
+        config, spg = self.lenbalance_config, self.args.steps_per_generation
         lengths = _real_lengths(batch)
+        if self.accelerator.num_processes == 1 or not config.balance_ranks:
+            plan = plan_microbatches(lengths.tolist(), 1, spg, config.attention_alpha)
+            return _take_rows(batch, [i for rows in plan[0] for i in rows])
         all_lengths = self.accelerator.gather(lengths).cpu().tolist()
-        costs = sequence_costs(all_lengths, self.lenbalance_config.attention_alpha)
-        rank_rows = len(lengths)
-        stock_parts = [list(range(r * rank_rows, (r + 1) * rank_rows)) for r in range(world)]
-        if world == 1 or not self.lenbalance_config.balance_ranks:
-            self._log_lenbalance({"train/rank_imbalance": imbalance(costs, stock_parts)})
-            return batch
-        partition = karmarkar_karp if self.lenbalance_config.partition_method == "kk" else lpt_partition
-        parts = partition(costs, world, equal_size=True)
-        mine = torch.tensor(parts[self.accelerator.process_index])
-        self._log_lenbalance({"train/rank_imbalance": imbalance(costs, parts),
-                              "train/rank_imbalance_stock": imbalance(costs, stock_parts)})
+        plan = plan_microbatches(all_lengths, self.accelerator.num_processes, spg, config.attention_alpha,
+                                 config.partition_method)
+        mine = torch.tensor([i for rows in plan[self.accelerator.process_index] for i in rows])
         moved = {}
         for key, value in batch.items():
-            if not isinstance(value, torch.Tensor) or value.ndim == 0:
-                moved[key] = value
-                continue
-            if value.ndim > 1:
-                value = pad_across_processes(value, dim=1, pad_index=_pad_value(self, key),
-                                             pad_first=key.startswith("prompt"))
-            moved[key] = self.accelerator.gather(value)[mine.to(value.device)]
-        return _trim_padding(moved)
+            if isinstance(value, torch.Tensor) and value.ndim > 0:
+                if value.ndim > 1:
+                    value = pad_across_processes(value, dim=1, pad_index=_pad_value(self, key),
+                                                 pad_first=key.startswith("prompt"))
+                value = self.accelerator.gather(value)[mine.to(value.device)]
+            moved[key] = value
+        return moved
 
-    def _ledger_training(self, batch: dict, chunks: list[list[int]]) -> None:
-        prompt = batch["prompt_mask"].sum(1).tolist()
-        completion = batch["completion_mask"].sum(1).tolist()
-        computed = loss_tokens(prompt, completion, chunks)
-        stock = loss_tokens(prompt, completion, chunks, self._stock_widths[0], self._stock_widths[1])
-        ledger = self.accelerator.gather(torch.tensor([[computed, stock, sum(prompt) + sum(completion)]],
-                                                      dtype=torch.float64, device=self.accelerator.device)).sum(0)
-        computed, stock, real = ledger.tolist()
-        for key, value in (("train/loss_tokens", computed), ("train/loss_tokens_stock", stock),
-                           ("train/real_tokens", real)):
+    def _ledger_training(self, batch: dict) -> None:
+        """Loss-forward tokens this rank computes (trimmed micro-batches) vs stock's full-width ones; rank balance."""
+        computed = sum(b["prompt_ids"].numel() + b["completion_ids"].numel() for b in self._buffered_inputs)
+        stock = len(batch["advantages"]) * sum(self._stock_widths)
+        real = float(_real_lengths(batch).sum())
+        per_rank = self.accelerator.gather(torch.tensor([[computed, stock, real]], dtype=torch.float64,
+                                                        device=self.accelerator.device)).cpu()
+        computed_all, stock_all, real_all = per_rank.sum(0).tolist()
+        for key, value in (("train/loss_tokens", computed_all), ("train/loss_tokens_stock", stock_all),
+                           ("train/real_tokens", real_all)):
             self.lenbalance_totals[key] += value * self.num_iterations
-        self._log_lenbalance({"train/pad_frac": waste(computed, real), "train/pad_frac_stock": waste(stock, real)})
+        self._log_lenbalance({
+            "train/pad_frac": waste(computed_all, real_all), "train/pad_frac_stock": waste(stock_all, real_all),
+            "train/rank_imbalance": _max_over_mean(per_rank[:, 0]),
+            "train/rank_imbalance_stock": _max_over_mean(per_rank[:, 1]),
+            "train/slowest_rank_vs_stock": (per_rank[:, 0].max() / per_rank[:, 1].max()).item(),
+        })
 
     def _generate_and_score_completions(self, inputs):
         """Stock, plus the widths stock TRL would pad every micro-batch of this rank to (for the ledger)."""
@@ -201,6 +201,10 @@ class LenBalanceMixin:
         if key not in self._lenbalance_warned:
             self._lenbalance_warned.add(key)
             warnings.warn(message)
+
+
+def _max_over_mean(values: torch.Tensor) -> float:
+    return (values.max() / values.mean()).item() if values.mean() > 0 else 1.0
 
 
 def _real_lengths(batch: dict) -> torch.Tensor:

@@ -56,7 +56,7 @@ def reward(completion_ids, **kwargs):
 def train(cls, loss_type, grad_acc, num_iterations, **extra):
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR, padding_side="left")
-    model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float64)
     initial = {n: p.detach().clone() for n, p in model.named_parameters()}
     args = GRPOConfig(
         output_dir="/tmp/rl_lenbalance_exactness", per_device_train_batch_size=4, num_generations=4,

@@ -1,0 +1,290 @@
+"""The pure schedulers: rank partitions (KK, LPT, GRPO groups), generation waves, and micro-batch packing."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rl_lenbalance import schedule
+from rl_lenbalance.schedule import (
+    imbalance,
+    karmarkar_karp,
+    lpt_partition,
+    padded_tokens,
+    partition_groups,
+    real_tokens,
+    sequence_costs,
+    sorted_equal_chunks,
+    token_budget_microbatches,
+    waves_by_length,
+)
+
+PARTITIONS = [karmarkar_karp, lpt_partition]
+EXAMPLES = settings(max_examples=100, deadline=None)
+costs_st = st.integers(min_value=0, max_value=5000)
+
+
+@st.composite
+def equal_problem(draw):
+    """Costs whose count divides evenly into the drawn number of parts."""
+    num_parts = draw(st.integers(1, 6))
+    per_part = draw(st.integers(0, 8))
+    costs = draw(st.lists(costs_st, min_size=num_parts * per_part, max_size=num_parts * per_part))
+    return costs, num_parts
+
+
+def loads(costs, parts):
+    return [sum(costs[i] for i in p) for p in parts]
+
+
+def assert_exact_cover(parts, n):
+    flat = [i for p in parts for i in p]
+    assert sorted(flat) == list(range(n))  # nothing lost, nothing duplicated
+
+
+def assert_canonical(parts):
+    assert all(p == sorted(p) for p in parts)
+    assert parts == sorted(parts, key=lambda p: (not p, p))
+
+
+# --- costs and imbalance ------------------------------------------------------------------------------------------
+
+
+def test_sequence_costs_add_the_quadratic_attention_term():
+    assert sequence_costs([0, 1, 10]) == [0.0, 1.0, 10.0]
+    assert sequence_costs([0, 1, 10], attention_alpha=0.5) == [0.0, 1.5, 60.0]
+    assert sequence_costs([2.5], attention_alpha=2.0) == [2.5 + 2.0 * 6.25]
+
+
+def test_imbalance_is_max_over_mean():
+    costs = [4, 1, 1, 2]
+    assert imbalance(costs, [[0], [1, 2, 3]]) == pytest.approx(4 / 4)
+    assert imbalance(costs, [[0, 3], [1, 2]]) == pytest.approx(6 / 4)
+    assert imbalance(costs, [[0, 1, 2, 3], []]) == pytest.approx(8 / 4)
+    assert imbalance([0, 0, 0, 0], [[0, 1], [2, 3]]) == 1.0
+    with pytest.raises(ValueError, match="at least one part"):
+        imbalance(costs, [])
+
+
+# --- rank partitions ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("partition", PARTITIONS)
+@EXAMPLES
+@given(problem=equal_problem())
+def test_equal_size_partition_covers_balances_and_is_canonical(partition, problem):
+    costs, num_parts = problem
+    parts = partition(costs, num_parts)
+    assert len(parts) == num_parts
+    assert_exact_cover(parts, len(costs))
+    assert all(len(p) == len(costs) // num_parts for p in parts)
+    assert_canonical(parts)
+    if costs:
+        assert max(loads(costs, parts)) <= sum(costs) / num_parts + max(costs)
+    assert partition(costs, num_parts) == parts  # deterministic
+
+
+@pytest.mark.parametrize("partition", PARTITIONS)
+@EXAMPLES
+@given(costs=st.lists(costs_st, max_size=30), num_parts=st.integers(1, 6))
+def test_free_size_partition_covers_and_bounds_the_heaviest_part(partition, costs, num_parts):
+    parts = partition(costs, num_parts, equal_size=False)
+    assert len(parts) == num_parts
+    assert_exact_cover(parts, len(costs))
+    assert_canonical(parts)
+    if costs:
+        assert max(loads(costs, parts)) <= sum(costs) / num_parts + max(costs)
+
+
+@pytest.mark.parametrize("partition", PARTITIONS)
+def test_partition_rejects_uneven_split_and_no_parts(partition):
+    with pytest.raises(ValueError, match="7 items into 3 parts.*7 is not divisible by 3"):
+        partition([1] * 7, 3)
+    with pytest.raises(ValueError, match="num_parts must be at least 1, got 0"):
+        partition([1] * 4, 0)
+    assert partition([1] * 7, 3, equal_size=False)  # free sizes accept any count
+
+
+def test_karmarkar_karp_beats_round_robin_on_alternating_lengths():
+    costs = [100, 1] * 4
+    round_robin = [[i for i in range(len(costs)) if i % 2 == r] for r in range(2)]
+    assert imbalance(costs, round_robin) == pytest.approx(400 / 202)
+    parts = karmarkar_karp(costs, 2)
+    assert loads(costs, parts) == [202, 202]
+    assert imbalance(costs, parts) == 1.0
+
+
+@pytest.mark.parametrize(("costs", "num_parts", "equal_size"), [
+    ([8, 7, 6, 5, 4], 2, False),  # LPT: 17 vs 13; KK: 16 vs 14
+    ([20000 // (i + 1) for i in range(64)], 4, False),
+    ([50 + 7 * i for i in range(60)] + [4000, 3500, 3000, 2000], 4, False),
+    ([(i * i) % 997 + 10 for i in range(64)], 4, True),
+    ([(i * i) % 997 + 10 for i in range(64)], 4, False),
+])
+def test_karmarkar_karp_strictly_beats_lpt_on_fixed_examples(costs, num_parts, equal_size):
+    kk = imbalance(costs, karmarkar_karp(costs, num_parts, equal_size))
+    lpt = imbalance(costs, lpt_partition(costs, num_parts, equal_size))
+    assert kk < lpt
+
+
+def test_lpt_gives_each_item_to_the_lightest_part_with_room():
+    # 10 -> A, 1 -> B, 1 -> B (B lighter), B is full, so the last 1 must go to A.
+    assert lpt_partition([10, 1, 1, 1], 2) == [[0, 3], [1, 2]]
+    assert lpt_partition([10, 1, 1, 1], 2, equal_size=False) == [[0], [1, 2, 3]]
+
+
+def test_empty_input_gives_empty_parts():
+    for partition in PARTITIONS:
+        assert partition([], 3) == [[], [], []]
+        assert partition([], 3, equal_size=False) == [[], [], []]
+
+
+# --- GRPO groups --------------------------------------------------------------------------------------------------
+
+
+@st.composite
+def group_problem(draw):
+    group_size = draw(st.integers(1, 4))
+    num_parts = draw(st.integers(1, 4))
+    groups_per_part = draw(st.integers(1, 4))
+    n = group_size * num_parts * groups_per_part
+    return draw(st.lists(costs_st, min_size=n, max_size=n)), group_size, num_parts
+
+
+@pytest.mark.parametrize("method", ["kk", "lpt"])
+@EXAMPLES
+@given(problem=group_problem())
+def test_partition_groups_keeps_groups_whole(method, problem):
+    costs, group_size, num_parts = problem
+    parts = partition_groups(costs, group_size, num_parts, method)
+    assert len(parts) == num_parts
+    assert_exact_cover(parts, len(costs))
+    assert all(len(p) == len(costs) // num_parts for p in parts)
+    for part in parts:
+        assert part == sorted(part)
+        for start in range(0, len(part), group_size):
+            block = part[start:start + group_size]
+            assert block[0] % group_size == 0
+            assert block == list(range(block[0], block[0] + group_size))
+    group_costs = [sum(costs[g:g + group_size]) for g in range(0, len(costs), group_size)]
+    assert max(loads(costs, parts)) <= sum(costs) / num_parts + max(group_costs)
+
+
+def test_partition_groups_balances_group_sums():
+    # Groups of 2 with sums 10, 9, 2, 1: the only perfect split is {10, 1} | {9, 2}; stock's contiguous split is 19 | 3.
+    costs = [9, 1, 4, 5, 1, 1, 0, 1]
+    for method in ("kk", "lpt"):
+        parts = partition_groups(costs, group_size=2, num_parts=2, method=method)
+        assert parts == [[0, 1, 6, 7], [2, 3, 4, 5]]
+        assert loads(costs, parts) == [11, 11]
+
+
+def test_partition_groups_errors():
+    with pytest.raises(ValueError, match="7 items do not form whole groups of 2"):
+        partition_groups([1] * 7, group_size=2, num_parts=1)
+    with pytest.raises(ValueError, match="3 groups into 2 parts"):
+        partition_groups([1] * 6, group_size=2, num_parts=2)
+    with pytest.raises(ValueError, match="unknown partition method 'greedy'; valid methods: best, kk, lpt"):
+        partition_groups([1] * 4, group_size=2, num_parts=2, method="greedy")
+    with pytest.raises(ValueError, match="group_size must be at least 1"):
+        partition_groups([1] * 4, group_size=0, num_parts=2)
+
+
+# --- waves and chunks ---------------------------------------------------------------------------------------------
+
+lengths_st = st.lists(st.integers(0, 50), max_size=40)
+
+
+@EXAMPLES
+@given(lengths=lengths_st, wave_size=st.integers(1, 10))
+def test_waves_run_longest_first_in_full_waves(lengths, wave_size):
+    waves = waves_by_length(lengths, wave_size)
+    assert_exact_cover(waves, len(lengths))
+    assert all(len(w) == wave_size for w in waves[:-1])
+    assert all(1 <= len(w) <= wave_size for w in waves)
+    for wave, after in zip(waves, waves[1:]):
+        assert min(lengths[i] for i in wave) >= max(lengths[i] for i in after)
+    flat = [i for w in waves for i in w]
+    assert flat == sorted(flat, key=lambda i: (-lengths[i], i))  # stable: ties keep index order
+
+
+def test_waves_fixed_example_and_error():
+    assert waves_by_length([3, 9, 3, 7, 1], 2) == [[1, 3], [0, 2], [4]]
+    assert waves_by_length([], 4) == []
+    with pytest.raises(ValueError, match="wave_size must be at least 1, got 0"):
+        waves_by_length([1, 2], 0)
+
+
+@EXAMPLES
+@given(data=st.data(), num_chunks=st.integers(1, 6), per_chunk=st.integers(0, 6))
+def test_sorted_equal_chunks_are_equal_and_ordered(data, num_chunks, per_chunk):
+    n = num_chunks * per_chunk
+    lengths = data.draw(st.lists(st.integers(0, 50), min_size=n, max_size=n))
+    chunks = sorted_equal_chunks(lengths, num_chunks)
+    assert len(chunks) == num_chunks
+    assert all(len(c) == per_chunk for c in chunks)
+    assert_exact_cover(chunks, n)
+    flat = [i for c in chunks for i in c]
+    assert flat == sorted(flat, key=lambda i: (-lengths[i], i))
+
+
+def test_sorted_equal_chunks_fixed_example_and_errors():
+    assert sorted_equal_chunks([1, 8, 4, 8, 2, 6], 3) == [[1, 3], [5, 2], [4, 0]]
+    with pytest.raises(ValueError, match="5 rows into 2 equal chunks"):
+        sorted_equal_chunks([1] * 5, 2)
+    with pytest.raises(ValueError, match="num_chunks must be at least 1"):
+        sorted_equal_chunks([1] * 4, 0)
+
+
+def test_sorting_reduces_padding_versus_interleaved_chunks():
+    lengths = [100, 1, 100, 1, 100, 1, 100, 1]
+    interleaved = [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert padded_tokens(lengths, interleaved) == 800
+    assert padded_tokens(lengths, sorted_equal_chunks(lengths, 2)) == 404
+    assert real_tokens(lengths) == 404
+
+
+# --- token budget -------------------------------------------------------------------------------------------------
+
+
+@EXAMPLES
+@given(lengths=st.lists(st.integers(1, 64), max_size=40), extra=st.integers(0, 200),
+       max_rows=st.one_of(st.none(), st.integers(1, 8)))
+def test_token_budget_batches_respect_budget_and_are_greedy(lengths, extra, max_rows):
+    max_tokens = max(lengths, default=1) + extra
+    batches = token_budget_microbatches(lengths, max_tokens, max_rows)
+    assert_exact_cover(batches, len(lengths))
+    for batch in batches:
+        assert batch
+        assert len(batch) * max(lengths[i] for i in batch) <= max_tokens
+        assert max_rows is None or len(batch) <= max_rows
+    for batch, after in zip(batches, batches[1:]):  # a batch closes only when the next row would not fit
+        rows_full = max_rows is not None and len(batch) == max_rows
+        assert rows_full or (len(batch) + 1) * lengths[batch[0]] > max_tokens
+    assert padded_tokens(lengths, batches) >= real_tokens(lengths)
+
+
+def test_token_budget_fixed_example_and_errors():
+    lengths = [10, 40, 20, 30, 5]
+    assert token_budget_microbatches(lengths, 60) == [[1], [3, 2], [0, 4]]
+    assert token_budget_microbatches(lengths, 60, max_rows=1) == [[1], [3], [2], [0], [4]]
+    assert token_budget_microbatches([], 10) == []
+    with pytest.raises(ValueError, match="length 40 exceeds the token budget max_tokens=30; raise max_tokens"):
+        token_budget_microbatches(lengths, 30)
+    with pytest.raises(ValueError, match="max_rows must be at least 1, got 0"):
+        token_budget_microbatches(lengths, 100, max_rows=0)
+
+
+def test_padded_and_real_tokens():
+    lengths = [5, 3, 8, 1]
+    assert padded_tokens(lengths, [[0, 1], [2, 3], []]) == 2 * 5 + 2 * 8
+    assert padded_tokens(lengths, [[0, 1, 2, 3]]) == 32
+    assert real_tokens(lengths) == 17
+    assert real_tokens([]) == 0
+
+
+def test_package_exports_every_public_function():
+    for name in schedule.__all__:
+        assert callable(getattr(schedule, name)) or name == "PARTITIONERS"
+    assert set(schedule.PARTITIONERS) == {"best", "kk", "lpt"}
