@@ -86,8 +86,8 @@ class GenerationCapture:
         self.record_at = set(record_steps(max_length, config.record_every))
 
     @contextmanager
-    def capture(self, prompt_lengths: list[int]) -> Iterator[CaptureResult]:
-        """Hooks live only inside this block, around exactly one `generate` call over rows of these prompt lengths."""
+    def capture(self, prompts: list[list[int]]) -> Iterator[CaptureResult]:
+        """Hooks live only inside this block, around exactly one `generate` call over these (unpadded) prompts."""
         result = CaptureResult()
         state: dict = {"norm": None, "feature": None, "pool": None}
 
@@ -102,7 +102,7 @@ class GenerationCapture:
             start = time.perf_counter()
             with torch.no_grad():
                 if state["pool"] is None:
-                    self._prefill(state, prompt_lengths, result)
+                    self._prefill(state, prompts, result)
                 else:
                     state["pool"].update(state["feature"][:, -1], token_entropy(logits[:, -1]))
                     result.steps += 1
@@ -121,22 +121,26 @@ class GenerationCapture:
             for handle in handles:
                 handle.remove()
 
-    def _prefill(self, state: dict, prompt_lengths: list[int], result: CaptureResult) -> None:
+    def _prefill(self, state: dict, prompts: list[list[int]], result: CaptureResult) -> None:
+        """Pool each distinct prompt once (a GRPO group repeats its prompt G times) and start the streams."""
         hidden, feature = state["norm"], state["feature"]
-        if feature is None or feature.size(1) < max(prompt_lengths):
+        if feature is None or feature.size(1) < max(map(len, prompts)):
             raise RuntimeError("rl-lenbalance: the prefill's hidden states were not captured (hook_module wrong?).")
-        batch, width = feature.shape[:2]
-        lengths = torch.tensor(prompt_lengths, device=feature.device)
+        first_row = {tuple(p): row for row, p in reversed(list(enumerate(prompts)))}
+        distinct = torch.tensor(list(first_row.values()), device=feature.device)
+        position = {key: k for k, key in enumerate(first_row)}
+        expand = torch.tensor([position[tuple(p)] for p in prompts], device=feature.device)
+        width = feature.size(1)
+        lengths = torch.tensor([len(prompts[r]) for r in first_row.values()], device=feature.device)
         mask = torch.arange(width, device=feature.device).unsqueeze(0) >= (width - lengths).unsqueeze(1)
-        entropy = torch.cat(
-            [
-                token_entropy(F.linear(hidden[i : i + ENTROPY_CHUNK_ROWS], self.lm_head.weight, self.lm_head.bias))
-                for i in range(0, batch, ENTROPY_CHUNK_ROWS)
-            ]
-        )
-        state["prompt"] = pool_tokens(feature, entropy, mask, self.config.pooling)
+        hidden = hidden[distinct]
+        entropy = torch.cat([
+            token_entropy(F.linear(hidden[i : i + ENTROPY_CHUNK_ROWS], self.lm_head.weight, self.lm_head.bias))
+            for i in range(0, len(distinct), ENTROPY_CHUNK_ROWS)
+        ])
+        state["prompt"] = pool_tokens(feature[distinct], entropy, mask, self.config.pooling)[expand]
         result.prompt_features = state["prompt"]
-        state["pool"] = StreamingPool(batch, feature.size(-1), device=feature.device)
+        state["pool"] = StreamingPool(len(prompts), feature.size(-1), device=feature.device)
         self._predict_and_record(None, state["prompt"], result)
 
     def _predict_and_record(self, pool: StreamingPool | None, prompt: torch.Tensor, result: CaptureResult) -> None:

@@ -20,8 +20,8 @@ def model_and_tokenizer(tiny_model_dir):
 
 def _generate(model, tokenizer, capture, texts):
     batch = tokenizer(texts, return_tensors="pt", padding=True)
-    lengths = batch["attention_mask"].sum(1).tolist()
-    with capture.capture(lengths) as result:
+    prompts = [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
+    with capture.capture(prompts) as result:
         out = model.generate(**batch, max_new_tokens=MAX_NEW, min_new_tokens=MAX_NEW, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id)
     return batch, out, result
@@ -33,11 +33,12 @@ def test_hooked_features_equal_a_separate_forward_pass(model_and_tokenizer, pool
     config = LenBalanceConfig(pooling=pooling, record_every=4)
     head = PLPHead(HeadConfig(model.config.hidden_size, max_length=MAX_NEW, pooling=pooling))
     capture = GenerationCapture(model, head, config, max_length=MAX_NEW)
-    batch, out, result = _generate(model, tokenizer, capture, ["Hi", "Write a long story about a cat please"])
+    texts = ["Hi", "Write a long story about a cat please", "Hi"]  # a repeated prompt, as in a GRPO group
+    batch, out, result = _generate(model, tokenizer, capture, texts)
     assert result.steps == MAX_NEW - 1  # generate does not run the forward of its last token
     assert result.prediction_steps == list(range(MAX_NEW))
 
-    mask = torch.cat([batch["attention_mask"], torch.ones(2, MAX_NEW, dtype=torch.long)], 1)
+    mask = torch.cat([batch["attention_mask"], torch.ones(3, MAX_NEW, dtype=torch.long)], 1)
     with torch.no_grad():
         full = model(out, attention_mask=mask, output_hidden_states=True)
     hidden, entropy = full.hidden_states[-1], token_entropy(full.logits)
@@ -49,7 +50,7 @@ def test_hooked_features_equal_a_separate_forward_pass(model_and_tokenizer, pool
         if step == 0:
             generated = None
         else:  # generated token j sits at position width + j - 1
-            generated = StreamingPool(2, model.config.hidden_size)
+            generated = StreamingPool(3, model.config.hidden_size)
             for j in range(1, step + 1):
                 generated.update(hidden[:, width + j - 1], entropy[:, width + j - 1])
         expected = plp_features(prompt, generated, step, MAX_NEW)

@@ -53,7 +53,7 @@ class LenBalanceMixin:
         waves: list[Wave] = []
         completions: list[list[int] | None] = [None] * len(prompt_ids)
         for rows in self._plan_waves(prompt_ids):
-            with self.lenbalance.capture.capture([len(prompt_ids[i]) for i in rows]) as captured:
+            with self.lenbalance.capture.capture([prompt_ids[i] for i in rows]) as captured:
                 ids, _ = super()._generate_single_turn([prompt_ids[i] for i in rows], None, {}, num_generations)
             for row, completion in zip(rows, ids, strict=True):
                 completions[row] = completion
@@ -84,7 +84,7 @@ class LenBalanceMixin:
         with (
             unwrap_model_for_generation(self.model_wrapped, self.accelerator,
                                         gather_deepspeed3_params=self.args.ds3_gather_for_generation) as model,
-            self.lenbalance.capture.capture([len(p) for p in distinct]) as captured,
+            self.lenbalance.capture.capture([list(p) for p in distinct]) as captured,
         ):
             model(input_ids=input_ids, attention_mask=attention_mask.to(input_ids.device), logits_to_keep=1)
         by_prompt = dict(zip(distinct, captured.predicted_total(0).tolist(), strict=True))

@@ -1,0 +1,134 @@
+"""rl-lenbalance inside a real TRL GRPOTrainer on a tiny local model: generation equals stock, the predictor
+trains online, metrics reach the trainer's logs, checkpoints carry the predictor, bad settings fail clearly."""
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import GRPOConfig, GRPOTrainer
+
+from rl_lenbalance import LenBalanceCallback, LenBalanceConfig, LenBalanceGRPOTrainer, wrap_trainer
+
+PROMPTS = ["What is 2+2?", "List 5 fruits.", "Write a poem about the sea.", "Hi", "Explain gravity.", "Count to 9."]
+
+
+@pytest.fixture(scope="module")
+def eos_tiny_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model with a non-zero end-of-sequence embedding, so sampled completions end at varied lengths."""
+    out = tmp_path_factory.mktemp("eos_tiny")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    eos = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(0)) * 0.8
+    with torch.no_grad():
+        model.get_input_embeddings().weight[model.config.eos_token_id] = eos
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
+    return out
+
+
+def reward(completion_ids, **kwargs):
+    return [len(c) / 32.0 for c in completion_ids]
+
+
+def make_args(tmp_path, **overrides):
+    values = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, num_generations=4,
+                  gradient_accumulation_steps=2, max_completion_length=32, max_steps=2, use_cpu=True,
+                  report_to="none", save_strategy="no", logging_steps=1, seed=0, beta=0.0, loss_type="dapo",
+                  temperature=1.0, top_k=0)
+    values.update(overrides)
+    return GRPOConfig(**values)
+
+
+def make_trainer(cls, model_dir, args, **kwargs):
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": p}]} for p in PROMPTS * 4])
+    return cls(model=model, processing_class=tokenizer, reward_funcs=reward, args=args, train_dataset=dataset,
+               **kwargs)
+
+
+@pytest.mark.slow
+def test_greedy_generation_in_waves_equals_stock_row_for_row(embedded_dir, tmp_path):
+    """Waves ordered by prediction, reassembled: the completions TRL receives are stock's, in stock's order.
+    (The real model: a random tiny one decodes every prompt greedily to the same length.)"""
+    args = make_args(tmp_path, generation_kwargs={"do_sample": False}, max_completion_length=48)
+    stock = make_trainer(GRPOTrainer, embedded_dir, args)
+    ours = make_trainer(LenBalanceGRPOTrainer, embedded_dir, args,
+                        lenbalance_config=LenBalanceConfig(generation_wave_size=4))
+    prompts = [[{"role": "user", "content": p}] for p in PROMPTS for _ in range(2)]
+    prompt_ids, _, _ = stock._tokenize_prompts(prompts)
+    expected, _ = stock._generate_single_turn(prompt_ids, None, {}, 4)
+    for _ in range(2):  # round 1: stock-order waves; round 2: waves ordered by the (now trained) predictor
+        got, _ = ours._generate_single_turn(prompt_ids, None, {}, 4)
+        assert got == expected
+    lengths = sorted({len(c) for c in expected})
+    assert len(lengths) >= 3, f"the tiny model should give varied lengths, got {lengths}"
+    assert ours.lenbalance.rounds == 2
+
+
+def test_two_grpo_steps_log_lenbalance_metrics_and_train_the_predictor(eos_tiny_model_dir, tmp_path):
+    trainer = make_trainer(LenBalanceGRPOTrainer, eos_tiny_model_dir, make_args(tmp_path, max_steps=4))
+    before = {k: v.clone() for k, v in trainer.lenbalance.head.state_dict().items()}
+    trainer.train()
+    logged = [row for row in trainer.state.log_history if "lenbalance/predictor/mae_static" in row]
+    assert len(logged) >= 2
+    for key in ("predictor/mae_naive_static", "predictor/loss", "gen/slot_waste_stock", "train/pad_frac",
+                "train/pad_frac_stock", "predictor/overhead_frac"):
+        assert f"lenbalance/{key}" in logged[-1], key
+    assert trainer.lenbalance.rounds == 4 and trainer.lenbalance.trainer.buffer.size > 0
+    assert any(not torch.equal(before[k], v) for k, v in trainer.lenbalance.head.state_dict().items())
+    totals = trainer.lenbalance_totals
+    assert totals["train/loss_tokens"] <= totals["train/loss_tokens_stock"]
+    assert 0 < totals["gen/real_tokens"] <= totals["gen/decode_slots"]
+
+
+def test_callback_wraps_a_stock_trainer_and_checkpoints_the_predictor(eos_tiny_model_dir, tmp_path):
+    args = make_args(tmp_path, max_steps=2, save_strategy="steps", save_steps=2)
+    trainer = make_trainer(GRPOTrainer, eos_tiny_model_dir, args)
+    trainer.add_callback(LenBalanceCallback(trainer))
+    assert type(trainer).__name__ == "LenBalanceGRPOTrainer" and hasattr(trainer, "lenbalance")
+    trainer.train()
+    saved = tmp_path / "out" / "checkpoint-2" / "lenbalance"
+    assert (saved / "predictor.safetensors").exists() and (saved / "engine_state.pt").exists()
+    # A fresh trainer resuming from the checkpoint gets the same head back.
+    resumed = wrap_trainer(make_trainer(GRPOTrainer, eos_tiny_model_dir, make_args(tmp_path, max_steps=2)))
+    callback = next(c for c in resumed.callback_handler.callbacks if isinstance(c, LenBalanceCallback))
+    callback.load(str(saved))
+    for key, value in trainer.lenbalance.head.state_dict().items():
+        assert torch.equal(value.cpu(), resumed.lenbalance.head.state_dict()[key].cpu())
+    assert resumed.lenbalance.rounds == trainer.lenbalance.rounds
+
+
+@pytest.mark.parametrize(
+    ("overrides", "config", "match"),
+    [
+        ({"loss_type": "bnpo"}, {}, "loss_type='bnpo'.*lenbalance.balance_training=False"),
+        ({"top_entropy_quantile": 0.2}, {}, "top_entropy_quantile"),
+        ({}, {"generation_wave_size": 64}, r"generation_wave_size=64.*per_device_train_batch_size=8"),
+    ],
+)
+def test_settings_that_contradict_trl_are_refused(eos_tiny_model_dir, tmp_path, overrides, config, match):
+    with pytest.raises(ValueError, match=match):
+        make_trainer(LenBalanceGRPOTrainer, eos_tiny_model_dir, make_args(tmp_path, **overrides),
+                     lenbalance_config=LenBalanceConfig(**config))
+
+
+def test_bnpo_is_fine_without_training_side_balancing(eos_tiny_model_dir, tmp_path):
+    trainer = make_trainer(LenBalanceGRPOTrainer, eos_tiny_model_dir, make_args(tmp_path, loss_type="bnpo"),
+                           lenbalance_config=LenBalanceConfig(balance_training=False))
+    assert trainer.lenbalance_config.balance_training is False
+
+
+def test_a_diverged_predictor_falls_back_and_training_goes_on(eos_tiny_model_dir, tmp_path):
+    trainer = make_trainer(LenBalanceGRPOTrainer, eos_tiny_model_dir, make_args(tmp_path, max_steps=2),
+                           lenbalance_config=LenBalanceConfig(generation_wave_size=4))
+    with torch.no_grad():
+        for p in trainer.lenbalance.head.parameters():
+            p.fill_(float("nan"))
+    with pytest.warns(UserWarning, match="falls back to stock ordering"):
+        trainer.train()
+    assert trainer.state.global_step == 2
+    assert trainer.lenbalance.fallbacks >= 1
+    assert all(torch.isfinite(p).all() for p in trainer.lenbalance.head.parameters())  # re-initialised
+    logged = [row["lenbalance/predictor/fallbacks"] for row in trainer.state.log_history
+              if "lenbalance/predictor/fallbacks" in row]
+    assert logged and logged[-1] >= 1
