@@ -1,0 +1,32 @@
+"""Shared fixtures. The environment defaults are set at import time, before transformers / huggingface_hub load."""
+
+from __future__ import annotations
+
+import os
+
+for _key, _value in {
+    "HF_HUB_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "WANDB_MODE": "offline",
+    "WANDB_SILENT": "true",
+    "TOKENIZERS_PARALLELISM": "false",
+}.items():
+    os.environ.setdefault(_key, _value)
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def embedded_dir():
+    """The embedded SmolLM2-135M-Instruct's safetensors cache (converted once, ~30 s; then instant)."""
+    from rl_lenbalance.models import embedded_model_dir
+
+    return embedded_model_dir()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, embedded_dir):
+    """A tiny random Llama with the embedded model's tokenizer and chat template (fast CPU tests)."""
+    from rl_lenbalance.models import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_model"), tokenizer_from=embedded_dir)
