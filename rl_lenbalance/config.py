@@ -40,9 +40,9 @@ class LenBalanceConfig:
     samples_per_sequence: int = field(
         default=8, metadata={"help": "At most this many (feature, remaining length) pairs per finished rollout."}
     )
-    predictor_lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the head."})
+    predictor_lr: float = field(default=2e-3, metadata={"help": "AdamW learning rate of the head."})
     predictor_steps_per_round: int = field(
-        default=20, metadata={"help": "Optimizer steps on the head after each generation round."}
+        default=50, metadata={"help": "Optimizer steps on the head after each generation round."}
     )
     predictor_batch_size: int = field(default=256, metadata={"help": "Minibatch size of the head's updates."})
     replay_buffer_size: int = field(
