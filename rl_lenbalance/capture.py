@@ -64,6 +64,11 @@ class CaptureResult:
     recorded: dict[int, torch.Tensor] = field(default_factory=dict)  # step -> (B, F) float16 PLP features
     steps: int = 0
     seconds: float = 0.0  # time spent inside the hooks
+    rows: torch.Tensor | None = None  # original rows still in the batch (a compacting generate drops finished ones)
+
+    def compact(self, keep: torch.Tensor) -> None:
+        """Follow a generate loop that kept only rows `keep` (indices into the rows active until now)."""
+        self.rows = self.rows[keep.to(self.rows.device)]
 
     def predicted_total(self, step: int) -> torch.Tensor:
         """Predicted total length (observed + remaining) from the prediction made at `step`."""
@@ -104,6 +109,10 @@ class GenerationCapture:
                 if state["pool"] is None:
                     self._prefill(state, prompts, result)
                 else:
+                    if len(result.rows) != len(state["prompt"]):  # the generate loop compacted its batch
+                        kept = torch.searchsorted(state["rows"], result.rows)
+                        state["pool"].select(kept)
+                        state["prompt"], state["rows"] = state["prompt"][kept], result.rows
                     state["pool"].update(state["feature"][:, -1], token_entropy(logits[:, -1]))
                     result.steps += 1
                     self._predict_and_record(state["pool"], state["prompt"], result)
@@ -141,6 +150,7 @@ class GenerationCapture:
         state["prompt"] = pool_tokens(feature[distinct], entropy, mask, self.config.pooling)[expand]
         result.prompt_features = state["prompt"]
         state["pool"] = StreamingPool(len(prompts), feature.size(-1), device=feature.device)
+        state["rows"] = result.rows = torch.arange(len(prompts), device=feature.device)
         self._predict_and_record(None, state["prompt"], result)
 
     def _predict_and_record(self, pool: StreamingPool | None, prompt: torch.Tensor, result: CaptureResult) -> None:
@@ -149,8 +159,13 @@ class GenerationCapture:
         if not want_prediction and step not in self.record_at:
             return
         z = plp_features(prompt, pool, step, self.max_length)
-        if want_prediction:
+        batch = len(result.prompt_features)
+        if want_prediction:  # rows a compacting loop already dropped (finished) are NaN
+            predicted = z.new_full((batch,), float("nan"))
+            predicted[result.rows] = self.head.predict(z.to(self.head.edges.device)).to(z.device, torch.float32)
             result.prediction_steps.append(step)
-            result.predictions.append(self.head.predict(z.to(self.head.edges.device)).to(z.device))
+            result.predictions.append(predicted)
         if step in self.record_at:
-            result.recorded[step] = z.to(torch.float16)
+            recorded = z.new_zeros(batch, z.size(1), dtype=torch.float16)
+            recorded[result.rows] = z.to(torch.float16)
+            result.recorded[step] = recorded

@@ -78,6 +78,13 @@ class LenBalanceConfig:
             "(None: one generate call, as stock TRL)."
         },
     )
+    compaction: bool = field(
+        default=False,
+        metadata={
+            "help": "Drop finished rows from the batch while generating (plain transformers path). Pays where a "
+            "finished row costs compute (CPU, large batches); on a launch-bound GPU a finished row is nearly free."
+        },
+    )
     fallback_window: int = field(
         default=3,
         metadata={

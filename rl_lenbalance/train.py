@@ -89,10 +89,19 @@ def run(recipe_path: str, overrides: dict | None = None) -> dict[str, float]:
     start = time.perf_counter()
     trainer.train()
     summary = summarize(trainer, time.perf_counter() - start)
+    _finish_wandb()
     if trainer.accelerator.is_main_process:
         Path(recipe.training.output_dir, "lenbalance_summary.json").write_text(json.dumps(summary, indent=2))
         print_summary(summary)
     return summary
+
+
+def _finish_wandb() -> None:
+    """Close the run the trainer's WandbCallback opened (it leaves it open), so its files are complete."""
+    import wandb
+
+    if wandb.run is not None:
+        wandb.finish()
 
 
 def main(argv: list[str] | None = None) -> None:

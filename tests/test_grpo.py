@@ -47,26 +47,30 @@ def make_trainer(cls, model_dir, args, **kwargs):
 
 
 @pytest.mark.slow
-def test_greedy_generation_in_waves_equals_stock_row_for_row(embedded_dir, tmp_path):
-    """Waves ordered by prediction, reassembled: the completions TRL receives are stock's, in stock's order.
-    (The real model: a random tiny one decodes every prompt greedily to the same length.)"""
+def test_greedy_generation_in_waves_and_compacted_equals_stock_row_for_row(embedded_dir, tmp_path):
+    """Waves ordered by prediction and a batch that drops finished rows, reassembled: the completions TRL
+    receives are stock's, in stock's order. (The real model: a random tiny one decodes every prompt greedily
+    to the same length.)"""
     args = make_args(tmp_path, generation_kwargs={"do_sample": False}, max_completion_length=48)
     stock = make_trainer(GRPOTrainer, embedded_dir, args)
-    ours = make_trainer(LenBalanceGRPOTrainer, embedded_dir, args,
-                        lenbalance_config=LenBalanceConfig(generation_wave_size=4))
     prompts = [[{"role": "user", "content": p}] for p in PROMPTS for _ in range(2)]
     prompt_ids, _, _ = stock._tokenize_prompts(prompts)
     expected, _ = stock._generate_single_turn(prompt_ids, None, {}, 4)
-    for _ in range(2):  # round 1: stock-order waves; round 2: waves ordered by the (now trained) predictor
-        got, _ = ours._generate_single_turn(prompt_ids, None, {}, 4)
-        assert got == expected
-    lengths = sorted({len(c) for c in expected})
-    assert len(lengths) >= 3, f"the tiny model should give varied lengths, got {lengths}"
-    assert ours.lenbalance.rounds == 2
+    assert len({len(c) for c in expected}) >= 3, "the prompts should give varied lengths"
+    for config in (LenBalanceConfig(generation_wave_size=4), LenBalanceConfig(compaction=True)):
+        ours = make_trainer(LenBalanceGRPOTrainer, embedded_dir, args, lenbalance_config=config)
+        for _ in range(2):  # round 1: stock-order waves; round 2: waves ordered by the (now trained) predictor
+            got, _ = ours._generate_single_turn(prompt_ids, None, {}, 4)
+            assert got == expected
+        assert ours.lenbalance.rounds == 2
+    totals = ours.lenbalance_totals  # compaction: every decode slot was a real token
+    assert totals["gen/decode_slots"] == totals["gen/real_tokens"] < totals["gen/decode_slots_stock"]
 
 
-def test_two_grpo_steps_log_lenbalance_metrics_and_train_the_predictor(eos_tiny_model_dir, tmp_path):
-    trainer = make_trainer(LenBalanceGRPOTrainer, eos_tiny_model_dir, make_args(tmp_path, max_steps=4))
+@pytest.mark.parametrize("compaction", [False, True])
+def test_grpo_steps_log_lenbalance_metrics_and_train_the_predictor(eos_tiny_model_dir, tmp_path, compaction):
+    trainer = make_trainer(LenBalanceGRPOTrainer, eos_tiny_model_dir, make_args(tmp_path, max_steps=4),
+                           lenbalance_config=LenBalanceConfig(compaction=compaction))
     before = {k: v.clone() for k, v in trainer.lenbalance.head.state_dict().items()}
     trainer.train()
     logged = [row for row in trainer.state.log_history if "lenbalance/predictor/mae_static" in row]

@@ -26,13 +26,14 @@ def test_quickstart_runs_on_the_embedded_model_and_logs_to_wandb(tmp_path, monke
     (run_dir,) = find_runs(tmp_path)
     wandb_run = read_run(run_dir)
     logged = {key for row in wandb_run.history for key in row}
-    for key in ("lenbalance/predictor/mae_static", "lenbalance/gen/slot_waste", "lenbalance/gen/slot_waste_stock",
-                "lenbalance/train/pad_frac", "lenbalance/train/pad_frac_stock", "lenbalance/predictor/overhead_frac"):
-        assert key in logged, key
-    pad = wandb_run.series("lenbalance/train/pad_frac")
+    for key in ("predictor/mae_static", "gen/slot_waste", "gen/slot_waste_stock", "train/pad_frac",
+                "train/pad_frac_stock", "predictor/overhead_frac"):
+        assert f"train/lenbalance/{key}" in logged, key  # transformers' WandbCallback adds "train/"
+    pad = wandb_run.series("train/lenbalance/train/pad_frac")
     assert pad and 0.0 <= pad[-1][1] < 1.0
-    assert any(d.get("glob_name") == "lenbalance/*" for d in wandb_run.metric_definitions)
-    table = wandb_run.tables["lenbalance/lengths"]
+    assert pad[-1][1] == pytest.approx(summary["loss_pad_frac"], abs=1e-6)  # one step: the same number
+    assert any(d.get("glob_name") == "train/lenbalance/*" for d in wandb_run.metric_definitions)
+    table = wandb_run.tables["train/lenbalance/lengths"]
     assert len(table) == 16 and all(row["actual_length"] >= 1 for row in table)
 
 

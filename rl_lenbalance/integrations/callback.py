@@ -13,6 +13,7 @@ from ..predictor import PLPHead
 from .grpo import mix_in
 
 SUBFOLDER = "lenbalance"
+WANDB_PREFIX = "train/lenbalance/"  # transformers' WandbCallback puts training logs under "train/"
 STATE_NAME = "engine_state.pt"
 
 
@@ -33,7 +34,7 @@ class LenBalanceCallback(TrainerCallback):
         if "wandb" in args.report_to and _wandb_run() is not None:
             run = _wandb_run()
             run.define_metric("train/global_step")
-            run.define_metric("lenbalance/*", step_metric="train/global_step")
+            run.define_metric(f"{WANDB_PREFIX}*", step_metric="train/global_step")
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
@@ -48,7 +49,7 @@ class LenBalanceCallback(TrainerCallback):
         import wandb
 
         table = wandb.Table(columns=["predicted_length", "actual_length"], data=[list(p) for p in pairs])
-        run.log({"lenbalance/lengths": table, "train/global_step": state.global_step})
+        run.log({f"{WANDB_PREFIX}lengths": table, "train/global_step": state.global_step})
 
     def save(self, directory: str) -> None:
         """Write the head (safetensors + JSON) and its online-training state into `directory`."""

@@ -19,7 +19,9 @@ from trl import GRPOTrainer
 from trl.models import unwrap_model_for_generation
 
 from ..config import LenBalanceConfig
+from ..capture import CaptureResult
 from ..engine import LenBalanceEngine, Wave
+from ..generation import compacted_generate, unsupported_options
 from ..metrics import decode_slots, waste
 from ..schedule import plan_microbatches, waves_by_length
 
@@ -52,15 +54,42 @@ class LenBalanceMixin:
         start = time.perf_counter()
         waves: list[Wave] = []
         completions: list[list[int] | None] = [None] * len(prompt_ids)
+        compact = self.lenbalance_config.compaction and not self._compaction_blocked()
         for rows in self._plan_waves(prompt_ids):
-            with self.lenbalance.capture.capture([prompt_ids[i] for i in rows]) as captured:
-                ids, _ = super()._generate_single_turn([prompt_ids[i] for i in rows], None, {}, num_generations)
+            wave = [prompt_ids[i] for i in rows]
+            with self.lenbalance.capture.capture(wave) as captured:
+                if compact:
+                    ids = self._generate_compacted(wave, captured)
+                else:
+                    ids, _ = super()._generate_single_turn(wave, None, {}, num_generations)
             for row, completion in zip(rows, ids, strict=True):
                 completions[row] = completion
             waves.append(Wave(rows, captured))
         generation_s = time.perf_counter() - start
-        self._after_generation(waves, [len(c) for c in completions], generation_s)
+        self._after_generation(waves, [len(c) for c in completions], generation_s, compact)
         return completions, None
+
+    def _generate_compacted(self, prompts: list[list[int]], captured: CaptureResult) -> list[list[int]]:
+        """Stock's plain-`generate` branch, with finished rows dropped from the batch as they end."""
+        with (
+            unwrap_model_for_generation(
+                self.model_wrapped, self.accelerator, gather_deepspeed3_params=self.args.ds3_gather_for_generation,
+                generation_kwargs=self.generation_kwargs,
+                gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
+            ) as model,
+            torch.no_grad(),
+            self._dist.summon_full_params(self.model_wrapped, recurse=False),
+        ):
+            return compacted_generate(model, prompts, self.generation_config, self._tokenizer.pad_token_id,
+                                      on_compact=captured.compact)
+
+    def _compaction_blocked(self) -> bool:
+        """True (with a one-time warning) when the generation config asks for something compaction can't do."""
+        unsupported = unsupported_options(self.generation_config)
+        if unsupported:
+            self._warn_once("compaction", f"lenbalance.compaction is on, but the generation config sets "
+                            f"{unsupported}, which the compacting loop does not implement; using plain generate.")
+        return bool(unsupported)
 
     def _plan_waves(self, prompt_ids: list[list[int]]) -> list[list[int]]:
         """Rows of each generate call: all at once (stock), or waves longest-predicted first."""
@@ -90,7 +119,7 @@ class LenBalanceMixin:
         by_prompt = dict(zip(distinct, captured.predicted_total(0).tolist(), strict=True))
         return [by_prompt[tuple(p)] for p in prompt_ids]
 
-    def _after_generation(self, waves: list[Wave], lengths: list[int], generation_s: float) -> None:
+    def _after_generation(self, waves: list[Wave], lengths: list[int], generation_s: float, compacted: bool) -> None:
         """Ledger of decode slots, honest online error, then online training of the head on every rank's rows."""
         engine = self.lenbalance
         local = engine.training_pairs(waves, lengths)
@@ -105,7 +134,7 @@ class LenBalanceMixin:
         metrics = engine.learn(gathered, all_lengths)
         hook_s = sum(w.capture.seconds for w in waves)
         ledger = torch.tensor([
-            decode_slots(lengths, [w.rows for w in waves]),
+            sum(lengths) if compacted else decode_slots(lengths, [w.rows for w in waves]),
             decode_slots(lengths, [list(range(len(lengths)))]),
             sum(lengths), generation_s, hook_s,
         ], dtype=torch.float64, device=device)

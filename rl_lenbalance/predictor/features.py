@@ -65,6 +65,10 @@ class StreamingPool:
         self.max = new_max
         self.last = hidden
 
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only these sequences (a generate loop dropped the others)."""
+        self.max, self.norm, self.sum, self.last = self.max[rows], self.norm[rows], self.sum[rows], self.last[rows]
+
     def value(self) -> torch.Tensor:
         """(B, H) pooled state; zeros before the first token."""
         return self.sum / self.norm.clamp(min=1e-30).unsqueeze(1)

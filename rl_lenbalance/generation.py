@@ -1,0 +1,177 @@
+"""A generate loop that drops finished rows from the batch ("compaction").
+
+`model.generate` keeps computing every row until the longest one ends; on CPU a decode step costs roughly in
+proportion to the number of rows, so the rows that already emitted eos waste a large share of the rollout time.
+`compacted_generate` decodes the same way `generate` does (same position ids, same logits processors in the same
+order, the same sampling calls) but removes finished rows from the KV cache and the batch as it goes. It honours
+only the options in `SUPPORTED`; `unsupported_options` tells the caller when to fall back to `generate`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from transformers import (
+    DynamicCache,
+    GenerationConfig,
+    LogitsProcessorList,
+    MinPLogitsWarper,
+    PreTrainedModel,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+SUPPORTED = frozenset(
+    {
+        "max_new_tokens",
+        "max_length",
+        "do_sample",
+        "temperature",
+        "top_k",
+        "top_p",
+        "min_p",
+        "repetition_penalty",
+        "eos_token_id",
+        "pad_token_id",
+        "bos_token_id",
+    }
+)
+# Options that never change which tokens come out here: output formats, bookkeeping, compilation (a DynamicCache
+# is never compiled) and beam-search-only settings (num_beams > 1 itself is flagged).
+_INERT = frozenset(
+    {
+        "_from_model_config",
+        "transformers_version",
+        "output_attentions",
+        "output_hidden_states",
+        "output_scores",
+        "output_logits",
+        "return_dict_in_generate",
+        "disable_compile",
+        "compile_config",
+        "early_stopping",
+        "length_penalty",
+    }
+)
+# Values, besides None and transformers' global defaults, with which an option leaves generation unchanged.
+_NO_OP_VALUES = {
+    "cache_implementation": ("dynamic",),
+    "min_new_tokens": (0,),
+    "renormalize_logits": (False,),
+    "token_healing": (False,),
+}
+
+
+def unsupported_options(generation_config: GenerationConfig) -> list[str]:
+    """Names of options set in generation_config that compacted_generate does not implement (empty = safe to use)."""
+    defaults = GenerationConfig._get_default_generation_params()  # what `generate` fills unset options with
+    return [
+        name
+        for name, value in generation_config.to_dict().items()
+        if name not in SUPPORTED
+        and name not in _INERT
+        and value is not None
+        and value != defaults.get(name)
+        and value not in _NO_OP_VALUES.get(name, ())
+    ]
+
+
+def _logits_processor(config: GenerationConfig, attention_mask: torch.Tensor) -> LogitsProcessorList:
+    """The processors `generate` builds for the SUPPORTED options, in its order (`_get_logits_processor`)."""
+    processors = LogitsProcessorList()
+    if config.repetition_penalty is not None and config.repetition_penalty != 1.0:
+        pad_lengths = (attention_mask != 0).int().argmax(dim=1)  # the left pads are not penalised
+        processors.append(RepetitionPenaltyLogitsProcessor(config.repetition_penalty, prompt_ignore_length=pad_lengths))
+    if config.do_sample:
+        if config.temperature is not None and config.temperature != 1.0:
+            processors.append(TemperatureLogitsWarper(config.temperature))
+        if config.top_k is not None and config.top_k != 0:
+            processors.append(TopKLogitsWarper(top_k=config.top_k))
+        if config.top_p is not None and config.top_p < 1.0:
+            processors.append(TopPLogitsWarper(top_p=config.top_p))
+        if config.min_p is not None:
+            processors.append(MinPLogitsWarper(min_p=config.min_p))
+    return processors
+
+
+@torch.no_grad()
+def compacted_generate(
+    model: PreTrainedModel,
+    prompts: list[list[int]],
+    generation_config: GenerationConfig,
+    pad_token_id: int,
+    on_compact: Callable[[torch.Tensor], None] | None = None,
+    min_finished: int = 1,
+) -> list[list[int]]:
+    """Sample or greedily decode a completion for each prompt (unpadded token ids), dropping finished rows.
+
+    Returns each row's generated ids up to and including its first eos, in prompt order. Once at least
+    `min_finished` rows have finished since the last compaction, they leave the KV cache and the batch, and
+    `on_compact(keep)` is called before the next forward with the indices, into the rows active until then, of the
+    rows that stay, so that hooks holding per-row state can select theirs.
+    """
+    # Unset options resolve exactly as in `generate`: the model's generation config, then transformers' defaults.
+    config, _ = model._prepare_generation_config(generation_config)
+    if unsupported := unsupported_options(config):
+        raise ValueError(f"compacted_generate does not implement {unsupported}; use model.generate")
+    if not prompts:
+        return []
+    width = max(len(prompt) for prompt in prompts)
+    max_new_tokens = config.max_new_tokens if config.max_new_tokens is not None else config.max_length - width
+    if max_new_tokens < 1:
+        raise ValueError(f"nothing to generate: max_new_tokens={max_new_tokens}")
+
+    device = model.device
+    sequences = torch.full((len(prompts), width), pad_token_id, dtype=torch.long, device=device)
+    attention_mask = torch.zeros_like(sequences)
+    for row, prompt in enumerate(prompts):
+        sequences[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long, device=device)
+        attention_mask[row, width - len(prompt) :] = 1
+    position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+    eos = config.eos_token_id if config.eos_token_id is not None else []
+    eos_ids = torch.tensor([eos] if isinstance(eos, int) else eos, dtype=torch.long, device=device)
+
+    processors = _logits_processor(config, attention_mask)
+    cache = DynamicCache(config=model.config.get_text_config(decoder=True))
+    rows = torch.arange(len(prompts), device=device)  # the original index of each active row
+    finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)  # finished since the last compaction
+    completions: list[list[int]] = [[] for _ in prompts]
+    input_ids = sequences
+    for step in range(max_new_tokens):
+        logits = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        ).logits
+        scores = processors(sequences, logits[:, -1].float())
+        if config.do_sample:
+            next_tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+        else:
+            next_tokens = torch.argmax(scores, dim=-1)
+        next_tokens = next_tokens.masked_fill(finished, pad_token_id)  # as `generate` pads finished rows
+        sequences = torch.cat([sequences, next_tokens[:, None]], dim=-1)
+
+        done = ~finished & (torch.isin(next_tokens, eos_ids) | (step + 1 == max_new_tokens))
+        for row in done.nonzero().squeeze(1).tolist():
+            completions[int(rows[row])] = sequences[row, width:].tolist()
+        finished |= done
+        if finished.all():
+            break
+        if int(finished.sum()) >= min_finished:
+            keep = (~finished).nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            sequences, attention_mask, position_ids = sequences[keep], attention_mask[keep], position_ids[keep]
+            rows, finished = rows[keep], finished[keep]
+            processors = _logits_processor(config, attention_mask)
+            if on_compact is not None:
+                on_compact(keep)
+        input_ids = sequences[:, -1:]
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((attention_mask.shape[0], 1))], dim=-1)
+        position_ids = position_ids[:, -1:] + 1
+    return completions
