@@ -29,9 +29,9 @@ from rl_lenbalance.tasks import REWARD_FUNCS, arithmetic_dataset  # noqa: E402
 
 VARIANTS = {
     "stock": None,
-    "lenbalance_training_only": {"generation_wave_size": None},
+    "lenbalance_training_only": {},
     "lenbalance_waves": {"generation_wave_size": 8},
-    "lenbalance_compaction": {"generation_wave_size": None, "compaction": True},
+    "lenbalance_compaction": {"compaction": True},
 }
 
 
@@ -100,10 +100,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="Model folder or id (default: the embedded SmolLM2).")
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--grad-acc", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--grad-acc", type=int, default=4)
     parser.add_argument("--generations", type=int, default=8)
-    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--out", required=True)
     args = parser.parse_args()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 from .predictor import POOLING_METHODS
 
@@ -115,7 +115,7 @@ class LenBalanceConfig:
         if self.generation_wave_size is not None and self.generation_wave_size < 1:
             raise ValueError(f"lenbalance.generation_wave_size must be >= 1 or None, got {self.generation_wave_size}.")
 
-    def check_trainer_args(self, args, num_generations: int) -> None:
+    def check_trainer_args(self, args) -> None:
         """Refuse settings that contradict the trainer's (`args` is a GRPOConfig or RLOOConfig)."""
         generation_batch = args.per_device_train_batch_size * args.steps_per_generation
         if self.generation_wave_size is not None and self.generation_wave_size > generation_batch:
@@ -141,7 +141,3 @@ class LenBalanceConfig:
                 f"{', '.join(per_microbatch)} make TRL compute statistics per micro-batch, so regrouping rows would "
                 "change what is learned; reset them to their defaults or set lenbalance.balance_training=False."
             )
-
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]

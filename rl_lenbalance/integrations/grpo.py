@@ -1,10 +1,10 @@
 """TRL adapter: GRPOTrainer (and trainers sharing its generation/`_prepare_inputs` structure, like RLOO).
 
 Two stock methods change, each in one place:
-- `_generate_single_turn`: the same plain-`generate` call(s), under capture hooks, optionally in waves ordered by
-  predicted length, so the predictor sees every rollout and trains on it.
-- `_prepare_inputs`: TRL's random shuffle + equal split becomes a token-balanced cross-rank exchange and
-  length-sorted micro-batches with all-pad columns trimmed (same rows per micro-batch, same loss and gradients).
+- `_generate_single_turn`: the same plain-`generate` call(s) under capture hooks, so the predictor sees every
+  rollout and trains on it; optionally in waves ordered by predicted length, or dropping finished rows.
+- `_prepare_inputs`: TRL's random shuffle + equal split becomes length-sorted micro-batches dealt to ranks by
+  padded cost, with all-pad columns trimmed (same rows per micro-batch, so the same loss and gradients).
 """
 
 from __future__ import annotations
@@ -34,11 +34,10 @@ class LenBalanceMixin:
 
     def _lenbalance_setup(self, config: LenBalanceConfig | None) -> None:
         self.lenbalance_config = config = config or LenBalanceConfig()
-        config.check_trainer_args(self.args, self.num_generations)
+        config.check_trainer_args(self.args)
         model = self.accelerator.unwrap_model(self.model)
         self.lenbalance = LenBalanceEngine(model, config, self.max_completion_length, seed=self.args.seed)
         self._lenbalance_warned: set[str] = set()
-        self._lenbalance_round: dict[str, float] = {}
         self.lenbalance_totals: dict[str, float] = defaultdict(float)  # summed over the run, for the summary table
         self.lenbalance_last_lengths: list[tuple[float, int]] = []  # (predicted at t=0, actual) of the last round
 
@@ -105,9 +104,10 @@ class LenBalanceMixin:
     @torch.no_grad()
     def _predict_prompt_lengths(self, prompt_ids: list[list[int]]) -> list[float]:
         """EGTP prompt-only length of each row, from one prefill over the distinct prompts."""
+        start = time.perf_counter()
         distinct = list(dict.fromkeys(tuple(p) for p in prompt_ids))
         width = max(len(p) for p in distinct)
-        pad = self.processing_class.pad_token_id if hasattr(self.processing_class, "pad_token_id") else 0
+        pad = self._tokenizer.pad_token_id
         input_ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in distinct], device=self.accelerator.device)
         attention_mask = (torch.arange(width) >= torch.tensor([width - len(p) for p in distinct]).unsqueeze(1)).long()
         with (
@@ -117,6 +117,7 @@ class LenBalanceMixin:
         ):
             model(input_ids=input_ids, attention_mask=attention_mask.to(input_ids.device), logits_to_keep=1)
         by_prompt = dict(zip(distinct, captured.predicted_total(0).tolist(), strict=True))
+        self.lenbalance_totals["predictor/overhead_s"] += time.perf_counter() - start
         return [by_prompt[tuple(p)] for p in prompt_ids]
 
     def _after_generation(self, waves: list[Wave], lengths: list[int], generation_s: float, compacted: bool) -> None:
