@@ -30,3 +30,19 @@ def tiny_model_dir(tmp_path_factory, embedded_dir):
     from rl_lenbalance.models import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny_model"), tokenizer_from=embedded_dir)
+
+
+@pytest.fixture(scope="session")
+def eos_tiny_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model with a non-zero end-of-sequence embedding, so sampled completions end at varied lengths."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("eos_tiny")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    eos = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(0)) * 0.8
+    with torch.no_grad():
+        model.get_input_embeddings().weight[model.config.eos_token_id] = eos
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
+    return out

@@ -48,14 +48,9 @@ def _reference(model, prompts, config, pad_token_id) -> list[list[int]]:
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_model_dir):
-    """The tiny model with a random eos embedding (tied to its output row), so sampled rows end at varied lengths."""
-    model, tokenizer = _load(tiny_model_dir)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        model.get_input_embeddings().weight[tokenizer.eos_token_id] = (
-            torch.randn(model.config.hidden_size, generator=generator) * 0.8
-        )
+def tiny(eos_tiny_model_dir):
+    """The tiny model with a random eos embedding (conftest), so sampled rows end at varied lengths."""
+    model, tokenizer = _load(eos_tiny_model_dir)
     questions = QUESTIONS + ["Hi", "Tell me a long story about a dragon and a knight.", "ok", "Why?"]
     return model, tokenizer, _chat_prompts(tokenizer, questions)
 

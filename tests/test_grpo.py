@@ -12,19 +12,6 @@ from rl_lenbalance import LenBalanceCallback, LenBalanceConfig, LenBalanceGRPOTr
 PROMPTS = ["What is 2+2?", "List 5 fruits.", "Write a poem about the sea.", "Hi", "Explain gravity.", "Count to 9."]
 
 
-@pytest.fixture(scope="module")
-def eos_tiny_model_dir(tiny_model_dir, tmp_path_factory):
-    """The tiny model with a non-zero end-of-sequence embedding, so sampled completions end at varied lengths."""
-    out = tmp_path_factory.mktemp("eos_tiny")
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    eos = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(0)) * 0.8
-    with torch.no_grad():
-        model.get_input_embeddings().weight[model.config.eos_token_id] = eos
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
-    return out
-
-
 def reward(completion_ids, **kwargs):
     return [len(c) / 32.0 for c in completion_ids]
 
