@@ -50,6 +50,7 @@ def partial_run(tmp_path_factory) -> Path:
                      f"{P}gen/slot_waste": 0.2, f"{P}gen/slot_waste_stock": 1 / 3,
                      f"{P}predictor/mae_static": 10.0 / step, f"{P}predictor/fallbacks": 0})
         run.finish()
+        wandb.teardown()  # wandb keeps its first settings (WANDB_DIR included) per process until teardown
     return root
 
 
@@ -101,17 +102,29 @@ def test_a_path_without_a_run_is_a_clear_error(tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, embedded_dir) -> Path:
-    """The quickstart, one tiny step, logging to wandb offline; returns its output_dir."""
+def trained_run(request, tmp_path_factory) -> Path:
+    """The output_dir of a one-step quickstart logged to wandb offline: conftest's session-wide `quickstart_run`
+    (shared with test_train) when it exists, else a tiny run of this module's own."""
+    try:
+        shared = request.getfixturevalue("quickstart_run")
+    except pytest.FixtureLookupError:
+        shared = None
+    if shared is not None:
+        return Path(shared[0] if isinstance(shared, tuple) else shared)
     from rl_lenbalance.train import run
 
+    request.getfixturevalue("embedded_dir")
     out = tmp_path_factory.mktemp("report_run")
+    import wandb
+
+    wandb.teardown()  # an earlier wandb.init in this process would otherwise pin WANDB_DIR to its value then
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("WANDB_MODE", "offline")
         mp.setenv("WANDB_DIR", str(out))
         run(str(QUICKSTART), {"output_dir": str(out), "max_steps": 1, "max_completion_length": 16,
                               "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1,
                               "num_generations": 4})
+    wandb.teardown()
     return out
 
 
@@ -136,7 +149,8 @@ def test_report_of_a_real_run(trained_run, tmp_path):
 
     run = read_run(paths.run_dir)
     tables = load_length_tables(run)
-    assert list(tables) == [1] and len(tables[1]) == 4  # one step, 4 rows predicted at t=0
+    rows = run.config["per_device_train_batch_size"] * run.config["steps_per_generation"]  # one process
+    assert list(tables) == [1] and len(tables[1]) == rows  # one step; every row was predicted at t=0
     figure = render_figure(run, tables, "t")
     no_data = [ax.get_title(loc="left") for ax in figure.axes if any(t.get_text().startswith("no data") for t in ax.texts)]
     assert no_data == []
