@@ -13,7 +13,7 @@ def main(argv: list[str] | None = None) -> None:
     train = commands.add_parser("train", help="GRPO with rl-lenbalance from a recipe YAML; prints what it saved.")
     train.add_argument("recipe", help="A recipe YAML, e.g. recipes/quickstart.yaml.")
     train.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                       help="Override top-level recipe keys, e.g. --set max_steps=2 output_dir=/tmp/run.")
+                       help="Override recipe keys, e.g. --set max_steps=2 lenbalance.compaction=false.")
     args = parser.parse_args(argv)
     if args.command == "train":
         from .train import parse_overrides, run

@@ -55,7 +55,8 @@ def load_recipe(path: str | Path, overrides: dict | None = None) -> Recipe:
     from trl import GRPOConfig
 
     values = yaml.safe_load(Path(path).read_text()) or {}
-    values |= overrides or {}
+    for key, value in (overrides or {}).items():  # a section's overrides update that section, key by key
+        values[key] = (values.get(key) or {}) | value if isinstance(value, dict) else value
     model = _parse("model", ModelArguments, values.pop("model", None) or {})
     task = _parse("task", TaskArguments, values.pop("task", None) or {})
     lenbalance = _parse("lenbalance", LenBalanceConfig, values.pop("lenbalance", None) or {})

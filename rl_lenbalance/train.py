@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -98,9 +99,8 @@ def run(recipe_path: str, overrides: dict | None = None) -> dict[str, float]:
 
 def _finish_wandb() -> None:
     """Close the run the trainer's WandbCallback opened (it leaves it open), so its files are complete."""
-    import wandb
-
-    if wandb.run is not None:
+    wandb = sys.modules.get("wandb")  # imported only when the run reports to wandb
+    if wandb is not None and wandb.run is not None:
         wandb.finish()
 
 
@@ -108,21 +108,25 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="A recipe YAML (see recipes/).")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="Override top-level recipe keys, e.g. --set max_steps=2 output_dir=/tmp/run.")
+                        help="Override recipe keys, e.g. --set max_steps=2 lenbalance.compaction=false.")
     args = parser.parse_args(argv)
     run(args.config, parse_overrides(args.set))
 
 
 def parse_overrides(items: list[str]) -> dict:
-    """`key=value` strings to a dict, values parsed as YAML scalars."""
+    """`key=value` strings to a dict, values parsed as YAML scalars; `section.key=value` sets a key of a section."""
     import yaml
 
-    overrides = {}
+    overrides: dict = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep:
-            raise ValueError(f"Override {item!r} is not KEY=VALUE.")
-        overrides[key] = yaml.safe_load(value)
+            raise ValueError(f"Override {item!r} is not KEY=VALUE (or SECTION.KEY=VALUE, e.g. model.dtype=bfloat16).")
+        *sections, name = key.split(".")
+        target = overrides
+        for section in sections:
+            target = target.setdefault(section, {})
+        target[name] = yaml.safe_load(value)
     return overrides
 
 
