@@ -13,10 +13,10 @@ from torch import nn
 
 from ..capture import GenerationCapture, resolve_module
 from ..config import LenBalanceConfig
-from ..models import EMBEDDED_MODEL, load_model
+from ..models import load_model
 from ..predictor import POOLING_METHODS, HeadConfig, PLPHead, pool_tokens, token_entropy
 from .config import SPLITS, STEPS, BuildConfig
-from .dataset import BenchData, scenario_dir
+from .dataset import BenchData, model_id, scenario_dir
 from .prompts import chat, scenario_prompts
 from .proxy import ProxyEncoder
 
@@ -26,14 +26,6 @@ SAMPLING = {  # chat-style sampling for single answers; pure temperature-1 sampl
     "rl": dict(temperature=1.0, top_p=1.0, top_k=0),
 }
 PROMPT_CHUNK = 8  # prompts per forward pass when pooling prompt features
-
-
-def model_id(name: str | None) -> str:
-    """What the data set's metadata records as the model: the embedded model's name, or a resolved folder."""
-    if name is None or name == EMBEDDED_MODEL:
-        return EMBEDDED_MODEL
-    path = Path(name).expanduser()
-    return str(path.resolve()) if path.is_dir() else name
 
 
 def split_prompts(count: int, fractions: tuple[float, float, float], seed: int) -> torch.Tensor:

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..models import default_cache_dir
+from ..models import EMBEDDED_MODEL, default_cache_dir
 from ..predictor import POOLING_METHODS
 from .config import SPLITS, STEPS
 
@@ -84,6 +84,14 @@ def default_bench_dir(name: str = "full") -> Path:
 
 def scenario_dir(root: str | os.PathLike, scenario: str) -> Path:
     return Path(root) / scenario
+
+
+def model_id(name: str | None) -> str:
+    """What the metadata records as the model: the embedded model's name, a resolved folder, or a hub id."""
+    if name is None or name == EMBEDDED_MODEL:
+        return EMBEDDED_MODEL
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.is_dir() else name
 
 
 def check_compatible(meta: dict, model: str, feature_layer: int, hidden_size: int | None = None) -> None:
