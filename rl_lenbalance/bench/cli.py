@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 from .config import SCENARIOS, SMALL_BUILD, BuildConfig, RunConfig
@@ -21,7 +22,8 @@ def parser() -> argparse.ArgumentParser:
     build.add_argument("--out", help="Data folder (default: <cache>/bench/full, or .../small with --small).")
     build.add_argument("--small", action="store_true", help="A tiny version for tests (seconds with a tiny model).")
     build.add_argument("--model", help="Policy model folder (default: the embedded SmolLM2-135M-Instruct).")
-    build.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), metavar="NAME", help=f"Of {SCENARIOS}.")
+    build.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=SCENARIOS, metavar="NAME",
+                       help=f"Of {', '.join(SCENARIOS)}.")
     build.add_argument("--prompts", type=int, nargs=3, metavar=("LONG", "REASONING", "RL"),
                        help="Distinct prompts per scenario.")
     build.add_argument("--samples-per-prompt", type=int, help="K completions per RL prompt.")
@@ -34,8 +36,10 @@ def parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="Train every predictor on the train split and score it on the test split.")
     run.add_argument("--data", help="Data folder (default: <cache>/bench/full).")
     run.add_argument("--out", default=str(DOCS), help="Where the JSON, table and PNG go (default: docs/benchmarks).")
-    run.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), metavar="NAME", help=f"Of {SCENARIOS}.")
-    run.add_argument("--predictors", nargs="+", metavar="NAME", help=f"Of {tuple(PREDICTORS)} (default: all).")
+    run.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=SCENARIOS, metavar="NAME",
+                     help=f"Of {', '.join(SCENARIOS)}.")
+    run.add_argument("--predictors", nargs="+", choices=tuple(PREDICTORS), metavar="NAME",
+                     help=f"Of {', '.join(PREDICTORS)} (default: all).")
     run.add_argument("--seeds", type=int, default=3)
     run.add_argument("--epochs", type=int, default=80)
     run.add_argument("--model", help="The policy model the predictors are for (default: the embedded model).")
@@ -46,6 +50,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
     if args.command == "build":
         from .build import build
@@ -68,5 +73,6 @@ def main(argv: list[str] | None = None) -> None:
         config = RunConfig(scenarios=tuple(args.scenarios), predictors=tuple(args.predictors) if args.predictors
                            else None, seeds=args.seeds, epochs=args.epochs, model=args.model,
                            feature_layer=args.feature_layer, predictor_path=args.predictor_path)
-        for path in run(config, args.data or default_bench_dir("full"), args.out):
+        command = "python -m rl_lenbalance.bench " + " ".join(argv)
+        for path in run(config, args.data or default_bench_dir("full"), args.out, command=command):
             print(path)

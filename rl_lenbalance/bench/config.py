@@ -25,7 +25,7 @@ class BuildConfig:
     )
     scenarios: tuple[str, ...] = field(default=SCENARIOS, metadata={"help": f"Scenarios to build: {SCENARIOS}."})
     prompts: dict[str, int] = field(
-        default_factory=lambda: {"long": 96, "reasoning": 96, "rl": 48},
+        default_factory=lambda: {"long": 96, "reasoning": 96, "rl": 64},
         metadata={"help": "Number of distinct prompts per scenario."},
     )
     samples_per_prompt: int = field(

@@ -84,7 +84,8 @@ def score_scenario(data: BenchData, config: RunConfig, log) -> dict:
     return result
 
 
-def run(config: RunConfig, data_root: str | Path, out_dir: str | Path, log=None) -> list[Path]:
+def run(config: RunConfig, data_root: str | Path, out_dir: str | Path, command: str | None = None, log=None
+        ) -> list[Path]:
     """Score every configured scenario; write predictor_benchmark.json, predictor_table.md and
     predictor_mae_vs_tokens.png into `out_dir`; returns their paths."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -97,7 +98,7 @@ def run(config: RunConfig, data_root: str | Path, out_dir: str | Path, log=None)
         results[scenario] = score_scenario(data, config, log)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    report = {"command": "python -m rl_lenbalance.bench " + " ".join(sys.argv[1:]) if sys.argv[1:] else None,
+    report = {"command": command,
               "run_seconds": time.perf_counter() - start, "seeds": config.seeds, "epochs": config.epochs,
               "targets": targets(results), "scenarios": results}
     paths = [out_dir / "predictor_benchmark.json", out_dir / "predictor_table.md"]
