@@ -115,8 +115,8 @@ def generate_batch(model, tokenizer, capture: GenerationCapture, trail: nn.Modul
     finally:
         handle.remove()
     seconds = time.perf_counter() - start
-    eos = {tokenizer.eos_token_id, *([model.generation_config.eos_token_id] if isinstance(
-        model.generation_config.eos_token_id, int) else model.generation_config.eos_token_id or [])}
+    configured = model.generation_config.eos_token_id
+    eos = {tokenizer.eos_token_id, *(configured if isinstance(configured, list) else [configured])} - {None}
     generated = out[:, input_ids.size(1):].tolist()
     lengths = [completion_length(row, eos, max_new_tokens) for row in generated]
     width = result.prompt_features.size(1) * 3 + 2

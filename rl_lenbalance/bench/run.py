@@ -23,13 +23,17 @@ from .train import FitSettings, score, train_predictor
 
 
 def summarize(data: BenchData) -> dict:
+    """Size and length distribution of one scenario's data set."""
     lengths = data.lengths.float()
     return {
-        "completions": len(lengths), "prompts": {s: int((data.prompt_split == i).sum()) for i, s in enumerate(SPLITS)},
+        "completions": len(lengths),
+        "prompts": {s: int((data.prompt_split == i).sum()) for i, s in enumerate(SPLITS)},
         "samples_per_prompt": data.meta["samples_per_prompt"], "max_new_tokens": data.max_length,
         "length_mean": lengths.mean().item(), "length_median": lengths.median().item(),
-        "length_p90": lengths.quantile(0.9).item(), "capped_pct": 100 * (lengths >= data.max_length).float().mean().item(),
-        "model": data.meta["model"], "feature_layer": data.meta["feature_layer"], "trail_layer": data.meta["trail_layer"],
+        "length_p90": lengths.quantile(0.9).item(),
+        "capped_pct": 100 * (lengths >= data.max_length).float().mean().item(),
+        "model": data.meta["model"], "feature_layer": data.meta["feature_layer"],
+        "trail_layer": data.meta["trail_layer"],
     }
 
 
