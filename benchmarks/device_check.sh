@@ -15,5 +15,7 @@ for stage in ${STAGES:-2 3}; do
   tail -n 60 /tmp/ds$stage.log > $OUT/zero${stage}.log
   cp /tmp/ds$stage/lenbalance_summary.json $OUT/zero${stage}_summary.json 2>/dev/null
 done
-timeout ${REGIMES_TIMEOUT:-300} python3 benchmarks/gpu_regimes.py --out $OUT/gpu_regimes.jsonl ${REGIMES_ARGS:-}
+timeout ${REGIMES_TIMEOUT:-300} python3 benchmarks/gpu_regimes.py --out $OUT/gpu_regimes.jsonl --sections ${SECTIONS:-loss,waves,one_call}
 echo "regimes exit $?" >> $OUT/env.txt
+timeout ${CB_TIMEOUT:-100} python3 benchmarks/gpu_regimes.py --out $OUT/gpu_regimes.jsonl --sections continuous_batching 2>&1 | tail -n 30 > $OUT/cb.log
+echo "continuous batching exit $?" >> $OUT/env.txt
