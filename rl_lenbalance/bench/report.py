@@ -15,7 +15,7 @@ def cell(result: dict, name: str, t: int = 0) -> str:
     if entry is None:
         return "–"
     tau = entry["kendall_tau"]
-    return f"{entry['mae']:.1f}" + (f" ({tau:+.2f})" if tau is not None else "")
+    return f"{entry['mae']:.1f} ± {entry['mae_se']:.1f}" + (f" (τ {tau:+.2f})" if tau is not None else "")
 
 
 def mae_at(result: dict, name: str, t: int = 0) -> float | None:
@@ -24,7 +24,8 @@ def mae_at(result: dict, name: str, t: int = 0) -> float | None:
 
 
 def table(results: dict[str, dict]) -> str:
-    """Rows: predictors (static at t = 0, progressive at each t); columns: scenarios; cells 'MAE (Kendall tau)'."""
+    """Rows: predictors (static at t = 0, progressive at each t); columns: scenarios; cells 'MAE ± standard error
+    (Kendall tau)', the MAE of the remaining length after t observed tokens, mean over training seeds."""
     scenarios = list(results)
     names = list(next(iter(results.values()))["predictors"])
     lines = ["| Predictor | " + " | ".join(COLUMNS[s] for s in scenarios) + " |",

@@ -15,7 +15,7 @@ from ..predictor import PLPHead
 from .config import SPLITS, RunConfig
 from .cost import step_cost
 from .dataset import BenchData, check_compatible, model_id, scenario_dir
-from .metrics import kendall_tau, mae
+from .metrics import summary
 from .online import online_vs_offline
 from .predictors import PREDICTORS, make_pairs
 from .report import plot_curves, table, targets
@@ -42,6 +42,7 @@ def mean_over_seeds(runs: list[dict[int, dict]]) -> dict[int, dict]:
     for t in runs[0]:
         taus = [r[t]["kendall_tau"] for r in runs if r[t]["kendall_tau"] is not None]
         out[t] = {"mae": statistics.mean(r[t]["mae"] for r in runs), "mae_seeds": [r[t]["mae"] for r in runs],
+                  "mae_se": statistics.mean(r[t]["mae_se"] for r in runs),
                   "kendall_tau": statistics.mean(taus) if taus else None, "n": runs[0][t]["n"]}
     return out
 
@@ -54,7 +55,7 @@ def static_as_remaining(model, data: BenchData) -> dict[int, dict]:
         at = pairs.at(t)
         if len(at.y):
             predicted = (model.predict(at.x) - t).clamp(min=0)
-            out[t] = {"mae": mae(predicted, at.y), "kendall_tau": kendall_tau(predicted, at.y), "n": len(at.y)}
+            out[t] = summary(predicted, at.y)
     return out
 
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .dataset import BenchData
-from .metrics import kendall_tau, mae
+from .metrics import mae, summary
 from .models import RunningMean, Standardize
 from .predictors import Pairs, PredictorSpec, make_pairs
 
@@ -66,12 +66,13 @@ def predict(model, pairs: Pairs) -> torch.Tensor:
 
 
 def score(spec: PredictorSpec, model, data: BenchData, split: str = "test") -> dict[int, dict]:
-    """Per scored step t: MAE of the remaining length and Kendall tau over the completions alive at t."""
+    """Per scored step t: MAE of the remaining length (and its standard error) and Kendall tau over the completions
+    alive at t."""
     pairs = make_pairs(data, spec.features, data.rows(split), spec.eval_steps)
     out = {}
     for t in spec.eval_steps:
         at = pairs.at(t)
         if len(at.y):
             predicted = predict(model, at)
-            out[t] = {"mae": mae(predicted, at.y), "kendall_tau": kendall_tau(predicted, at.y), "n": len(at.y)}
+            out[t] = summary(predicted, at.y)
     return out
