@@ -1,4 +1,4 @@
-"""`rl-lenbalance` command line: `train RECIPE [--set KEY=VALUE ...]`."""
+"""`rl-lenbalance` command line: `train RECIPE [--set KEY=VALUE ...]`, `report RUN_DIR [--out DIR]`, `bench ...`."""
 
 from __future__ import annotations
 
@@ -14,11 +14,25 @@ def main(argv: list[str] | None = None) -> None:
     train.add_argument("recipe", help="A recipe YAML, e.g. recipes/quickstart.yaml.")
     train.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                        help="Override recipe keys, e.g. --set max_steps=2 lenbalance.compaction=false.")
-    args = parser.parse_args(argv)
-    if args.command == "train":
+    report = commands.add_parser("report", help="PNG panels + one self-contained HTML page of a finished run.")
+    report.add_argument("run_dir", help="A training output_dir, a wandb offline-run-* folder, or its .wandb file.")
+    report.add_argument("--out", help="Output folder (default: RUN_DIR/report).")
+    commands.add_parser("bench", add_help=False, help="The predictor benchmark: `rl-lenbalance bench --help`.")
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "train" and not rest:
         from .train import parse_overrides, run
 
         run(args.recipe, parse_overrides(args.set))
+    elif args.command == "report" and not rest:
+        from .report import main as report_main
+
+        report_main([args.run_dir] + (["--out", args.out] if args.out else []))
+    elif args.command == "bench":
+        from .bench.cli import main as bench_main
+
+        bench_main(rest)
+    else:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
 
 
 if __name__ == "__main__":

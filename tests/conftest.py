@@ -46,3 +46,23 @@ def eos_tiny_model_dir(tiny_model_dir, tmp_path_factory):
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def quickstart_run(tmp_path_factory, embedded_dir):
+    """The quickstart recipe, one short step, logged to wandb offline, once per session: `(output_dir, summary)`."""
+    from pathlib import Path
+
+    import wandb
+
+    from rl_lenbalance.train import run
+
+    out = tmp_path_factory.mktemp("quickstart")
+    wandb.teardown()  # an earlier wandb.init in this process would pin its WANDB_DIR
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("WANDB_DIR", str(out))
+        summary = run(str(Path(__file__).parents[1] / "recipes" / "quickstart.yaml"),
+                      {"output_dir": str(out), "max_steps": 1, "per_device_train_batch_size": 8,
+                       "num_generations": 4, "gradient_accumulation_steps": 2, "max_completion_length": 48})
+    wandb.teardown()
+    return out, summary

@@ -44,3 +44,27 @@ def test_best_partition_is_never_worse_than_either(costs, parts):
     best = imbalance(costs, best_partition(costs, parts))
     assert best <= imbalance(costs, karmarkar_karp(costs, parts)) + 1e-12
     assert best <= imbalance(costs, lpt_partition(costs, parts)) + 1e-12
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 3), st.integers(1, 4), st.data())
+def test_plan_never_makes_the_slowest_rank_pad_more_than_stock(ranks, per_rank, rows, data):
+    """Stock TRL pads every row of a rank to that rank's longest prompt plus its longest completion."""
+    n = ranks * per_rank * rows
+    completion = data.draw(st.lists(st.integers(1, 512), min_size=n, max_size=n))
+    prompt = data.draw(st.lists(st.integers(1, 64), min_size=n, max_size=n))
+    plan = plan_microbatches(completion, ranks, per_rank, prompt_lengths=prompt)
+    assert sorted(i for rank in plan for mb in rank for i in mb) == list(range(n))
+    block = n // ranks
+    stock = max(padded_cost(completion, range(r * block, (r + 1) * block), prompt_lengths=prompt)
+                for r in range(ranks))
+    ours = max(sum(padded_cost(completion, mb, prompt_lengths=prompt) for mb in rank) for rank in plan)
+    assert ours <= stock
+
+
+def test_plan_with_prompt_widths_groups_rows_by_both_widths():
+    # total length alone pairs (40 + 20) with (28 + 32): a 72-wide micro-batch for 60-token rows
+    completion, prompt = [20, 32, 20, 32], [40, 28, 40, 28]
+    plan = plan_microbatches(completion, 1, 2, prompt_lengths=prompt)
+    assert sorted(map(sorted, plan[0])) == [[0, 2], [1, 3]]
+    assert sum(padded_cost(completion, mb, prompt_lengths=prompt) for mb in plan[0]) == 4 * 60

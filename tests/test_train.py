@@ -12,18 +12,15 @@ QUICKSTART = Path(__file__).parents[1] / "recipes" / "quickstart.yaml"
 
 
 @pytest.mark.slow
-def test_quickstart_runs_on_the_embedded_model_and_logs_to_wandb(tmp_path, monkeypatch, embedded_dir):
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    overrides = {"output_dir": str(tmp_path / "run"), "max_steps": 1, "per_device_train_batch_size": 8,
-                 "num_generations": 4, "gradient_accumulation_steps": 2, "max_completion_length": 48}
-    summary = run(str(QUICKSTART), overrides)
+def test_quickstart_runs_on_the_embedded_model_and_logs_to_wandb(quickstart_run):
+    out, summary = quickstart_run
     assert summary["steps"] == 1
     assert 0.0 <= summary["loss_pad_frac"] < summary["loss_pad_frac_stock"]
     assert 0.0 <= summary["decode_slot_waste"] <= summary["decode_slot_waste_stock"]
     assert summary["mae_static"] > 0 and summary["predictor_overhead_frac"] > 0
-    assert (tmp_path / "run" / "lenbalance_summary.json").exists()
+    assert (out / "lenbalance_summary.json").exists()
 
-    (run_dir,) = find_runs(tmp_path)
+    (run_dir,) = find_runs(out)
     wandb_run = read_run(run_dir)
     logged = {key for row in wandb_run.history for key in row}
     for key in ("predictor/mae_static", "gen/slot_waste", "gen/slot_waste_stock", "train/pad_frac",
@@ -54,8 +51,56 @@ def test_a_hub_model_without_a_hub_is_a_clear_error(tmp_path):
         build_trainer(load_recipe(recipe))
 
 
-def test_overrides_parse_yaml_scalars():
-    assert parse_overrides(["max_steps=3", "output_dir=/tmp/x", "bf16=false"]) == {
-        "max_steps": 3, "output_dir": "/tmp/x", "bf16": False}
+def test_overrides_parse_yaml_scalars_and_section_keys():
+    assert parse_overrides(["max_steps=3", "output_dir=/tmp/x", "bf16=false", "lenbalance.compaction=true"]) == {
+        "max_steps": 3, "output_dir": "/tmp/x", "bf16": False, "lenbalance": {"compaction": True}}
     with pytest.raises(ValueError, match="KEY=VALUE"):
         parse_overrides(["max_steps"])
+    recipe = load_recipe(QUICKSTART, parse_overrides(["lenbalance.compaction=false", "model.dtype=bfloat16"]))
+    assert recipe.lenbalance.compaction is False and recipe.model.dtype == "bfloat16"
+    assert recipe.lenbalance.pooling == "egtp"  # the section's other keys stay as the recipe has them
+    with pytest.raises(ValueError, match="compactoin.*Did you mean 'compaction'"):
+        load_recipe(QUICKSTART, parse_overrides(["lenbalance.compactoin=false"]))
+
+
+@pytest.mark.parametrize("recipe", sorted((QUICKSTART.parent).glob("*.yaml")), ids=lambda p: p.name)
+def test_every_recipe_parses(recipe):
+    """GPU recipes ask for bf16, which TrainingArguments refuses to validate without a GPU unless use_cpu is set."""
+    parsed = load_recipe(recipe, {"use_cpu": True})
+    assert parsed.training.generation_batch_size % parsed.training.num_generations == 0
+    assert parsed.training.output_dir.endswith(recipe.stem) or recipe.stem == "quickstart"
+
+
+@pytest.mark.parametrize("config", sorted((QUICKSTART.parent / "accelerate").glob("*.yaml")), ids=lambda p: p.name)
+def test_accelerate_configs_load(config):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    loaded = load_config_from_file(str(config))
+    assert loaded.num_processes == 8 and loaded.mixed_precision == "bf16"
+    if "zero" in config.stem:
+        assert loaded.deepspeed_config["zero_stage"] == int(config.stem[-1])
+
+
+@pytest.mark.slow
+def test_quickstart_under_two_gloo_processes_logs_metrics_reduced_over_ranks(tmp_path, embedded_dir):
+    """`torchrun --nproc_per_node 2` (`accelerate launch --cpu` would silently run one process)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "rl_lenbalance.train",
+           "--config", str(QUICKSTART), "--set", "max_steps=1", "max_completion_length=32",
+           "gradient_accumulation_steps=2", f"output_dir={tmp_path / 'run'}"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads((tmp_path / "run" / "lenbalance_summary.json").read_text())
+    assert summary["steps"] == 1 and summary["loss_pad_frac"] <= summary["loss_pad_frac_stock"]
+
+    (run_dir,) = find_runs(tmp_path)  # one wandb run: only the main process logs
+    (row,) = [r for r in read_run(run_dir).history if "train/lenbalance/gen/real_tokens" in r]
+    completions = 2 * 4 * 2  # 2 ranks × per_device_train_batch_size 4 × gradient_accumulation_steps 2
+    # Reduced over ranks: the token count covers both ranks' completions, as TRL's own (gathered) mean length does.
+    assert row["train/lenbalance/gen/real_tokens"] == pytest.approx(completions * row["train/completions/mean_length"])
+    assert row["train/lenbalance/train/rank_imbalance_stock"] >= 1.0

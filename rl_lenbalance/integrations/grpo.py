@@ -177,13 +177,14 @@ class LenBalanceMixin:
     def _exchange_rows(self, batch: dict) -> dict:
         """This rank's rows of the plan, in micro-batch order (gathered from every rank when balancing ranks)."""
         config, spg = self.lenbalance_config, self.args.steps_per_generation
-        lengths = _real_lengths(batch)
+        widths = torch.stack([batch["completion_mask"].sum(1), batch["prompt_mask"].sum(1)])
         if self.accelerator.num_processes == 1 or not config.balance_ranks:
-            plan = plan_microbatches(lengths.tolist(), 1, spg, config.attention_alpha)
+            completion, prompt = widths.tolist()
+            plan = plan_microbatches(completion, 1, spg, config.attention_alpha, prompt_lengths=prompt)
             return _take_rows(batch, [i for rows in plan[0] for i in rows])
-        all_lengths = self.accelerator.gather(lengths).cpu().tolist()
-        plan = plan_microbatches(all_lengths, self.accelerator.num_processes, spg, config.attention_alpha,
-                                 config.partition_method)
+        completion, prompt = self.accelerator.gather(widths.T).T.cpu().tolist()
+        plan = plan_microbatches(completion, self.accelerator.num_processes, spg, config.attention_alpha,
+                                 config.partition_method, prompt_lengths=prompt)
         mine = torch.tensor([i for rows in plan[self.accelerator.process_index] for i in rows])
         moved = {}
         for key, value in batch.items():
