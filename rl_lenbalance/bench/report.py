@@ -60,7 +60,7 @@ def targets(results: dict[str, dict]) -> dict[str, dict]:
 
 def plot_curves(results: dict[str, dict], path: Path) -> Path:
     """MAE of the remaining length vs observed tokens t, per scenario, for PLP, TRAIL, the running mean and
-    EGTP static read as remaining length (prediction - t)."""
+    EGTP static read as remaining length (prediction - t); error bars: one standard error over the test items."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -72,7 +72,8 @@ def plot_curves(results: dict[str, dict], path: Path) -> Path:
             steps = result["predictors"].get(name, {}).get("steps", {})
             if steps:
                 ts = sorted(steps)
-                ax.plot(ts, [steps[t]["mae"] for t in ts], style, label=name)
+                ax.errorbar(ts, [steps[t]["mae"] for t in ts], yerr=[steps[t]["mae_se"] for t in ts], fmt=style,
+                            capsize=2, label=name)
         ax.set_title(COLUMNS[scenario])
         ax.set_xlabel("observed tokens t")
         ax.set_ylabel("MAE of remaining length (tokens)")
