@@ -31,4 +31,9 @@ def test_stock_and_lenbalance_learn_the_same_parameters(tiny_model_dir, tmp_path
         assert r["world_size"] == 2
         assert r["moved"] > 1e-4, r  # parameters really moved, so equality below means something
         assert r["max_rel_diff"] < 1e-8, r
-        assert r["pad_frac"] < r["pad_frac_stock"], r  # rows really were regrouped and trimmed
+        assert r["pad_frac"] <= r["pad_frac_stock"] and r["slowest_rank_vs_stock"] <= 1.0 + 1e-9, r
+    # rows really were regrouped, trimmed and moved between ranks (with one micro-batch per rank, moving rows
+    # would make the slowest rank slower than stock here, so the plan keeps them: nothing to compare there)
+    regrouped = [r for r in results if r["grad_acc"] == 2]
+    assert all(r["pad_frac"] < r["pad_frac_stock"] for r in regrouped), regrouped
+    assert any(r["rows_moved"] > 0 for r in regrouped), regrouped

@@ -104,3 +104,4 @@ def test_quickstart_under_two_gloo_processes_logs_metrics_reduced_over_ranks(tmp
     # Reduced over ranks: the token count covers both ranks' completions, as TRL's own (gathered) mean length does.
     assert row["train/lenbalance/gen/real_tokens"] == pytest.approx(completions * row["train/completions/mean_length"])
     assert row["train/lenbalance/train/rank_imbalance_stock"] >= 1.0
+    assert len(read_run(run_dir).tables["train/lenbalance/lengths"]) == completions  # both ranks' rows

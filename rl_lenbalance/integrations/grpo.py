@@ -131,7 +131,8 @@ class LenBalanceMixin:
         for wave in waves:
             if 0 in wave.capture.prediction_steps:
                 predicted0[wave.rows] = wave.capture.predicted_total(0).float().cpu()
-        self.lenbalance_last_lengths = list(zip(predicted0.tolist(), lengths, strict=True))
+        predicted0 = self.accelerator.gather(predicted0.to(device)).cpu()  # the table covers every rank's rows
+        self.lenbalance_last_lengths = list(zip(predicted0.tolist(), all_lengths.tolist(), strict=True))
         metrics = engine.learn(gathered, all_lengths)
         hook_s = sum(w.capture.seconds for w in waves)
         ledger = torch.tensor([
@@ -177,6 +178,7 @@ class LenBalanceMixin:
     def _exchange_rows(self, batch: dict) -> dict:
         """This rank's rows of the plan, in micro-batch order (gathered from every rank when balancing ranks)."""
         config, spg = self.lenbalance_config, self.args.steps_per_generation
+        self._rows_moved_in = 0
         widths = torch.stack([batch["completion_mask"].sum(1), batch["prompt_mask"].sum(1)])
         if self.accelerator.num_processes == 1 or not config.balance_ranks:
             completion, prompt = widths.tolist()
@@ -186,6 +188,8 @@ class LenBalanceMixin:
         plan = plan_microbatches(completion, self.accelerator.num_processes, spg, config.attention_alpha,
                                  config.partition_method, prompt_lengths=prompt)
         mine = torch.tensor([i for rows in plan[self.accelerator.process_index] for i in rows])
+        own = range(self.accelerator.process_index * len(mine), (self.accelerator.process_index + 1) * len(mine))
+        self._rows_moved_in = sum(int(i) not in own for i in mine)
         moved = {}
         for key, value in batch.items():
             if isinstance(value, torch.Tensor) and value.ndim > 0:
@@ -201,9 +205,10 @@ class LenBalanceMixin:
         computed = sum(b["prompt_ids"].numel() + b["completion_ids"].numel() for b in self._buffered_inputs)
         stock = len(batch["advantages"]) * sum(self._stock_widths)
         real = float(_real_lengths(batch).sum())
-        per_rank = self.accelerator.gather(torch.tensor([[computed, stock, real]], dtype=torch.float64,
+        moved = self._rows_moved_in
+        per_rank = self.accelerator.gather(torch.tensor([[computed, stock, real, moved]], dtype=torch.float64,
                                                         device=self.accelerator.device)).cpu()
-        computed_all, stock_all, real_all = per_rank.sum(0).tolist()
+        computed_all, stock_all, real_all, moved_all = per_rank.sum(0).tolist()
         for key, value in (("train/loss_tokens", computed_all), ("train/loss_tokens_stock", stock_all),
                            ("train/real_tokens", real_all)):
             self.lenbalance_totals[key] += value * self.num_iterations
@@ -212,6 +217,7 @@ class LenBalanceMixin:
             "train/rank_imbalance": _max_over_mean(per_rank[:, 0]),
             "train/rank_imbalance_stock": _max_over_mean(per_rank[:, 1]),
             "train/slowest_rank_vs_stock": (per_rank[:, 0].max() / per_rank[:, 1].max()).item(),
+            "train/rows_moved_across_ranks": moved_all,
         })
 
     def _generate_and_score_completions(self, inputs):

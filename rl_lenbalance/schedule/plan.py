@@ -38,8 +38,8 @@ def plan_microbatches(
 
     With `prompt_lengths` a row has two widths, so several sort orders are tried (total, completion first, prompt
     first), and so is each rank keeping its own rows (rank r's rows are the r-th consecutive block, as gathered)
-    sorted in place. The plan whose slowest rank costs least wins, ties to the lowest total: its slowest rank
-    never computes more than keeping rows in place would, which never computes more than stock TRL.
+    sorted in place. The plan whose slowest rank costs least wins, ties to the lowest total, then to keeping rows
+    in place (no communication): its slowest rank never computes more than stock TRL's.
     """
     count = num_ranks * microbatches_per_rank
     if len(lengths) % count:
@@ -65,10 +65,9 @@ def plan_microbatches(
     keys = [lambda i: (-(lengths[i] + prompts[i]), i)]
     if prompt_lengths is not None:
         keys += [lambda i: (-lengths[i], -prompts[i], i), lambda i: (-prompts[i], -lengths[i], i)]
-    candidates = [dealt(chunks(range(len(lengths)), key)) for key in keys]
-    if num_ranks > 1:
-        block = len(lengths) // num_ranks
-        candidates.append([chunks(range(r * block, (r + 1) * block), keys[0]) for r in range(num_ranks)])
+    block = len(lengths) // num_ranks
+    in_place = [chunks(range(r * block, (r + 1) * block), keys[0]) for r in range(num_ranks)]
+    candidates = [in_place] + [dealt(chunks(range(len(lengths)), key)) for key in keys]  # ties keep rows in place
 
     def score(plan: Plan) -> tuple[float, float]:
         per_rank = [sum(cost(rows) for rows in rank) for rank in plan]

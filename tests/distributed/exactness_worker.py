@@ -86,6 +86,8 @@ for loss_type, grad_acc, num_iterations in itertools.product(["dapo", "grpo", "d
         "pad_frac_stock": sum(r["lenbalance/train/pad_frac_stock"] for r in logs) / len(logs),
         "rank_imbalance": max(r["lenbalance/train/rank_imbalance"] for r in logs),
         "rank_imbalance_stock": max(r.get("lenbalance/train/rank_imbalance_stock", 1.0) for r in logs),
+        "rows_moved": sum(r["lenbalance/train/rows_moved_across_ranks"] for r in logs),
+        "slowest_rank_vs_stock": max(r["lenbalance/train/slowest_rank_vs_stock"] for r in logs),
         "world_size": lb.accelerator.num_processes,
     })
 if int(os.environ.get("RANK", "0")) == 0:
