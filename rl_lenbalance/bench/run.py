@@ -11,13 +11,13 @@ from pathlib import Path
 
 import torch
 
-from ..predictor import PLPHead
+from ..predictor import PLPHead, bin_index, soft_labels
 from .config import SPLITS, RunConfig
 from .cost import step_cost
 from .dataset import BenchData, check_compatible, model_id, scenario_dir
-from .metrics import summary
+from .metrics import mae, summary
 from .online import online_vs_offline
-from .predictors import PREDICTORS, make_pairs
+from .predictors import PREDICTORS, make_pairs, plp_head
 from .report import plot_curves, table, targets
 from .train import FitSettings, score, train_predictor
 
@@ -59,9 +59,17 @@ def static_as_remaining(model, data: BenchData) -> dict[int, dict]:
     return out
 
 
+def readout_floor(data: BenchData) -> float:
+    """Test MAE the PLP head would keep if it predicted every completion's soft label exactly: the bias of reading
+    out Σ_j p_j · center_j from soft labels exp(-|j - i|), largest where lengths pile up at the cap."""
+    head = plp_head(data, 0)
+    lengths = data.lengths[data.rows("test")].float()
+    return mae(soft_labels(bin_index(lengths, head.edges), head.config.num_bins) @ head.centers, lengths)
+
+
 def score_scenario(data: BenchData, config: RunConfig, log) -> dict:
     names = config.predictors or tuple(PREDICTORS)
-    result: dict = {"data": summarize(data), "predictors": {}}
+    result: dict = {"data": summarize(data), "predictors": {}, "plp_readout_floor_mae": readout_floor(data)}
     for name in names:
         spec, runs, extra = PREDICTORS[name], [], []
         for seed in range(config.seeds):
