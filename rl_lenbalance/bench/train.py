@@ -24,7 +24,6 @@ class FitSettings:
 
 def fit_head(head: nn.Module, train: Pairs, val: Pairs, settings: FitSettings) -> nn.Module:
     """AdamW on `head.loss`; keeps the weights of the epoch with the lowest validation MAE."""
-    torch.manual_seed(settings.seed)
     for module in head.modules():
         if isinstance(module, Standardize):
             module.fit(train.x)
@@ -56,6 +55,7 @@ def train_predictor(spec: PredictorSpec, data: BenchData, settings: FitSettings)
         return baseline
     train = make_pairs(data, spec.features, train_rows, spec.train_steps)
     val = make_pairs(data, spec.features, data.rows("val"), spec.train_steps)
+    torch.manual_seed(settings.seed)  # the initial weights and batches depend on the seed only, not on what ran before
     return fit_head(spec.head(data, train.x.size(1)), train, val, settings)
 
 
