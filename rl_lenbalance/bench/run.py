@@ -9,8 +9,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from ..predictor import PLPHead, bin_index, soft_labels
 from .config import SPLITS, RunConfig
 from .cost import step_cost
@@ -67,7 +65,8 @@ def readout_floor(data: BenchData) -> float:
     return mae(soft_labels(bin_index(lengths, head.edges), head.config.num_bins) @ head.centers, lengths)
 
 
-def score_scenario(data: BenchData, config: RunConfig, log) -> dict:
+def score_scenario(data: BenchData, config: RunConfig, saved_head: PLPHead | None, log) -> dict:
+    """Every configured predictor (mean over seeds), the saved head if any, online vs offline, and the cost."""
     names = config.predictors or tuple(PREDICTORS)
     result: dict = {"data": summarize(data), "predictors": {}, "plp_readout_floor_mae": readout_floor(data)}
     for name in names:
@@ -86,10 +85,8 @@ def score_scenario(data: BenchData, config: RunConfig, log) -> dict:
                 "steps": mean_over_seeds(extra)}
         log(f"[bench run] {data.meta['scenario']}: {name}: "
             + ", ".join(f"t={t} MAE {v['mae']:.1f}" for t, v in result["predictors"][name]["steps"].items()))
-    if config.predictor_path:
-        head = PLPHead.from_pretrained(config.predictor_path)
-        check_compatible(data.meta, data.meta["model"], head.config.feature_layer, head.config.hidden_size)
-        result["saved_head"] = {"path": config.predictor_path, "steps": score(PREDICTORS["plp"], head, data)}
+    if saved_head is not None:
+        result["saved_head"] = {"path": config.predictor_path, "steps": score(PREDICTORS["plp"], saved_head, data)}
     if "plp" in names:
         result["online_vs_offline"] = online_vs_offline(data, config.round_prompts,
                                                         FitSettings(config.epochs, config.batch_size, config.lr))
@@ -104,11 +101,14 @@ def run(config: RunConfig, data_root: str | Path, out_dir: str | Path, command: 
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     start, results = time.perf_counter(), {}
     datasets = {s: BenchData.load(scenario_dir(data_root, s)) for s in config.scenarios}
+    saved_head = PLPHead.from_pretrained(config.predictor_path) if config.predictor_path else None
     for data in datasets.values():  # before any training: refuse a data set made for another policy
         check_compatible(data.meta, model_id(config.model), config.feature_layer)
+        if saved_head is not None:
+            check_compatible(data.meta, data.meta["model"], saved_head.config.feature_layer,
+                             saved_head.config.hidden_size)
     for scenario, data in datasets.items():
-        torch.manual_seed(0)
-        results[scenario] = score_scenario(data, config, log)
+        results[scenario] = score_scenario(data, config, saved_head, log)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     report = {"command": command,
