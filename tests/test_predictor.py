@@ -14,6 +14,7 @@ from rl_lenbalance.predictor import (
     StreamingPool,
     bin_edges,
     bin_index,
+    feature_size,
     plp_features,
     pool_tokens,
     soft_labels,
@@ -152,3 +153,30 @@ def test_save_and_load_round_trip_and_size_mismatch(tmp_path):
     torch.testing.assert_close(loaded.predict(z), head.predict(z))
     with pytest.raises(ValueError, match=r"hidden size 8.*hidden size 576"):
         PLPHead.from_pretrained(tmp_path / "p", expected_hidden_size=576)
+
+
+def test_readout_is_the_median_bin_valued_at_its_training_mean():
+    head = PLPHead(HeadConfig(hidden_size=8, max_length=100, num_bins=6))
+    lengths = torch.tensor([100.0, 100.0, 100.0, 2.0])
+    head.observe(bin_index(lengths, head.edges), lengths)
+    top = head.config.num_bins - 1
+    assert head.bin_values[top] == 100.0  # a bin of capped completions reads out the cap ...
+    soft = soft_labels(torch.tensor([top, 0]), head.config.num_bins)
+    assert head.readout(soft).tolist() == [100.0, 2.0]
+    assert (soft[0] @ head.centers) < 80  # ... where the expected value over bin centres falls well short
+    skewed = torch.tensor([[0.3, 0.1, 0.05, 0.04, 0.21, 0.3]])  # 49% of the mass lies below bin 4, 70% up to it
+    assert head.readout(skewed).item() == head.bin_values[4].item()
+
+
+def test_a_head_trained_on_capped_lengths_predicts_the_cap():
+    torch.manual_seed(0)
+    head = PLPHead(HeadConfig(hidden_size=8, max_length=64, num_bins=10, dropout=0.0))
+    z = torch.randn(64, feature_size(8))
+    y = torch.where(z[:, 0] > 0, 64.0, 5.0)  # half the completions hit the cap, half stop at 5 tokens
+    optimizer = torch.optim.Adam(head.parameters(), lr=1e-2)
+    for _ in range(200):
+        loss = head.loss(z, y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert (head.predict(z) - y).abs().max() < 1.0

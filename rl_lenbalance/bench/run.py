@@ -58,11 +58,13 @@ def static_as_remaining(model, data: BenchData) -> dict[int, dict]:
 
 
 def readout_floor(data: BenchData) -> float:
-    """Test MAE the PLP head would keep if it predicted every completion's soft label exactly: the bias of reading
-    out Σ_j p_j · center_j from soft labels exp(-|j - i|), largest where lengths pile up at the cap."""
+    """Test MAE the PLP head would keep if it predicted every completion's soft label exactly, its bins' read-out
+    values learnt from the train split: the error of reading out one value per bin."""
     head = plp_head(data, 0)
+    train = data.lengths[data.rows("train")].float()
+    head.observe(bin_index(train, head.edges), train)
     lengths = data.lengths[data.rows("test")].float()
-    return mae(soft_labels(bin_index(lengths, head.edges), head.config.num_bins) @ head.centers, lengths)
+    return mae(head.readout(soft_labels(bin_index(lengths, head.edges), head.config.num_bins)), lengths)
 
 
 def score_scenario(data: BenchData, config: RunConfig, saved_head: PLPHead | None, log) -> dict:

@@ -1,4 +1,4 @@
-"""The length head: K log-spaced bins, soft labels exp(-|j-i|), loss λ·CE + (1-λ)·MSE, expected-value readout."""
+"""The length head: K log-spaced bins, soft labels exp(-|j-i|), loss λ·CE + (1-λ)·MSE, median-bin readout."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from torch import nn
 
 from .features import feature_size
 
+VALUE_MEMORY = 1024  # examples per bin that its read-out value averages over, so the value follows drifting lengths
 CONFIG_NAME = "predictor_config.json"
 WEIGHTS_NAME = "predictor.safetensors"
 
@@ -72,28 +73,51 @@ class PLPHead(nn.Module):
         edges = bin_edges(config.num_bins, config.max_length)
         self.register_buffer("edges", edges, persistent=False)
         self.register_buffer("centers", bin_centers(edges), persistent=False)
+        self.register_buffer("bin_values", bin_centers(edges))  # mean remaining length of the examples in each bin
+        self.register_buffer("bin_counts", torch.zeros(config.num_bins))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """Bin logits (N, K)."""
         return self.net(features.to(self.net[0].weight.dtype))
 
     def expected_length(self, logits: torch.Tensor) -> torch.Tensor:
-        """Expected remaining length Σ_j p̂_j · center_j, in tokens."""
+        """Expected remaining length Σ_j p̂_j · center_j, in tokens: the loss's regression term."""
         return torch.softmax(logits.float(), dim=-1) @ self.centers
+
+    def readout(self, probs: torch.Tensor) -> torch.Tensor:
+        """The bin holding the median of p̂ (the point that minimises expected absolute error), read as the mean
+        length of the training examples that fell in it. Unlike Σ_j p̂_j · center_j, it is not pulled inwards by
+        the soft labels' spread, and a bin full of capped completions reads out the cap."""
+        below = probs.cumsum(-1) - probs  # probability mass strictly below each bin
+        return self.bin_values[(below < 0.5).sum(-1) - 1]
 
     @torch.no_grad()
     def predict(self, features: torch.Tensor) -> torch.Tensor:
         """Predicted remaining length (N,) in tokens, eval mode."""
         was_training = self.training
         self.eval()
-        out = self.expected_length(self(features))
+        out = self.readout(torch.softmax(self(features).float(), dim=-1))
         self.train(was_training)
         return out
 
+    @torch.no_grad()
+    def observe(self, index: torch.Tensor, remaining: torch.Tensor) -> None:
+        """Fold examples into each bin's read-out value (a running mean over the last ~VALUE_MEMORY per bin)."""
+        k = self.config.num_bins
+        n = torch.bincount(index, minlength=k).to(self.bin_values)
+        total = torch.bincount(index, weights=remaining.float(), minlength=k).to(self.bin_values)
+        counts = self.bin_counts + n
+        self.bin_values += torch.where(n > 0, (total - n * self.bin_values) / counts.clamp(min=1), 0.0)
+        self.bin_counts.copy_(counts.clamp(max=VALUE_MEMORY))
+
     def loss(self, features: torch.Tensor, remaining: torch.Tensor) -> torch.Tensor:
-        """λ·CE(soft labels, p̂) + (1-λ)·MSE on lengths scaled by max_length."""
+        """λ·CE(soft labels, p̂) + (1-λ)·MSE on lengths scaled by max_length; in training mode it also updates the
+        bins' read-out values."""
         logits = self(features)
-        target = soft_labels(bin_index(remaining, self.edges), self.config.num_bins)
+        index = bin_index(remaining, self.edges)
+        if self.training:
+            self.observe(index, remaining)
+        target = soft_labels(index, self.config.num_bins)
         ce = -(target * torch.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
         scale = float(self.config.max_length)
         mse = F.mse_loss(self.expected_length(logits) / scale, remaining.float() / scale)
