@@ -7,7 +7,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c "import torch, transformers, trl, deepspeed, accelerate; print('torch', torch.__version__, 'transformers', transformers.__version__, 'trl', trl.__version__, 'deepspeed', deepspeed.__version__, 'accelerate', accelerate.__version__)"; } > $OUT/env.txt 2>&1
 python3 benchmarks/random_model.py --tokenizer .gpu/smollm2 --out /tmp/rand > /dev/null 2>&1
-for stage in ${STAGES:-2 3}; do
+for stage in ${STAGES-2 3}; do  # STAGES="" skips DeepSpeed
   timeout ${DS_TIMEOUT:-150} python3 -m accelerate.commands.launch --config_file recipes/accelerate/deepspeed_zero$stage.yaml \
     --num_processes 1 -m rl_lenbalance.train --config recipes/random_model_check.yaml \
     --set model.name_or_path=/tmp/rand output_dir=/tmp/ds$stage > /tmp/ds$stage.log 2>&1
