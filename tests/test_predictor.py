@@ -166,6 +166,7 @@ def test_readout_is_the_median_bin_valued_at_its_training_mean():
     assert (soft[0] @ head.centers) < 80  # ... where the expected value over bin centres falls well short
     skewed = torch.tensor([[0.3, 0.1, 0.05, 0.04, 0.21, 0.3]])  # 49% of the mass lies below bin 4, 70% up to it
     assert head.readout(skewed).item() == head.bin_values[4].item()
+    assert head.readout(torch.full((1, 6), float("nan"))).isnan().all()  # the engine's health check must see it
 
 
 def test_a_head_trained_on_capped_lengths_predicts_the_cap():

@@ -89,7 +89,8 @@ class PLPHead(nn.Module):
         length of the training examples that fell in it. Unlike Σ_j p̂_j · center_j, it is not pulled inwards by
         the soft labels' spread, and a bin full of capped completions reads out the cap."""
         below = probs.cumsum(-1) - probs  # probability mass strictly below each bin
-        return self.bin_values[(below < 0.5).sum(-1) - 1]
+        value = self.bin_values[((below < 0.5).sum(-1) - 1).clamp(min=0)]
+        return torch.where(probs.isfinite().all(-1), value, float("nan"))  # a diverged head must show as NaN
 
     @torch.no_grad()
     def predict(self, features: torch.Tensor) -> torch.Tensor:
