@@ -187,9 +187,11 @@ class LenBalanceMixin:
         completion, prompt = self.accelerator.gather(widths.T).T.cpu().tolist()
         plan = plan_microbatches(completion, self.accelerator.num_processes, spg, config.attention_alpha,
                                  config.partition_method, prompt_lengths=prompt)
-        mine = torch.tensor([i for rows in plan[self.accelerator.process_index] for i in rows])
-        own = range(self.accelerator.process_index * len(mine), (self.accelerator.process_index + 1) * len(mine))
-        self._rows_moved_in = sum(int(i) not in own for i in mine)
+        rank, block = self.accelerator.process_index, len(batch["advantages"])
+        if all(i // block == r for r, part in enumerate(plan) for rows in part for i in rows):  # same on every rank
+            return _take_rows(batch, [i - rank * block for rows in plan[rank] for i in rows])  # nothing to exchange
+        mine = torch.tensor([i for rows in plan[rank] for i in rows])
+        self._rows_moved_in = int((mine // block != rank).sum())
         moved = {}
         for key, value in batch.items():
             if isinstance(value, torch.Tensor) and value.ndim > 0:
