@@ -33,6 +33,7 @@ def run_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
         run.log({"lenbalance/samples": wandb.Table(columns=["prompt", "len"], data=[["a", 3], ["b", 7]])})
         run.summary["best_pad_frac"] = 0.125
         run.finish()
+        wandb.teardown()  # waits for wandb's service to flush and exit: once, the last history row was read missing
     return root
 
 
