@@ -55,6 +55,29 @@ def record_steps(max_length: int, every: int) -> list[int]:
 
 
 @dataclass
+class StreamState:
+    """A row's predictor state between generate calls: pooled prompt, pool of its generated tokens, tokens seen.
+    Early re-bucketing moves it with the row (to another wave or rank) and resumes from it."""
+
+    prompt: torch.Tensor  # (B, H)
+    pool: StreamingPool
+    steps: int
+
+    def rows(self, index: list[int]) -> StreamState:
+        """These rows only, on the CPU (ready to travel)."""
+        pool = StreamingPool.cat([self.pool])
+        pool.select(torch.tensor(index))
+        return StreamState(self.prompt.cpu()[index], pool, self.steps)
+
+    @classmethod
+    def cat(cls, states: list[StreamState], device: torch.device | str) -> StreamState:
+        if len({state.steps for state in states}) != 1:
+            raise ValueError("rows resumed together must have seen the same number of tokens")
+        prompt = torch.cat([state.prompt.to(device) for state in states])
+        return cls(prompt, StreamingPool.cat([state.pool for state in states], device), states[0].steps)
+
+
+@dataclass
 class CaptureResult:
     """What one generate call left behind (rows in the order given to generate)."""
 
@@ -65,6 +88,9 @@ class CaptureResult:
     steps: int = 0
     seconds: float = 0.0  # time spent inside the hooks
     rows: torch.Tensor | None = None  # original rows still in the batch (a compacting generate drops finished ones)
+    slots: int = 0  # decode slots: rows in the batch, summed over the forwards that each yield one token per row
+    forwards: int = 0  # decode steps: forwards of the model (the prefill yields the first token)
+    state: StreamState | None = None  # after the call: the state of the rows in `rows`
 
     def compact(self, keep: torch.Tensor) -> None:
         """Follow a generate loop that kept only rows `keep` (indices into the rows active until now)."""
@@ -91,10 +117,17 @@ class GenerationCapture:
         self.record_at = set(record_steps(max_length, config.record_every))
 
     @contextmanager
-    def capture(self, prompts: list[list[int]]) -> Iterator[CaptureResult]:
-        """Hooks live only inside this block, around exactly one `generate` call over these (unpadded) prompts."""
+    def capture(self, prompts: list[list[int]], resume: StreamState | None = None) -> Iterator[CaptureResult]:
+        """Hooks live only inside this block, around exactly one `generate` call over these (unpadded) prompts.
+
+        With `resume`, the call continues rows that already generated `resume.steps + 1` tokens (fed after the
+        prompt): the prefill's last position is their next token, so the streams go on from `resume`.
+        """
         result = CaptureResult()
         state: dict = {"norm": None, "feature": None, "pool": None}
+        if resume is not None:
+            state.update(prompt=resume.prompt, pool=resume.pool, rows=torch.arange(len(prompts), device=resume.prompt.device))
+            result.prompt_features, result.rows, result.steps = resume.prompt, state["rows"], resume.steps
 
         def keep(*names: str):
             def hook(_module, _inputs, output):
@@ -106,13 +139,12 @@ class GenerationCapture:
         def on_logits(_module, _inputs, logits):
             start = time.perf_counter()
             with torch.no_grad():
+                result.slots += logits.size(0)
+                result.forwards += 1
                 if state["pool"] is None:
                     self._prefill(state, prompts, result)
                 else:
-                    if len(result.rows) != len(state["prompt"]):  # the generate loop compacted its batch
-                        kept = torch.searchsorted(state["rows"], result.rows)
-                        state["pool"].select(kept)
-                        state["prompt"], state["rows"] = state["prompt"][kept], result.rows
+                    _follow_compaction(state, result)
                     state["pool"].update(state["feature"][:, -1], token_entropy(logits[:, -1]))
                     result.steps += 1
                     self._predict_and_record(state["pool"], state["prompt"], result)
@@ -129,6 +161,9 @@ class GenerationCapture:
         finally:
             for handle in handles:
                 handle.remove()
+        if state["pool"] is not None:
+            _follow_compaction(state, result)
+            result.state = StreamState(state["prompt"], state["pool"], result.steps)
 
     def _prefill(self, state: dict, prompts: list[list[int]], result: CaptureResult) -> None:
         """Pool each distinct prompt once (a GRPO group repeats its prompt G times) and start the streams."""
@@ -169,3 +204,11 @@ class GenerationCapture:
             recorded = z.new_zeros(batch, z.size(1), dtype=torch.float16)
             recorded[result.rows] = z.to(torch.float16)
             result.recorded[step] = recorded
+
+
+def _follow_compaction(state: dict, result: CaptureResult) -> None:
+    """Drop the stream rows that a compacting generate loop dropped since the last forward."""
+    if len(result.rows) != len(state["prompt"]):
+        kept = torch.searchsorted(state["rows"].to(result.rows.device), result.rows)
+        state["pool"].select(kept)
+        state["prompt"], state["rows"] = state["prompt"][kept], result.rows

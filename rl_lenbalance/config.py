@@ -78,6 +78,17 @@ class LenBalanceConfig:
             "(None: one generate call, as stock TRL)."
         },
     )
+    rebucket: bool = field(
+        default=False,
+        metadata={
+            "help": "Early re-bucketing: decode `probe_tokens` tokens for every row, re-predict each running row's "
+            "remaining length with PLP, then regroup the running rows into waves by it, moving rows between ranks "
+            "when that shortens the slowest rank (the receiver re-prefills prompt + probe)."
+        },
+    )
+    probe_tokens: int = field(
+        default=32, metadata={"help": "k, the tokens every row decodes before re-bucketing (the paper's t = 32)."}
+    )
     compaction: bool = field(
         default=False,
         metadata={
@@ -104,7 +115,7 @@ class LenBalanceConfig:
                 f"lenbalance.partition_method={self.partition_method!r} is not valid; use one of "
                 f"{', '.join(PARTITION_METHODS)}."
             )
-        for name in ("num_bins", "predict_every", "record_every", "samples_per_sequence", "predictor_batch_size",
+        for name in ("num_bins", "probe_tokens", "predict_every", "record_every", "samples_per_sequence", "predictor_batch_size",
                      "replay_buffer_size", "fallback_window"):
             if getattr(self, name) < 1:
                 raise ValueError(f"lenbalance.{name} must be >= 1, got {getattr(self, name)}.")
@@ -123,6 +134,12 @@ class LenBalanceConfig:
                 f"lenbalance.generation_wave_size={self.generation_wave_size} is larger than the per-rank generation "
                 f"batch (per_device_train_batch_size={args.per_device_train_batch_size} × "
                 f"steps_per_generation={args.steps_per_generation} = {generation_batch}); lower it or set it to None."
+            )
+        if self.rebucket and self.probe_tokens + 1 >= args.max_completion_length:
+            raise ValueError(
+                f"lenbalance.probe_tokens={self.probe_tokens} leaves nothing to re-bucket: rows decode probe_tokens + 1 "
+                f"tokens before regrouping and max_completion_length={args.max_completion_length}; lower "
+                "lenbalance.probe_tokens or set lenbalance.rebucket=False."
             )
         if not self.balance_training:
             return

@@ -7,14 +7,14 @@ import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from collections.abc import Iterator, Mapping
 
 import torch
 from torch import nn
 
-from .capture import CaptureResult, GenerationCapture, record_steps
+from .capture import CaptureResult, GenerationCapture, StreamState, record_steps
 from .config import LenBalanceConfig
-from .predictor import HeadConfig, NaiveLengthBaseline, OnlineTrainer, PLPHead, feature_size
+from .predictor import HeadConfig, NaiveLengthBaseline, OnlineTrainer, PLPHead, feature_size, plp_features
 
 PLP_REPORT_STEP = 32  # the PLP error is reported after this many observed tokens (the paper's t = 32)
 
@@ -22,7 +22,7 @@ PLP_REPORT_STEP = 32  # the PLP error is reported after this many observed token
 
 @dataclass
 class Wave:
-    """One generate call: the rows (indices into the rank's batch) it ran, and what its hooks captured."""
+    """One generate call: the rows it ran (ids unique across ranks) and what its hooks captured."""
 
     rows: list[int]
     capture: CaptureResult
@@ -61,30 +61,44 @@ class LenBalanceEngine:
         self.healthy = True
         self._steps = record_steps(max_length, config.record_every)
 
-    def training_pairs(self, waves: list[Wave], lengths: list[int]) -> dict[str, torch.Tensor]:
-        """Fixed-shape tensors of one rank's round (so ranks can be gathered): PLP features at t=0 and t=32, and
-        `samples_per_sequence` sampled (feature, remaining length) pairs per row; invalid rows have target -1."""
-        batch, width = len(lengths), feature_size(self.head.config.hidden_size)
+    def training_pairs(self, waves: list[Wave], lengths: Mapping[int, int]) -> dict[str, torch.Tensor]:
+        """Fixed-shape tensors (an entry per row of each wave; invalid entries have target -1) of the PLP features at
+        t=0 and t=32, and `samples_per_sequence` sampled (feature, remaining length) pairs per row.
+
+        A re-bucketed row is split over two waves, maybe on two ranks (`lengths` maps row id → final length). The
+        steps of a row are drawn from a generator seeded by its id, so each wave keeps the draws it holds and the
+        row yields the same pairs as if one call had generated it.
+        """
+        entries, width = sum(len(w.rows) for w in waves), feature_size(self.head.config.hidden_size)
         samples = self.config.samples_per_sequence
         out = {
-            "z0": torch.zeros(batch, width), "z32": torch.zeros(batch, width),
-            "y0": torch.full((batch,), -1.0), "y32": torch.full((batch,), -1.0),
-            "z": torch.zeros(batch * samples, width), "y": torch.full((batch * samples,), -1.0),
+            "z0": torch.zeros(entries, width), "z32": torch.zeros(entries, width),
+            "y0": torch.full((entries,), -1.0), "y32": torch.full((entries,), -1.0),
+            "z": torch.zeros(entries * samples, width), "y": torch.full((entries * samples,), -1.0),
         }
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.rounds)
+        entry = 0
         for wave in waves:
+            recorded = wave.capture.recorded
             for j, row in enumerate(wave.rows):
                 length = lengths[row]
-                steps = [s for s in self._steps if s < length and s in wave.capture.recorded]
+                steps = [s for s in self._steps if s < length]
                 for name, step in (("0", 0), ("32", PLP_REPORT_STEP)):
-                    if step in steps:
-                        out[f"z{name}"][row] = wave.capture.recorded[step][j].float().cpu()
-                        out[f"y{name}"][row] = float(length - step)
-                picks = torch.randperm(len(steps), generator=generator)[:samples].tolist()
-                for k, pick in enumerate(picks):
-                    out["z"][row * samples + k] = wave.capture.recorded[steps[pick]][j].float().cpu()
-                    out["y"][row * samples + k] = float(length - steps[pick])
+                    if step in steps and step in recorded:
+                        out[f"z{name}"][entry] = recorded[step][j].float().cpu()
+                        out[f"y{name}"][entry] = float(length - step)
+                generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.rounds * 100_003 + row)
+                picks = [steps[p] for p in torch.randperm(len(steps), generator=generator)[:samples].tolist()]
+                for k, step in enumerate(s for s in picks if s in recorded):
+                    out["z"][entry * samples + k] = recorded[step][j].float().cpu()
+                    out["y"][entry * samples + k] = float(length - step)
+                entry += 1
         return out
+
+    @torch.no_grad()
+    def predict_remaining(self, state: StreamState) -> torch.Tensor:
+        """PLP: the remaining length of each row of `state`, after the tokens it has seen."""
+        z = plp_features(state.prompt, state.pool, state.steps, self.max_length)
+        return self.head.predict(z.to(self.head.edges.device)).float().cpu()
 
     def learn(self, pairs: dict[str, torch.Tensor], lengths: torch.Tensor) -> dict[str, float]:
         """Score the head on fresh rollouts (before it sees them), then train on them. `pairs` and `lengths` must

@@ -105,6 +105,8 @@ def compacted_generate(
     pad_token_id: int,
     on_compact: Callable[[torch.Tensor], None] | None = None,
     min_finished: int = 1,
+    prefixes: list[list[int]] | None = None,
+    max_steps: int | None = None,
 ) -> list[list[int]]:
     """Sample or greedily decode a completion for each prompt (unpadded token ids), dropping finished rows.
 
@@ -112,6 +114,10 @@ def compacted_generate(
     `min_finished` rows have finished since the last compaction, they leave the KV cache and the batch, and
     `on_compact(keep)` is called before the next forward with the indices, into the rows active until then, of the
     rows that stay, so that hooks holding per-row state can select theirs.
+
+    Early re-bucketing decodes in two calls: a probe with `max_steps` (rows still running come back without eos,
+    shorter than max_new_tokens), then a continuation with `prefixes`, the tokens each row already generated (all of
+    one length): they are prefilled after the prompt, count against max_new_tokens and lead the returned completion.
     """
     # Unset options resolve exactly as in `generate`: the model's generation config, then transformers' defaults.
     config, _ = model._prepare_generation_config(generation_config)
@@ -119,10 +125,19 @@ def compacted_generate(
         raise ValueError(f"compacted_generate does not implement {unsupported}; use model.generate")
     if not prompts:
         return []
-    width = max(len(prompt) for prompt in prompts)
-    max_new_tokens = config.max_new_tokens if config.max_new_tokens is not None else config.max_length - width
+    prefixes = prefixes or [[] for _ in prompts]
+    done_already = {len(prefix) for prefix in prefixes}
+    if len(done_already) != 1:
+        raise ValueError(f"prefixes must all have one length, got lengths {sorted(done_already)}")
+    done_already = done_already.pop()
+    max_new_tokens = config.max_new_tokens if config.max_new_tokens is not None else (
+        config.max_length - max(len(prompt) for prompt in prompts))
+    max_new_tokens -= done_already
     if max_new_tokens < 1:
-        raise ValueError(f"nothing to generate: max_new_tokens={max_new_tokens}")
+        raise ValueError(f"nothing to generate: max_new_tokens={max_new_tokens} after {done_already} prefix tokens")
+    steps = max_new_tokens if max_steps is None else min(max_steps, max_new_tokens)
+    prompts = [prompt + prefix for prompt, prefix in zip(prompts, prefixes, strict=True)]
+    width = max(len(prompt) for prompt in prompts)
 
     device = model.device
     sequences = torch.full((len(prompts), width), pad_token_id, dtype=torch.long, device=device)
@@ -138,9 +153,9 @@ def compacted_generate(
     cache = DynamicCache(config=model.config.get_text_config(decoder=True))
     rows = torch.arange(len(prompts), device=device)  # the original index of each active row
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)  # finished since the last compaction
-    completions: list[list[int]] = [[] for _ in prompts]
+    completions: list[list[int]] = [list(prefix) for prefix in prefixes]
     input_ids = sequences
-    for step in range(max_new_tokens):
+    for step in range(steps):
         logits = model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -158,8 +173,10 @@ def compacted_generate(
         sequences = torch.cat([sequences, next_tokens[:, None]], dim=-1)
 
         done = ~finished & (torch.isin(next_tokens, eos_ids) | (step + 1 == max_new_tokens))
+        if step + 1 == steps:  # the probe ends: rows still running come back unfinished
+            done = ~finished
         for row in done.nonzero().squeeze(1).tolist():
-            completions[int(rows[row])] = sequences[row, width:].tolist()
+            completions[int(rows[row])] += sequences[row, width:].tolist()
         finished |= done
         if finished.all():
             break

@@ -77,3 +77,63 @@ def test_bad_hook_module_and_mismatched_head_are_clear_errors(model_and_tokenize
     wrong = PLPHead(HeadConfig(model.config.hidden_size + 8, max_length=8))
     with pytest.raises(ValueError, match=f"hidden size {model.config.hidden_size + 8}.*{model.config.hidden_size}"):
         GenerationCapture(model, wrong, LenBalanceConfig(), max_length=8)
+
+
+def test_a_resumed_capture_continues_the_streams_of_an_uninterrupted_one(model_and_tokenizer):
+    """Re-bucketing splits a row over two generate calls; the second resumes from the first's StreamState (fed
+    prompt + probe tokens), and records the PLP features an uninterrupted call records."""
+    from rl_lenbalance.capture import StreamState
+    from rl_lenbalance.generation import compacted_generate
+    from transformers import GenerationConfig
+
+    model, tokenizer = model_and_tokenizer
+    max_new, probe = 24, 9
+    config = LenBalanceConfig(record_every=4)
+    head = PLPHead(HeadConfig(model.config.hidden_size, max_length=max_new))
+    capture = GenerationCapture(model, head, config, max_length=max_new)
+    prompts = [tokenizer(t)["input_ids"] for t in ["Hi", "Write a long story about a cat please", "Tell me"]]
+    generation = GenerationConfig(do_sample=False, max_new_tokens=max_new, eos_token_id=[10**6])  # no eos: all run
+    with capture.capture(prompts) as whole:
+        full = compacted_generate(model, prompts, generation, pad_token_id=0)
+    with capture.capture(prompts) as first:
+        prefix = compacted_generate(model, prompts, generation, pad_token_id=0, max_steps=probe + 1)
+    order = [2, 0]  # regrouped: one row left, the others reordered
+    resume = StreamState.cat([first.state.rows([i]) for i in order], "cpu")
+    assert resume.steps == probe
+    with capture.capture([prompts[i] for i in order], resume=resume) as second:
+        rest = compacted_generate(model, [prompts[i] for i in order], generation, pad_token_id=0,
+                                  prefixes=[prefix[i] for i in order])
+    assert rest == [full[i] for i in order]
+    assert first.forwards == probe + 1 and second.forwards == max_new - probe - 1
+    assert first.slots == 3 * (probe + 1) and second.slots == 2 * (max_new - probe - 1)
+    assert set(first.recorded) == {s for s in whole.recorded if s <= probe}
+    assert set(second.recorded) == {s for s in whole.recorded if s > probe}
+    for step, features in second.recorded.items():
+        torch.testing.assert_close(features.float(), whole.recorded[step][order].float(), rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(second.predictions[-1], whole.predictions[-1][order], rtol=1e-3, atol=1e-2)
+
+
+def test_a_row_split_over_two_waves_yields_the_training_pairs_of_one(model_and_tokenizer):
+    """The probe wave and the continuation wave (maybe on another rank) each keep the draws they hold."""
+    from rl_lenbalance.capture import CaptureResult
+    from rl_lenbalance.engine import LenBalanceEngine, Wave
+    from rl_lenbalance.predictor import feature_size
+
+    model, _ = model_and_tokenizer
+    engine = LenBalanceEngine(model, LenBalanceConfig(record_every=16, samples_per_sequence=3), max_length=64)
+    width = feature_size(model.config.hidden_size)
+    features = {step: torch.full((2, width), float(step), dtype=torch.float16) for step in (0, 8, 16, 32, 48)}
+    lengths = {5: 60, 9: 20}  # row 9 ends at 20 tokens: its steps 32 and 48 hold nothing
+
+    def pairs(waves):
+        out = engine.training_pairs(waves, lengths)
+        valid = out["y"] >= 0
+        return sorted(zip(out["z"][valid, 0].tolist(), out["y"][valid].tolist())), out
+
+    whole, _ = pairs([Wave([5, 9], CaptureResult(recorded=features))])
+    probe = {s: f for s, f in features.items() if s <= 16}
+    rest = {s: f[:1] for s, f in features.items() if s > 16}
+    split, out = pairs([Wave([5, 9], CaptureResult(recorded=probe)), Wave([5], CaptureResult(recorded=rest))])
+    assert split == whole and len(whole) == 3 + 3
+    assert all(y in (60 - step, 20 - step) and y > 0 for step, y in whole)  # z encodes the step it was taken at
+    assert out["y0"].tolist() == [60, 20, -1] and out["y32"].tolist() == [-1, -1, 28]

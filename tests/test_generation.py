@@ -163,3 +163,30 @@ def test_unsupported_options_are_refused(tiny):
     model, _, prompts = tiny
     with pytest.raises(ValueError, match="min_new_tokens"):
         compacted_generate(model, prompts, GenerationConfig(max_new_tokens=4, min_new_tokens=2), pad_token_id=2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("compact", [True, False])
+def test_a_probe_then_a_regrouped_continuation_decodes_what_one_call_decodes(embedded_dir, compact):
+    """Early re-bucketing's two calls: rows still running after the probe are continued in another order, from
+    their prompt + probe tokens, and end exactly as one greedy call ends them (the real model: varied lengths)."""
+    model, tokenizer = _load(embedded_dir)
+    prompts = _chat_prompts(tokenizer)
+    config = GenerationConfig(do_sample=False, max_new_tokens=48, pad_token_id=2, bos_token_id=1, eos_token_id=[2])
+    min_finished = 1 if compact else len(prompts) + 1
+    expected = compacted_generate(model, prompts, config, pad_token_id=2)
+    probe = compacted_generate(model, prompts, config, pad_token_id=2, max_steps=22, min_finished=min_finished)
+    running = [i for i, c in enumerate(probe) if c[-1] != 2]
+    assert 0 < len(running) < len(prompts) and all(len(probe[i]) == 22 for i in running)
+    assert all(probe[i] == expected[i] for i in range(len(prompts)) if i not in running)
+    order = running[::-1]  # a different batch composition and order
+    continued = compacted_generate(model, [prompts[i] for i in order], config, pad_token_id=2,
+                                   prefixes=[probe[i] for i in order], min_finished=min_finished)
+    assert continued == [expected[i] for i in order]
+
+
+def test_prefixes_of_different_lengths_are_refused(tiny):
+    model, _, prompts = tiny
+    with pytest.raises(ValueError, match="one length"):
+        compacted_generate(model, prompts[:2], GenerationConfig(max_new_tokens=8), pad_token_id=2,
+                           prefixes=[[5], [5, 6]])

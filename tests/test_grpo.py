@@ -44,14 +44,21 @@ def test_greedy_generation_in_waves_and_compacted_equals_stock_row_for_row(embed
     prompt_ids, _, _ = stock._tokenize_prompts(prompts)
     expected, _ = stock._generate_single_turn(prompt_ids, None, {}, 4)
     assert len({len(c) for c in expected}) >= 3, "the prompts should give varied lengths"
-    for config in (LenBalanceConfig(generation_wave_size=4), LenBalanceConfig(compaction=True)):
+    configs = (LenBalanceConfig(generation_wave_size=4), LenBalanceConfig(generation_wave_size=4, rebucket=True,
+               probe_tokens=8), LenBalanceConfig(compaction=True, rebucket=True, probe_tokens=8),
+               LenBalanceConfig(compaction=True))
+    for config in configs:
         ours = make_trainer(LenBalanceGRPOTrainer, embedded_dir, args, lenbalance_config=config)
-        for _ in range(2):  # round 1: stock-order waves; round 2: waves ordered by the (now trained) predictor
+        for _ in range(2):  # round 1: stock-order waves; round 2: waves ordered (and re-bucketed) by the predictor
             got, _ = ours._generate_single_turn(prompt_ids, None, {}, 4)
             assert got == expected
         assert ours.lenbalance.rounds == 2
-    totals = ours.lenbalance_totals  # compaction: every decode slot was a real token
-    assert totals["gen/decode_slots"] == totals["gen/real_tokens"] < totals["gen/decode_slots_stock"]
+        totals = ours.lenbalance_totals
+        assert (totals["gen/reprefill_tokens"] > 0) == config.rebucket  # re-bucketing ran in round 2
+        if config.compaction:  # every decode slot was a real token
+            assert totals["gen/decode_slots"] == totals["gen/real_tokens"] < totals["gen/decode_slots_stock"]
+        else:
+            assert totals["gen/decode_steps"] > totals["gen/decode_steps_stock"]  # waves run one after another
 
 
 @pytest.mark.parametrize("compaction", [False, True])

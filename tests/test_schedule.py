@@ -288,3 +288,46 @@ def test_package_exports_every_public_function():
     for name in schedule.__all__:
         assert callable(getattr(schedule, name)) or name == "PARTITIONERS"
     assert set(schedule.PARTITIONERS) == {"best", "kk", "lpt"}
+
+
+@EXAMPLES
+@given(
+    st.lists(st.tuples(st.integers(0, 500), st.integers(0, 3)), max_size=40),
+    st.integers(1, 4), st.integers(1, 9), st.booleans(),
+)
+def test_rebucket_keeps_every_row_once_and_never_slows_the_slowest_rank(rows, num_ranks, wave_size, compacted):
+    remaining = [float(r) for r, _ in rows]
+    origin = [o % num_ranks for _, o in rows]
+    plan = schedule.rebucket(remaining, origin, num_ranks, wave_size, compacted)
+    assert len(plan) == num_ranks
+    placed = sorted(i for rank in plan for wave in rank for i in wave)
+    assert placed == list(range(len(rows)))
+    for rank in plan:
+        assert all(0 < len(wave) <= wave_size for wave in rank)
+        longest = [max(remaining[i] for i in wave) for wave in rank]
+        assert all(remaining[a] >= remaining[b] for wave in rank for a, b in zip(wave, wave[1:]))
+        assert longest == sorted(longest, reverse=True)  # longest wave first, as waves_by_length does
+
+    def slowest(p):
+        return max(sum(schedule.wave_cost(remaining, w, compacted) for w in rank) for rank in p)
+
+    kept = [[w for w in schedule.waves_by_length([remaining[i] if origin[i] == r else -1 for i in range(len(rows))],
+                                                 wave_size)] for r in range(num_ranks)]
+    in_place = [[[i for i in w if origin[i] == r] for w in rank] for r, rank in enumerate(kept)]
+    in_place = [[w for w in rank if w] for rank in in_place]
+    assert slowest(plan) <= slowest(in_place) + 1e-9
+    if num_ranks == 1:
+        assert schedule.rows_moved(plan, origin) == 0
+
+
+def test_rebucket_moves_rows_off_the_rank_that_kept_the_long_ones():
+    remaining = [300.0, 280.0, 260.0, 250.0, 5.0, 4.0, 3.0, 2.0]
+    origin = [0, 0, 0, 0, 1, 1, 1, 1]
+    plan = schedule.rebucket(remaining, origin, 2, 2, compacted=False)
+    assert schedule.rows_moved(plan, origin) > 0
+    per_rank = [sum(schedule.wave_cost(remaining, w, False) for w in rank) for rank in plan]
+    assert sorted(per_rank) == [2 * 260 + 2 * 5 + 2 * 3, 2 * 300]  # in place, rank 0 would decode 2·300 + 2·260
+    with pytest.raises(ValueError, match="origin"):
+        schedule.rebucket(remaining, [0] * 7, 2, 2, compacted=False)
+    with pytest.raises(ValueError, match="wave_size"):
+        schedule.rebucket(remaining, origin, 2, 0, compacted=False)

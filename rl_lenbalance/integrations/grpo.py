@@ -2,7 +2,8 @@
 
 Two stock methods change, each in one place:
 - `_generate_single_turn`: the same plain-`generate` call(s) under capture hooks, so the predictor sees every
-  rollout and trains on it; optionally in waves ordered by predicted length, or dropping finished rows.
+  rollout and trains on it; optionally in waves ordered by predicted length, re-bucketed after a probe (rows may
+  move between ranks and come back), or dropping finished rows.
 - `_prepare_inputs`: TRL's random shuffle + equal split becomes length-sorted micro-batches dealt to ranks by
   padded cost, with all-pad columns trimmed (same rows per micro-batch, so the same loss and gradients).
 """
@@ -14,16 +15,16 @@ import warnings
 from collections import defaultdict
 
 import torch
-from accelerate.utils import pad_across_processes
+from accelerate.utils import gather_object, pad_across_processes
 from trl import GRPOTrainer
 from trl.models import unwrap_model_for_generation
 
 from ..config import LenBalanceConfig
-from ..capture import CaptureResult
+from ..capture import CaptureResult, StreamState
 from ..engine import LenBalanceEngine, Wave
 from ..generation import compacted_generate, unsupported_options
 from ..metrics import decode_slots, waste
-from ..schedule import plan_microbatches, waves_by_length
+from ..schedule import plan_microbatches, rebucket, rows_moved, waves_by_length
 
 
 class LenBalanceMixin:
@@ -44,32 +45,45 @@ class LenBalanceMixin:
     # --- generation -------------------------------------------------------------------------------------------
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
-        """Stock: one `generate` over the rank's rows. Here: the same call(s) under capture hooks, in waves."""
+        """Stock: one `generate` over the rank's rows. Here: the same call(s) under capture hooks, in waves, maybe
+        re-bucketed after a probe; the completions come back in stock's order."""
         if self.use_vllm or self.use_transformers_continuous_batching or images is not None or multimodal_fields:
             self._warn_once("backend", "rl-lenbalance captures hidden states only on the plain transformers "
                             "`generate` path (text-only); this generation ran as stock TRL, unpredicted.")
             return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations,
                                                  has_tool_images)
         start = time.perf_counter()
+        config, engine = self.lenbalance_config, self.lenbalance
+        compact = config.compaction and not self._loop_blocked("compaction")
+        rebucket = config.rebucket and engine.healthy and engine.rounds > 0 and not self._loop_blocked("rebucket")
+        offset = self.accelerator.process_index * len(prompt_ids)  # row ids are unique across ranks
+        completions: list[list[int]] = [[] for _ in prompt_ids]
         waves: list[Wave] = []
-        completions: list[list[int] | None] = [None] * len(prompt_ids)
-        compact = self.lenbalance_config.compaction and not self._compaction_blocked()
+        running: list[dict] = []
         for rows in self._plan_waves(prompt_ids):
-            wave = [prompt_ids[i] for i in rows]
-            with self.lenbalance.capture.capture(wave) as captured:
-                if compact:
-                    ids = self._generate_compacted(wave, captured)
+            prompts = [prompt_ids[i] for i in rows]
+            with engine.capture.capture(prompts) as captured:
+                if rebucket or compact:
+                    ids = self._decode(prompts, captured, compact, max_steps=config.probe_tokens + 1 if rebucket else None)
                 else:
-                    ids, _ = super()._generate_single_turn(wave, None, {}, num_generations)
+                    ids, _ = super()._generate_single_turn(prompts, None, {}, num_generations)
+            waves.append(Wave([offset + i for i in rows], captured))
             for row, completion in zip(rows, ids, strict=True):
                 completions[row] = completion
-            waves.append(Wave(rows, captured))
-        generation_s = time.perf_counter() - start
-        self._after_generation(waves, [len(c) for c in completions], generation_s, compact)
+            if rebucket:
+                running += self._running_rows([offset + i for i in rows], prompts, ids, captured)
+        lengths = {offset + row: len(c) for row, c in enumerate(completions)}
+        self._rebucket_stats = (0, 0)
+        if rebucket:
+            for row, completion in self._continue_rebucketed(running, compact, len(prompt_ids), waves).items():
+                lengths[row] = len(completion)
+                if 0 <= row - offset < len(prompt_ids):
+                    completions[row - offset] = completion
+        self._after_generation(waves, completions, lengths, time.perf_counter() - start)
         return completions, None
 
-    def _generate_compacted(self, prompts: list[list[int]], captured: CaptureResult) -> list[list[int]]:
-        """Stock's plain-`generate` branch, with finished rows dropped from the batch as they end."""
+    def _decode(self, prompts: list[list[int]], captured: CaptureResult, compact: bool, **kwargs) -> list[list[int]]:
+        """Stock's plain-`generate` branch through rl-lenbalance's loop (`compact`: finished rows leave the batch)."""
         with (
             unwrap_model_for_generation(
                 self.model_wrapped, self.accelerator, gather_deepspeed3_params=self.args.ds3_gather_for_generation,
@@ -80,14 +94,58 @@ class LenBalanceMixin:
             self._dist.summon_full_params(self.model_wrapped, recurse=False),
         ):
             return compacted_generate(model, prompts, self.generation_config, self._tokenizer.pad_token_id,
-                                      on_compact=captured.compact)
+                                      on_compact=captured.compact, min_finished=1 if compact else len(prompts) + 1,
+                                      **kwargs)
 
-    def _compaction_blocked(self) -> bool:
-        """True (with a one-time warning) when the generation config asks for something compaction can't do."""
+    def _running_rows(self, ids: list[int], prompts: list[list[int]], completions: list[list[int]],
+                      captured: CaptureResult) -> list[dict]:
+        """The rows a probe left running, each with what any wave on any rank needs to continue it."""
+        running = [j for j, c in enumerate(completions)
+                   if c[-1] not in self.eos_token_ids and len(c) < self.max_completion_length]
+        if not running:
+            return []
+        position = {row: p for p, row in enumerate(captured.rows.tolist())}
+        state = captured.state.rows([position[j] for j in running])
+        remaining = self.lenbalance.predict_remaining(state)
+        if not torch.isfinite(remaining).all():
+            self._warn_once("rebucket_nan", "rl-lenbalance: the length head predicted non-finite lengths; those rows "
+                            "are re-bucketed as if they had the maximum length left.")
+            remaining = remaining.nan_to_num(float(self.max_completion_length), posinf=float(self.max_completion_length))
+        return [dict(id=ids[j], prompt=prompts[j], prefix=completions[j], state=state.rows([n]),
+                     remaining=float(remaining[n])) for n, j in enumerate(running)]
+
+    def _continue_rebucketed(self, running: list[dict], compact: bool, batch_size: int,
+                             waves: list[Wave]) -> dict[int, list[int]]:
+        """Regroup every rank's running rows into waves by predicted remaining length, dealt to ranks; decode them to
+        the end (appending their waves to `waves`); return every continued row's completion, by row id."""
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        everyone = gather_object(running) if world > 1 else running
+        origin = [row["id"] // batch_size for row in everyone]
+        size = self.lenbalance_config.generation_wave_size or batch_size
+        plan = rebucket([row["remaining"] for row in everyone], origin, world, size, compact,
+                        self.lenbalance_config.partition_method)
+        done: dict[int, list[int]] = {}
+        for wave in plan[rank]:
+            group = [everyone[i] for i in wave]
+            prompts = [row["prompt"] for row in group]
+            resume = StreamState.cat([row["state"] for row in group], self.accelerator.device)
+            with self.lenbalance.capture.capture(prompts, resume=resume) as captured:
+                ids = self._decode(prompts, captured, compact, prefixes=[row["prefix"] for row in group])
+            waves.append(Wave([row["id"] for row in group], captured))
+            done.update({row["id"]: completion for row, completion in zip(group, ids, strict=True)})
+        reprefill = sum(len(everyone[i]["prompt"]) + len(everyone[i]["prefix"]) for w in plan[rank] for i in w)
+        self._rebucket_stats = (rows_moved(plan, origin), reprefill)
+        if world == 1:
+            return done
+        return {row: completion for part in gather_object([done]) for row, completion in part.items()}
+
+    def _loop_blocked(self, setting: str) -> bool:
+        """True (with a one-time warning) when the generation config asks for something rl-lenbalance's decode loop
+        (needed by compaction and re-bucketing) can't do."""
         unsupported = unsupported_options(self.generation_config)
         if unsupported:
-            self._warn_once("compaction", f"lenbalance.compaction is on, but the generation config sets "
-                            f"{unsupported}, which the compacting loop does not implement; using plain generate.")
+            self._warn_once(setting, f"lenbalance.{setting} is on, but the generation config sets {unsupported}, "
+                            f"which rl-lenbalance's decode loop does not implement; {setting} is off.")
         return bool(unsupported)
 
     def _plan_waves(self, prompt_ids: list[list[int]]) -> list[list[int]]:
@@ -120,37 +178,48 @@ class LenBalanceMixin:
         self.lenbalance_totals["predictor/overhead_s"] += time.perf_counter() - start
         return [by_prompt[tuple(p)] for p in prompt_ids]
 
-    def _after_generation(self, waves: list[Wave], lengths: list[int], generation_s: float, compacted: bool) -> None:
-        """Ledger of decode slots, honest online error, then online training of the head on every rank's rows."""
-        engine = self.lenbalance
-        local = engine.training_pairs(waves, lengths)
-        device = self.accelerator.device
-        gathered = {k: self.accelerator.gather(v.to(device)).cpu() for k, v in local.items()}
-        all_lengths = self.accelerator.gather(torch.tensor(lengths, device=device)).cpu()
-        predicted0 = torch.full((len(lengths),), float("nan"))
+    def _after_generation(self, waves: list[Wave], completions: list[list[int]], lengths: dict[int, int],
+                          generation_s: float) -> None:
+        """Ledger of decode slots and steps, honest online error, then online training of the head on every rank's
+        rows. `lengths` gives the final length of every row id in `waves` (re-bucketed rows may be other ranks')."""
+        engine, device, world = self.lenbalance, self.accelerator.device, self.accelerator.num_processes
+        pairs = engine.training_pairs(waves, lengths)
+        gathered = {k: self.accelerator.gather(pad_across_processes(v.to(device), dim=0, pad_index=-1)).cpu()
+                    for k, v in pairs.items()}
+        local_lengths = [len(c) for c in completions]
+        all_lengths = self.accelerator.gather(torch.tensor(local_lengths, device=device)).cpu()
+        offset = self.accelerator.process_index * len(completions)
+        predicted0 = torch.full((len(completions),), float("nan"))
         for wave in waves:
-            if 0 in wave.capture.prediction_steps:
-                predicted0[wave.rows] = wave.capture.predicted_total(0).float().cpu()
+            if 0 in wave.capture.prediction_steps:  # a probe or plain wave: its rows are this rank's own
+                predicted0[[row - offset for row in wave.rows]] = wave.capture.predicted_total(0).float().cpu()
         predicted0 = self.accelerator.gather(predicted0.to(device)).cpu()  # the table covers every rank's rows
         self.lenbalance_last_lengths = list(zip(predicted0.tolist(), all_lengths.tolist(), strict=True))
         metrics = engine.learn(gathered, all_lengths)
         hook_s = sum(w.capture.seconds for w in waves)
-        ledger = torch.tensor([
-            sum(lengths) if compacted else decode_slots(lengths, [w.rows for w in waves]),
-            decode_slots(lengths, [list(range(len(lengths)))]),
-            sum(lengths), generation_s, hook_s,
-        ], dtype=torch.float64, device=device)
-        ledger = self.accelerator.gather(ledger.unsqueeze(0)).sum(0).tolist()
-        slots, stock_slots, real, gen_s, hook_s = ledger
+        moved, reprefill = self._rebucket_stats
+        ledger = torch.tensor([[
+            sum(w.capture.slots for w in waves), decode_slots(local_lengths, [list(range(len(completions)))]),
+            sum(w.capture.forwards for w in waves), max(local_lengths, default=0),
+            sum(local_lengths), generation_s, hook_s, reprefill, moved,
+        ]], dtype=torch.float64, device=device)
+        per_rank = self.accelerator.gather(ledger).cpu()
+        slots, stock_slots, _, _, real, gen_s, hook_s, reprefill, moved = per_rank.sum(0).tolist()
+        steps, stock_steps = per_rank[:, 2].max().item(), per_rank[:, 3].max().item()
         metrics |= {
             "gen/decode_slots": slots, "gen/decode_slots_stock": stock_slots, "gen/real_tokens": real,
             "gen/slot_waste": waste(slots, real), "gen/slot_waste_stock": waste(stock_slots, real),
-            "gen/seconds": gen_s / self.accelerator.num_processes,
-            "predictor/overhead_frac": (hook_s + metrics["predictor/train_s"] * self.accelerator.num_processes) / gen_s,
+            "gen/decode_steps": steps, "gen/decode_steps_stock": stock_steps,
+            "gen/rank_imbalance": _max_over_mean(per_rank[:, 0]),
+            "gen/rank_imbalance_stock": _max_over_mean(per_rank[:, 1]),
+            "gen/reprefill_tokens": reprefill, "gen/rows_moved_across_ranks": moved,
+            "gen/seconds": gen_s / world,
+            "predictor/overhead_frac": (hook_s + metrics["predictor/train_s"] * world) / gen_s,
         }
-        for key in ("gen/decode_slots", "gen/decode_slots_stock", "gen/real_tokens", "gen/seconds"):
+        for key in ("gen/decode_slots", "gen/decode_slots_stock", "gen/decode_steps", "gen/decode_steps_stock",
+                    "gen/real_tokens", "gen/reprefill_tokens", "gen/seconds"):
             self.lenbalance_totals[key] += metrics[key]
-        self.lenbalance_totals["predictor/overhead_s"] += hook_s / self.accelerator.num_processes
+        self.lenbalance_totals["predictor/overhead_s"] += hook_s / world
         self.lenbalance_totals["predictor/overhead_s"] += metrics["predictor/train_s"]
         self._log_lenbalance(metrics)
 

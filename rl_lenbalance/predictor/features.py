@@ -69,6 +69,14 @@ class StreamingPool:
         """Keep only these sequences (a generate loop dropped the others)."""
         self.max, self.norm, self.sum, self.last = self.max[rows], self.norm[rows], self.sum[rows], self.last[rows]
 
+    @classmethod
+    def cat(cls, pools: list[StreamingPool], device: torch.device | str = "cpu") -> StreamingPool:
+        """One pool holding the sequences of `pools`, in order, on `device` (rows regrouped between generate calls)."""
+        out = cls(0, pools[0].sum.size(1), device=device)
+        for name in ("max", "norm", "sum", "last"):
+            setattr(out, name, torch.cat([getattr(pool, name).to(device) for pool in pools]))
+        return out
+
     def value(self) -> torch.Tensor:
         """(B, H) pooled state; zeros before the first token."""
         return self.sum / self.norm.clamp(min=1e-30).unsqueeze(1)

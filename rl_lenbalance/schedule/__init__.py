@@ -11,6 +11,7 @@ from .partition import (
     sequence_costs,
 )
 from .plan import padded_cost, plan_microbatches
+from .rebucket import rebucket, rows_moved, wave_cost
 
 __all__ = [
     "PARTITIONERS",
@@ -23,8 +24,11 @@ __all__ = [
     "plan_microbatches",
     "partition_groups",
     "real_tokens",
+    "rebucket",
+    "rows_moved",
     "sequence_costs",
     "sorted_equal_chunks",
     "token_budget_microbatches",
+    "wave_cost",
     "waves_by_length",
 ]
