@@ -37,3 +37,24 @@ def test_stock_and_lenbalance_learn_the_same_parameters(tiny_model_dir, tmp_path
     regrouped = [r for r in results if r["grad_acc"] == 2]
     assert all(r["pad_frac"] < r["pad_frac_stock"] for r in regrouped), regrouped
     assert any(r["rows_moved"] > 0 for r in regrouped), regrouped
+
+
+@pytest.mark.slow
+def test_greedy_generation_rebucketed_across_two_ranks_equals_stock(embedded_dir, tmp_path):
+    """Rows running after the probe move to the other rank, are continued there, and come back in stock's order."""
+    worker = Path(__file__).parent / "distributed" / "rebucket_worker.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(worker), str(embedded_dir),
+           str(tmp_path / "rebucket")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rebucket.{rank}.json").read_text()) for rank in (0, 1)]
+    for r in ranks:
+        assert r["world_size"] == 2 and r["rounds"] == 2
+        assert r["equal"] == [True, True], r  # round 1: stock order; round 2: re-bucketed across ranks
+    assert min(ranks[0]["lengths"]) > max(ranks[1]["lengths"])  # the ranks really were unbalanced
+    metrics = ranks[0]["metrics"]  # reduced over ranks: the same on both
+    assert metrics["rows_moved_across_ranks"] == [0.0, metrics["rows_moved_across_ranks"][1]]
+    assert metrics["rows_moved_across_ranks"][1] > 0 and metrics["reprefill_tokens"][1] > 0
+    assert metrics["decode_slots"][1] == metrics["real_tokens"][1]  # compaction: every slot a real token
+    assert metrics["rank_imbalance"][1] < metrics["rank_imbalance_stock"][1]

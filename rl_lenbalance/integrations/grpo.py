@@ -24,7 +24,7 @@ from ..capture import CaptureResult, StreamState
 from ..engine import LenBalanceEngine, Wave
 from ..generation import compacted_generate, unsupported_options
 from ..metrics import decode_slots, waste
-from ..schedule import plan_microbatches, rebucket, rows_moved, waves_by_length
+from ..schedule import plan_microbatches, rebucket, waves_by_length
 
 
 class LenBalanceMixin:
@@ -134,7 +134,7 @@ class LenBalanceMixin:
             waves.append(Wave([row["id"] for row in group], captured))
             done.update({row["id"]: completion for row, completion in zip(group, ids, strict=True)})
         reprefill = sum(len(everyone[i]["prompt"]) + len(everyone[i]["prefix"]) for w in plan[rank] for i in w)
-        self._rebucket_stats = (rows_moved(plan, origin), reprefill)
+        self._rebucket_stats = (sum(origin[i] != rank for w in plan[rank] for i in w), reprefill)  # rows moved in
         if world == 1:
             return done
         return {row: completion for part in gather_object([done]) for row, completion in part.items()}

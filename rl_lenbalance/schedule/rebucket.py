@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from scipy.optimize import linear_sum_assignment
+
 from .batching import waves_by_length
 from .partition import PARTITIONERS
 
@@ -60,13 +62,12 @@ def rebucket(
 
 
 def _closest_ranks(parts: RankWaves, origin: Sequence[int]) -> RankWaves:
-    """Hand each part to the free rank that already holds most of its rows (fewest rows sent), largest part first."""
-    free, out = set(range(len(parts))), [[] for _ in parts]
-    for part in sorted(parts, key=lambda p: -sum(map(len, p))):
-        rows = [i for wave in part for i in wave]
-        rank = max(sorted(free), key=lambda r: sum(origin[i] == r for i in rows))
-        free.remove(rank)
-        out[rank] = part
+    """Hand the parts to ranks so that the most rows stay where they were probed (an optimal assignment)."""
+    held = [[sum(origin[i] == rank for wave in part for i in wave) for rank in range(len(parts))] for part in parts]
+    part_of, rank_of = linear_sum_assignment(held, maximize=True)
+    out: RankWaves = [[] for _ in parts]
+    for part, rank in zip(part_of, rank_of, strict=True):
+        out[rank] = parts[part]
     return out
 
 
