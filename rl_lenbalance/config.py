@@ -8,6 +8,7 @@ from .predictor import POOLING_METHODS
 
 PARTITION_METHODS = ("best", "kk", "lpt")
 EXACT_LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "sapo", "cispo", "luspo")  # row-mean or globally normalised
+ROW_MEAN_LOSSES = ("grpo", "dr_grpo", "sapo", "luspo")  # a micro-batch's loss is a mean over its rows
 
 
 @dataclass
@@ -62,6 +63,14 @@ class LenBalanceConfig:
     balance_ranks: bool = field(
         default=True,
         metadata={"help": "Move rows between data-parallel ranks so each rank gets an equal share of tokens."},
+    )
+    uneven_microbatches: bool = field(
+        default=True,
+        metadata={
+            "help": "Let a rank's micro-batches hold different numbers of rows (long rows in small ones, short rows "
+            "in large ones, none padded beyond stock's largest); row-mean losses are reweighted so the update is "
+            "stock's. False: equal rows per micro-batch, as stock."
+        },
     )
     partition_method: str = field(
         default="best",
@@ -143,6 +152,12 @@ class LenBalanceConfig:
             )
         if not self.balance_training:
             return
+        if args.steps_per_generation % args.gradient_accumulation_steps:
+            raise ValueError(
+                f"steps_per_generation={args.steps_per_generation} is not a multiple of gradient_accumulation_steps="
+                f"{args.gradient_accumulation_steps}, so an optimizer step would mix two generation batches; make it "
+                "a multiple or set lenbalance.balance_training=False."
+            )
         loss_type = getattr(args, "loss_type", None)
         if loss_type is not None and loss_type not in EXACT_LOSS_TYPES:
             raise ValueError(

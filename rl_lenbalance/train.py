@@ -52,6 +52,9 @@ def summarize(trainer, wall_s: float) -> dict[str, float]:
         "mae_naive_plp32": last("predictor/mae_naive_plp32"),
         "decode_slot_waste": ratio("gen/decode_slots", "gen/real_tokens"),
         "decode_slot_waste_stock": ratio("gen/decode_slots_stock", "gen/real_tokens"),
+        "decode_steps": totals["gen/decode_steps"],
+        "decode_steps_stock": totals["gen/decode_steps_stock"],
+        "reprefill_tokens": totals["gen/reprefill_tokens"],
         "loss_pad_frac": ratio("train/loss_tokens", "train/real_tokens"),
         "loss_pad_frac_stock": ratio("train/loss_tokens_stock", "train/real_tokens"),
         "predictor_overhead_frac": totals["predictor/overhead_s"] / totals["gen/seconds"] if totals["gen/seconds"] else float("nan"),
@@ -70,6 +73,10 @@ def print_summary(summary: dict[str, float]) -> None:
     pct = "{:.1%}".format
     table.add_row("steps / wall time", f"{summary['steps']} / {summary['wall_s']:.0f} s", "")
     table.add_row("decode slots wasted on padding", pct(summary["decode_slot_waste"]), pct(summary["decode_slot_waste_stock"]))
+    table.add_row("decode steps, slowest rank (summed over rounds)", f"{summary['decode_steps']:.0f}",
+                  f"{summary['decode_steps_stock']:.0f}")
+    if summary["reprefill_tokens"]:
+        table.add_row("tokens re-prefilled by re-bucketing", f"{summary['reprefill_tokens']:.0f}", "0")
     table.add_row("loss-forward tokens that are padding", pct(summary["loss_pad_frac"]), pct(summary["loss_pad_frac_stock"]))
     table.add_row("predictor MAE, prompt only (t=0), last round", f"{summary['mae_static']:.1f} tok",
                   f"naive {summary['mae_naive_static']:.1f} tok")

@@ -25,8 +25,9 @@ def test_stock_and_lenbalance_learn_the_same_parameters(tiny_model_dir, tmp_path
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads(out.read_text())
-    settings = {(r["loss_type"], r["grad_acc"], r["num_iterations"]) for r in results}
-    assert settings == {(l, g, n) for l in ("dapo", "grpo", "dr_grpo") for g in (1, 2) for n in (1, 2)}
+    settings = {(r["loss_type"], r["grad_acc"], r["num_iterations"], r["steps_per_generation"]) for r in results}
+    assert settings == {(l, g, n, g) for l in ("dapo", "grpo", "dr_grpo") for g in (1, 2) for n in (1, 2)} | {
+        ("grpo", 1, 1, 2), ("dapo", 2, 1, 4)}
     for r in results:
         assert r["world_size"] == 2
         assert r["moved"] > 1e-4, r  # parameters really moved, so equality below means something
@@ -37,6 +38,9 @@ def test_stock_and_lenbalance_learn_the_same_parameters(tiny_model_dir, tmp_path
     regrouped = [r for r in results if r["grad_acc"] == 2]
     assert all(r["pad_frac"] < r["pad_frac_stock"] for r in regrouped), regrouped
     assert any(r["rows_moved"] > 0 for r in regrouped), regrouped
+    # micro-batches of unequal rows (row-mean losses reweighted) were trained, for every loss type
+    uneven = {r["loss_type"] for r in results if any(len(set(sizes)) > 1 for sizes in r["microbatch_rows"])}
+    assert uneven == {"dapo", "grpo", "dr_grpo"}, [(r["loss_type"], r["microbatch_rows"]) for r in results]
 
 
 @pytest.mark.slow

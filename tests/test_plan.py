@@ -68,3 +68,35 @@ def test_plan_with_prompt_widths_groups_rows_by_both_widths():
     plan = plan_microbatches(completion, 1, 2, prompt_lengths=prompt)
     assert sorted(map(sorted, plan[0])) == [[0, 2], [1, 3]]
     assert sum(padded_cost(completion, mb, prompt_lengths=prompt) for mb in plan[0]) == 4 * 60
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 3), st.integers(1, 5), st.data())
+def test_uneven_microbatches_keep_rows_and_steps_never_cost_more_nor_outgrow_stock_memory(ranks, per_rank, rows, data):
+    n = ranks * per_rank * rows
+    completion = data.draw(st.lists(st.integers(1, 512), min_size=n, max_size=n))
+    prompt = data.draw(st.lists(st.integers(1, 64), min_size=n, max_size=n))
+    even = plan_microbatches(completion, ranks, per_rank, prompt_lengths=prompt)
+    plan = plan_microbatches(completion, ranks, per_rank, prompt_lengths=prompt, uneven=True)
+    assert sorted(i for rank in plan for mb in rank for i in mb) == list(range(n))
+    assert all(len(rank) == per_rank and all(rank) for rank in plan)
+    assert all(sum(map(len, rank)) == n // ranks for rank in plan)  # a rank trains as many rows as stock
+    assert len({tuple(map(len, rank)) for rank in plan}) == 1  # micro-step k has the same rows on every rank
+
+    def cost(p):
+        per_rank_cost = [sum(padded_cost(completion, mb, prompt_lengths=prompt) for mb in rank) for rank in p]
+        return max(per_rank_cost), sum(per_rank_cost)
+
+    assert cost(plan) <= cost(even)
+    block = n // ranks  # stock pads each micro-batch of rank r to r's widest prompt + widest completion
+    stock_peak = max(padded_cost(completion, range(r * block, (r + 1) * block), prompt_lengths=prompt) / per_rank
+                     for r in range(ranks))
+    for p in (even, plan):
+        assert max(padded_cost(completion, mb, prompt_lengths=prompt) for rank in p for mb in rank) <= stock_peak
+
+
+def test_uneven_microbatches_give_the_long_tail_its_own_small_microbatch():
+    completion, prompt = [300, 10, 12, 8, 9, 11, 280, 7], [5] * 8
+    plan = plan_microbatches(completion, 1, 2, prompt_lengths=prompt, uneven=True)
+    assert [sorted(mb) for mb in plan[0]] == [[0, 6], [1, 2, 3, 4, 5, 7]]
+    assert sum(padded_cost(completion, mb, prompt_lengths=prompt) for mb in plan[0]) == 2 * 305 + 6 * 17

@@ -19,7 +19,7 @@ from accelerate.utils import gather_object, pad_across_processes
 from trl import GRPOTrainer
 from trl.models import unwrap_model_for_generation
 
-from ..config import LenBalanceConfig
+from ..config import ROW_MEAN_LOSSES, LenBalanceConfig
 from ..capture import CaptureResult, StreamState
 from ..engine import LenBalanceEngine, Wave
 from ..generation import compacted_generate, unsupported_options
@@ -226,8 +226,9 @@ class LenBalanceMixin:
     # --- training-side balancing ------------------------------------------------------------------------------
 
     def _prepare_inputs(self, generation_batch):
-        """Stock: shuffle rows randomly, split into equal chunks. Here: length-sorted micro-batches dealt to ranks
-        by padded cost (rows move between ranks), all-pad columns trimmed; same rows per micro-batch."""
+        """Stock: shuffle rows randomly, split into equal chunks. Here: the same rows per optimizer step (stock's
+        shuffle decides them), cut into length-sorted micro-batches dealt to ranks by padded cost (rows move between
+        ranks), all-pad columns trimmed."""
         if not self.model.training or not self.lenbalance_config.balance_training:
             return super()._prepare_inputs(generation_batch)
         spg = self.args.steps_per_generation
@@ -236,40 +237,57 @@ class LenBalanceMixin:
             if "pixel_values" in batch:
                 raise ValueError("rl-lenbalance does not balance multimodal batches yet; set "
                                  "lenbalance.balance_training=False.")
-            torch.randperm(len(batch["advantages"]))  # draw what stock's shuffle draws: later sampling stays identical
-            batch = self._exchange_rows(batch)
-            rows = len(batch["advantages"]) // spg
-            self._buffered_inputs = [_trim_padding(_take_rows(batch, list(range(i * rows, (i + 1) * rows))))
-                                     for i in range(spg)]
+            shuffle = torch.randperm(len(batch["advantages"]))  # stock's draw: later sampling stays identical
+            batch, sizes = self._exchange_rows(batch, shuffle)
+            bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+            self._buffered_inputs = [_trim_padding(_take_rows(batch, list(range(a, b))))
+                                     for a, b in zip(bounds, bounds[1:])]
             self._ledger_training(batch)
         return self._buffered_inputs[self._step % spg]
 
-    def _exchange_rows(self, batch: dict) -> dict:
-        """This rank's rows of the plan, in micro-batch order (gathered from every rank when balancing ranks)."""
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Stock, with a per-row-mean loss weighted by its micro-batch's rows over stock's (uneven micro-batches)."""
+        loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if self.model.training and self.lenbalance_config.balance_training and self.loss_type in ROW_MEAN_LOSSES:
+            loss = loss * (len(inputs["advantages"]) / self._stock_rows_per_microbatch)
+        return loss
+
+    def _exchange_rows(self, batch: dict, shuffle: torch.Tensor) -> tuple[dict, list[int]]:
+        """This rank's rows of the plan in micro-batch order (gathered from every rank when balancing ranks), and
+        the rows of each micro-batch. Rows train in the optimizer step stock's `shuffle` puts them in."""
         config, spg = self.lenbalance_config, self.args.steps_per_generation
-        self._rows_moved_in = 0
-        widths = torch.stack([batch["completion_mask"].sum(1), batch["prompt_mask"].sum(1)])
-        if self.accelerator.num_processes == 1 or not config.balance_ranks:
-            completion, prompt = widths.tolist()
-            plan = plan_microbatches(completion, 1, spg, config.attention_alpha, prompt_lengths=prompt)
-            return _take_rows(batch, [i for rows in plan[0] for i in rows])
-        completion, prompt = self.accelerator.gather(widths.T).T.cpu().tolist()
-        plan = plan_microbatches(completion, self.accelerator.num_processes, spg, config.attention_alpha,
-                                 config.partition_method, prompt_lengths=prompt)
-        rank, block = self.accelerator.process_index, len(batch["advantages"])
-        if all(i // block == r for r, part in enumerate(plan) for rows in part for i in rows):  # same on every rank
-            return _take_rows(batch, [i - rank * block for rows in plan[rank] for i in rows])  # nothing to exchange
-        mine = torch.tensor([i for rows in plan[rank] for i in rows])
-        self._rows_moved_in = int((mine // block != rank).sum())
-        moved = {}
+        ga = self.args.gradient_accumulation_steps
+        rows, world, rank = len(batch["advantages"]), self.accelerator.num_processes, self.accelerator.process_index
+        self._stock_rows_per_microbatch = rows // spg
+        window = torch.empty(rows, dtype=torch.long)
+        window[shuffle] = torch.arange(rows) // (rows // spg * ga)  # the optimizer step of each row, as in stock
+        columns = torch.stack([batch["completion_mask"].sum(1).cpu(), batch["prompt_mask"].sum(1).cpu(), window])
+        ranks = world if config.balance_ranks else 1
+        if ranks > 1:
+            columns = self.accelerator.gather(columns.T.to(self.accelerator.device)).T.cpu()
+        completion, prompt, window = columns.tolist()
+        offset = rank * rows if ranks > 1 else 0
+        mine, sizes, anyone_moves = [], [], False
+        for w in range(spg // ga):
+            rows_w = [i for i in range(len(window)) if window[i] == w]  # rank-major: rank r's block comes r-th
+            plan = plan_microbatches([completion[i] for i in rows_w], ranks, ga, config.attention_alpha,
+                                     config.partition_method, [prompt[i] for i in rows_w], config.uneven_microbatches)
+            plan = [[[rows_w[i] for i in part] for part in parts] for parts in plan]  # the same on every rank
+            anyone_moves |= any(row // rows != r for r, parts in enumerate(plan) for part in parts for row in part)
+            mine += [row for part in plan[rank if ranks > 1 else 0] for row in part]
+            sizes += [len(part) for part in plan[rank if ranks > 1 else 0]]
+        self._rows_moved_in = sum(row // rows != rank for row in mine) if ranks > 1 else 0
+        if ranks == 1 or not anyone_moves:
+            return _take_rows(batch, [row - offset for row in mine]), sizes
+        moved, index = {}, torch.tensor(mine)
         for key, value in batch.items():
             if isinstance(value, torch.Tensor) and value.ndim > 0:
                 if value.ndim > 1:
                     value = pad_across_processes(value, dim=1, pad_index=_pad_value(self, key),
                                                  pad_first=key.startswith("prompt"))
-                value = self.accelerator.gather(value)[mine.to(value.device)]
+                value = self.accelerator.gather(value)[index.to(value.device)]
             moved[key] = value
-        return moved
+        return moved, sizes
 
     def _ledger_training(self, batch: dict) -> None:
         """Loss-forward tokens this rank computes (trimmed micro-batches) vs stock's full-width ones; rank balance."""

@@ -22,6 +22,39 @@ def padded_cost(lengths: Sequence[float], rows: Sequence[int], attention_alpha: 
     return len(rows) * (width + attention_alpha * width * width)
 
 
+def split_rows(ranks: Sequence[Sequence[int]], num_parts: int, cost: Callable[[Sequence[int]], float],
+               max_cost: float) -> Plan | None:
+    """Cut each rank's rows (in their order; every rank has as many) at the same points into exactly `num_parts`
+    non-empty consecutive micro-batches, of least summed cost, none costing more than `max_cost` (dynamic
+    programming over the cut points). Shared cut points give micro-step k the same rows on every rank, as TRL's
+    per-row metric gathers need. None when no such cut exists."""
+    n = len(ranks[0])
+    if not 1 <= num_parts <= n or any(len(rows) != n for rows in ranks):
+        return None
+    inf = float("inf")
+    seg = [[inf] * (n + 1) for _ in range(n)]  # seg[i][j]: every rank's rows[i:j] as one micro-batch each
+    for i in range(n):
+        for j in range(i + 1, n + 1):
+            costs = [cost(rows[i:j]) for rows in ranks]
+            if max(costs) > max_cost:
+                break  # a longer micro-batch only costs more
+            seg[i][j] = sum(costs)
+    best = [[inf] * (n + 1) for _ in range(num_parts + 1)]  # best[k][j]: rows[:j] in k micro-batches
+    cut = [[0] * (n + 1) for _ in range(num_parts + 1)]
+    best[0][0] = 0.0
+    for k in range(1, num_parts + 1):
+        for j in range(k, n - (num_parts - k) + 1):
+            best[k][j], cut[k][j] = min((best[k - 1][i] + seg[i][j], i) for i in range(k - 1, j))
+    if best[num_parts][n] == inf:
+        return None
+    bounds, j = [n], n
+    for k in range(num_parts, 0, -1):
+        j = cut[k][j]
+        bounds.append(j)
+    bounds.reverse()
+    return [[list(rows[a:b]) for a, b in zip(bounds, bounds[1:])] for rows in ranks]
+
+
 def plan_microbatches(
     lengths: Sequence[float],
     num_ranks: int,
@@ -29,6 +62,7 @@ def plan_microbatches(
     attention_alpha: float = 0.0,
     method: str = "best",
     prompt_lengths: Sequence[float] | None = None,
+    uneven: bool = False,
 ) -> Plan:
     """Rows of the whole generation batch → for each rank, its micro-batches (lists of row indices).
 
@@ -40,6 +74,11 @@ def plan_microbatches(
     first), and so is each rank keeping its own rows (rank r's rows are the r-th consecutive block, as gathered)
     sorted in place. The plan whose slowest rank costs least wins, ties to the lowest total, then to keeping rows
     in place (no communication): its slowest rank never computes more than stock TRL's.
+
+    With `uneven`, each candidate is also tried with its ranks' rows cut anew, in length order, into micro-batches
+    of any row count (long rows in small ones, short rows in large ones; micro-step k has the same rows on every
+    rank). The loss must then weight each micro-batch by its rows. No plan's micro-batch costs more than stock's
+    largest (the peak memory of the loss phase stays).
     """
     count = num_ranks * microbatches_per_rank
     if len(lengths) % count:
@@ -68,9 +107,18 @@ def plan_microbatches(
     block = len(lengths) // num_ranks
     in_place = [chunks(range(r * block, (r + 1) * block), keys[0]) for r in range(num_ranks)]
     candidates = [in_place] + [dealt(chunks(range(len(lengths)), key)) for key in keys]  # ties keep rows in place
+    # stock pads each micro-batch of rank r to r's widest prompt + widest completion: no plan may need more memory
+    stock_peak = max(cost(range(r * block, (r + 1) * block)) / microbatches_per_rank for r in range(num_ranks))
 
     def score(plan: Plan) -> tuple[float, float]:
         per_rank = [sum(cost(rows) for rows in rank) for rank in plan]
         return max(per_rank), sum(per_rank)
 
-    return min(candidates, key=score)
+    if uneven:
+        for plan in list(candidates):
+            recut = split_rows([sorted((i for rows in rank for i in rows), key=keys[0]) for rank in plan],
+                               microbatches_per_rank, cost, stock_peak)
+            if recut is not None:
+                candidates.append(recut)
+    fits = [plan for plan in candidates if max(cost(rows) for rank in plan for rows in rank) <= stock_peak]
+    return min(fits, key=score)  # never empty: in place, a rank's micro-batches are no wider than its stock ones

@@ -46,14 +46,17 @@ class StockReplay(Replay, GRPOTrainer):
 
 
 class LenBalanceReplay(Replay, LenBalanceGRPOTrainer):
-    pass
+    def _exchange_rows(self, batch, shuffle):
+        batch, sizes = super()._exchange_rows(batch, shuffle)
+        self.microbatch_rows = getattr(self, "microbatch_rows", []) + [sizes]
+        return batch, sizes
 
 
 def reward(completion_ids, **kwargs):
     return [len(c) / 40.0 + (c[0] % 7) / 7.0 for c in completion_ids]
 
 
-def train(cls, loss_type, grad_acc, num_iterations, **extra):
+def train(cls, loss_type, grad_acc, num_iterations, steps_per_generation=None, **extra):
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR, padding_side="left")
     model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float64)
@@ -61,6 +64,7 @@ def train(cls, loss_type, grad_acc, num_iterations, **extra):
     args = GRPOConfig(
         output_dir="/tmp/rl_lenbalance_exactness", per_device_train_batch_size=4, num_generations=4,
         gradient_accumulation_steps=grad_acc, num_iterations=num_iterations, max_completion_length=48,
+        steps_per_generation=steps_per_generation,
         max_steps=3, learning_rate=1e-2, loss_type=loss_type, beta=0.0, use_cpu=True, report_to="none",
         save_strategy="no", logging_steps=1, seed=0, optim="sgd", max_grad_norm=0.0,
     )
@@ -72,15 +76,18 @@ def train(cls, loss_type, grad_acc, num_iterations, **extra):
 
 
 results = []
-for loss_type, grad_acc, num_iterations in itertools.product(["dapo", "grpo", "dr_grpo"], [1, 2], [1, 2]):
-    _, initial, stock = train(StockReplay, loss_type, grad_acc, num_iterations)
-    lb, _, ours = train(LenBalanceReplay, loss_type, grad_acc, num_iterations,
+SETTINGS = [(*s, None) for s in itertools.product(["dapo", "grpo", "dr_grpo"], [1, 2], [1, 2])]
+SETTINGS += [("grpo", 1, 1, 2), ("dapo", 2, 1, 4)]  # two optimizer steps per generation: stock's shuffle picks rows
+for loss_type, grad_acc, num_iterations, spg in SETTINGS:
+    _, initial, stock = train(StockReplay, loss_type, grad_acc, num_iterations, spg)
+    lb, _, ours = train(LenBalanceReplay, loss_type, grad_acc, num_iterations, spg,
                         lenbalance_config=LenBalanceConfig())
     rel = max(((stock[n] - ours[n]).norm() / stock[n].norm().clamp(min=1e-12)).item() for n in stock)
     moved = max(((stock[n] - initial[n]).norm() / initial[n].norm().clamp(min=1e-12)).item() for n in stock)
     logs = [row for row in lb.state.log_history if "lenbalance/train/pad_frac" in row]
     results.append({
         "loss_type": loss_type, "grad_acc": grad_acc, "num_iterations": num_iterations,
+        "steps_per_generation": lb.args.steps_per_generation, "microbatch_rows": lb.microbatch_rows,
         "max_rel_diff": rel, "moved": moved,
         "pad_frac": sum(r["lenbalance/train/pad_frac"] for r in logs) / len(logs),
         "pad_frac_stock": sum(r["lenbalance/train/pad_frac_stock"] for r in logs) / len(logs),
