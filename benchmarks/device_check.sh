@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU machine's one prepared run: DeepSpeed ZeRO-2/3 with rl-lenbalance, then gpu_regimes.py. Results to $OUT.
-# Carried: .whl (trl, transformers, datasets, deepspeed wheels; the GPU image lacks them) and .gpu/smollm2 (tokenizer).
+# Carried: .whl (trl, transformers, datasets, deepspeed, gguf, scipy wheels for py3.12; the GPU image lacks them) and .gpu/smollm2 (tokenizer).
 set -u
 export HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -19,3 +19,10 @@ timeout ${REGIMES_TIMEOUT:-300} python3 benchmarks/gpu_regimes.py --out $OUT/gpu
 echo "regimes exit $?" >> $OUT/env.txt
 timeout ${CB_TIMEOUT:-100} python3 benchmarks/gpu_regimes.py --out $OUT/gpu_regimes.jsonl --sections continuous_batching 2>&1 | tail -n 30 > $OUT/cb.log
 echo "continuous batching exit $?" >> $OUT/env.txt
+# Re-bucketing in the real trainer on the embedded SmolLM2 (built from the repo's GGUF; needs the `gguf` wheel in .whl):
+#   REBUCKET_ARGS="--steps 3 --batch 16 --grad-acc 2 --generations 8 --max-length 512 --wave-size 8" STAGES=""
+if [ -n "${REBUCKET_ARGS-}" ]; then
+  timeout ${REBUCKET_TIMEOUT:-300} python3 benchmarks/rebucket.py $REBUCKET_ARGS --variants one_call waves waves_rebucket \
+    --out $OUT/rebucket_gpu.json 2>&1 | grep '^{' > $OUT/rebucket.log
+  echo "rebucket exit $?" >> $OUT/env.txt
+fi

@@ -7,11 +7,12 @@ rows' true lengths, what two schedules would have cost: memory-limited waves in 
 is the baseline a memory-limited run pays) and the oracle (rows regrouped by true length, across ranks too).
 Round 1 is unpredicted in every variant (the head has seen nothing yet).
 
-    python benchmarks/rebucket_cpu.py --out docs/benchmarks/rebucket_cpu.json
-    torchrun --nproc_per_node 2 benchmarks/rebucket_cpu.py --out docs/benchmarks/rebucket_cpu_2ranks.json
+    python benchmarks/rebucket.py --out docs/benchmarks/rebucket_cpu.json
+    torchrun --nproc_per_node 2 benchmarks/rebucket.py --out docs/benchmarks/rebucket_cpu_2ranks.json
 
-On a GPU, decode steps are the cost (a finished row is nearly free); on this CPU, time follows decode slots, and
-compaction removes the slots of finished rows, so the CPU's own regime is the `compaction*` variants.
+It runs on the GPU when there is one (bf16 there). On a GPU, decode steps are the cost (a finished row is nearly
+free); on a CPU, time follows decode slots, and compaction removes the slots of finished rows, so the CPU's own
+regime is the `compaction*` variants.
 """
 
 from __future__ import annotations
@@ -84,9 +85,10 @@ def run_variant(name: str, args: argparse.Namespace) -> dict:
     settings = {k: args.wave_size if v == "W" else v for k, v in VARIANTS[name].items()}
     settings |= {"probe_tokens": args.probe} if settings.get("rebucket") else {}
     torch.manual_seed(0)
-    model, tokenizer = load_model(None)
+    gpu = torch.cuda.is_available()
+    model, tokenizer = load_model(None, dtype=torch.bfloat16 if gpu else torch.float32)
     config = GRPOConfig(
-        output_dir=f"/tmp/rl_lenbalance_rebucket/{name}", use_cpu=True, max_steps=args.steps, seed=0,
+        output_dir=f"/tmp/rl_lenbalance_rebucket/{name}", use_cpu=not gpu, bf16=gpu, max_steps=args.steps, seed=0,
         per_device_train_batch_size=args.batch, gradient_accumulation_steps=args.grad_acc,
         num_generations=args.generations, max_completion_length=args.max_length, temperature=1.0, top_k=0,
         beta=0.0, loss_type="dapo", learning_rate=1e-6, report_to="none", save_strategy="no", logging_steps=1,
@@ -142,7 +144,8 @@ def main() -> None:
         report = {
             "command": ("torchrun --nproc_per_node " + os.environ["WORLD_SIZE"] + " " if "WORLD_SIZE" in os.environ
                         else "python ") + " ".join(sys.argv),
-            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+            "machine": (torch.cuda.get_device_name() if torch.cuda.is_available() else
+                        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores") + f", torch {torch.__version__}",
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "results": results,
         }
