@@ -126,7 +126,8 @@ class GenerationCapture:
         result = CaptureResult()
         state: dict = {"norm": None, "feature": None, "pool": None}
         if resume is not None:
-            state.update(prompt=resume.prompt, pool=resume.pool, rows=torch.arange(len(prompts), device=resume.prompt.device))
+            rows = torch.arange(len(prompts), device=resume.prompt.device)
+            state.update(prompt=resume.prompt, pool=resume.pool, rows=rows)
             result.prompt_features, result.rows, result.steps = resume.prompt, state["rows"], resume.steps
 
         def keep(*names: str):

@@ -60,11 +60,12 @@ class LenBalanceMixin:
         completions: list[list[int]] = [[] for _ in prompt_ids]
         waves: list[Wave] = []
         running: list[dict] = []
+        probe = config.probe_tokens + 1 if rebucket else None  # decode steps before regrouping
         for rows in self._plan_waves(prompt_ids):
             prompts = [prompt_ids[i] for i in rows]
             with engine.capture.capture(prompts) as captured:
                 if rebucket or compact:
-                    ids = self._decode(prompts, captured, compact, max_steps=config.probe_tokens + 1 if rebucket else None)
+                    ids = self._decode(prompts, captured, compact, max_steps=probe)
                 else:
                     ids, _ = super()._generate_single_turn(prompts, None, {}, num_generations)
             waves.append(Wave([offset + i for i in rows], captured))
@@ -110,7 +111,8 @@ class LenBalanceMixin:
         if not torch.isfinite(remaining).all():
             self._warn_once("rebucket_nan", "rl-lenbalance: the length head predicted non-finite lengths; those rows "
                             "are re-bucketed as if they had the maximum length left.")
-            remaining = remaining.nan_to_num(float(self.max_completion_length), posinf=float(self.max_completion_length))
+            longest = float(self.max_completion_length)
+            remaining = remaining.nan_to_num(longest, posinf=longest)
         return [dict(id=ids[j], prompt=prompts[j], prefix=completions[j], state=state.rows([n]),
                      remaining=float(remaining[n])) for n, j in enumerate(running)]
 
