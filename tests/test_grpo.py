@@ -61,10 +61,11 @@ def test_greedy_generation_in_waves_and_compacted_equals_stock_row_for_row(embed
             assert totals["gen/decode_steps"] > totals["gen/decode_steps_stock"]  # waves run one after another
 
 
-@pytest.mark.parametrize("compaction", [False, True])
-def test_grpo_steps_log_lenbalance_metrics_and_train_the_predictor(eos_tiny_model_dir, tmp_path, compaction):
+@pytest.mark.parametrize("settings", [{}, {"compaction": True},
+                                      {"generation_wave_size": 4, "rebucket": True, "probe_tokens": 4}])
+def test_grpo_steps_log_lenbalance_metrics_and_train_the_predictor(eos_tiny_model_dir, tmp_path, settings):
     trainer = make_trainer(LenBalanceGRPOTrainer, eos_tiny_model_dir, make_args(tmp_path, max_steps=4),
-                           lenbalance_config=LenBalanceConfig(compaction=compaction))
+                           lenbalance_config=LenBalanceConfig(**settings))
     before = {k: v.clone() for k, v in trainer.lenbalance.head.state_dict().items()}
     trainer.train()
     logged = [row for row in trainer.state.log_history if "lenbalance/predictor/mae_static" in row]
@@ -77,6 +78,7 @@ def test_grpo_steps_log_lenbalance_metrics_and_train_the_predictor(eos_tiny_mode
     totals = trainer.lenbalance_totals
     assert totals["train/loss_tokens"] <= totals["train/loss_tokens_stock"]
     assert 0 < totals["gen/real_tokens"] <= totals["gen/decode_slots"]
+    assert (totals["gen/reprefill_tokens"] > 0) == bool(settings.get("rebucket"))  # sampled rows outlived the probe
 
 
 def test_callback_wraps_a_stock_trainer_and_checkpoints_the_predictor(eos_tiny_model_dir, tmp_path):
