@@ -20,15 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import sys
 import time
-from datetime import datetime, timezone
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 import torch  # noqa: E402
+from _common import save_report  # noqa: E402
 from accelerate.utils import gather_object  # noqa: E402
 from trl import GRPOConfig  # noqa: E402
 
@@ -141,17 +139,7 @@ def main() -> None:
     args = parser.parse_args()
     results = [run_variant(name, args) for name in args.variants]
     if int(os.environ.get("RANK", "0")) == 0:
-        report = {
-            "command": ("torchrun --nproc_per_node " + os.environ["WORLD_SIZE"] + " " if "WORLD_SIZE" in os.environ
-                        else "python ") + " ".join(sys.argv),
-            "machine": (torch.cuda.get_device_name() if torch.cuda.is_available() else
-                        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores") + f", torch {torch.__version__}",
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "results": results,
-        }
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=2)
-
+        save_report(args.out, results)
 
 if __name__ == "__main__":
     main()

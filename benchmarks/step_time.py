@@ -12,15 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import sys
 import time
-from datetime import datetime, timezone
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 import torch  # noqa: E402
+from _common import save_report  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from rl_lenbalance import LenBalanceConfig, LenBalanceGRPOTrainer  # noqa: E402
@@ -113,15 +111,7 @@ def main() -> None:
         for r in results:
             for key in ("wall_s", "generation_s", "loss_phase_s"):
                 r[f"speedup_{key}"] = stock[key] / r[key]
-    report = {
-        "command": "python " + " ".join(sys.argv),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "results": results,
-    }
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=2)
-
+    save_report(args.out, results)
 
 if __name__ == "__main__":
     main()

@@ -46,22 +46,6 @@ def test_best_partition_is_never_worse_than_either(costs, parts):
     assert best <= imbalance(costs, lpt_partition(costs, parts)) + 1e-12
 
 
-@settings(max_examples=200, deadline=None)
-@given(st.integers(1, 4), st.integers(1, 3), st.integers(1, 4), st.data())
-def test_plan_never_makes_the_slowest_rank_pad_more_than_stock(ranks, per_rank, rows, data):
-    """Stock TRL pads every row of a rank to that rank's longest prompt plus its longest completion."""
-    n = ranks * per_rank * rows
-    completion = data.draw(st.lists(st.integers(1, 512), min_size=n, max_size=n))
-    prompt = data.draw(st.lists(st.integers(1, 64), min_size=n, max_size=n))
-    plan = plan_microbatches(completion, ranks, per_rank, prompt_lengths=prompt)
-    assert sorted(i for rank in plan for mb in rank for i in mb) == list(range(n))
-    block = n // ranks
-    stock = max(padded_cost(completion, range(r * block, (r + 1) * block), prompt_lengths=prompt)
-                for r in range(ranks))
-    ours = max(sum(padded_cost(completion, mb, prompt_lengths=prompt) for mb in rank) for rank in plan)
-    assert ours <= stock
-
-
 def test_plan_with_prompt_widths_groups_rows_by_both_widths():
     # total length alone pairs (40 + 20) with (28 + 32): a 72-wide micro-batch for 60-token rows
     completion, prompt = [20, 32, 20, 32], [40, 28, 40, 28]
@@ -70,14 +54,14 @@ def test_plan_with_prompt_widths_groups_rows_by_both_widths():
     assert sum(padded_cost(completion, mb, prompt_lengths=prompt) for mb in plan[0]) == 4 * 60
 
 
-@settings(max_examples=200, deadline=None)
-@given(st.integers(1, 3), st.integers(1, 3), st.integers(1, 5), st.data())
-def test_uneven_microbatches_keep_rows_and_steps_never_cost_more_nor_outgrow_stock_memory(ranks, per_rank, rows, data):
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 3), st.integers(1, 5), st.booleans(), st.data())
+def test_plan_keeps_rows_and_steps_and_never_outdoes_stock_in_time_or_memory(ranks, per_rank, rows, uneven, data):
+    """Stock TRL pads every micro-batch of a rank to that rank's longest prompt plus its longest completion."""
     n = ranks * per_rank * rows
     completion = data.draw(st.lists(st.integers(1, 512), min_size=n, max_size=n))
     prompt = data.draw(st.lists(st.integers(1, 64), min_size=n, max_size=n))
-    even = plan_microbatches(completion, ranks, per_rank, prompt_lengths=prompt)
-    plan = plan_microbatches(completion, ranks, per_rank, prompt_lengths=prompt, uneven=True)
+    plan = plan_microbatches(completion, ranks, per_rank, prompt_lengths=prompt, uneven=uneven)
     assert sorted(i for rank in plan for mb in rank for i in mb) == list(range(n))
     assert all(len(rank) == per_rank and all(rank) for rank in plan)
     assert all(sum(map(len, rank)) == n // ranks for rank in plan)  # a rank trains as many rows as stock
@@ -87,12 +71,13 @@ def test_uneven_microbatches_keep_rows_and_steps_never_cost_more_nor_outgrow_sto
         per_rank_cost = [sum(padded_cost(completion, mb, prompt_lengths=prompt) for mb in rank) for rank in p]
         return max(per_rank_cost), sum(per_rank_cost)
 
-    assert cost(plan) <= cost(even)
-    block = n // ranks  # stock pads each micro-batch of rank r to r's widest prompt + widest completion
-    stock_peak = max(padded_cost(completion, range(r * block, (r + 1) * block), prompt_lengths=prompt) / per_rank
-                     for r in range(ranks))
-    for p in (even, plan):
-        assert max(padded_cost(completion, mb, prompt_lengths=prompt) for rank in p for mb in rank) <= stock_peak
+    block = n // ranks
+    stock = [padded_cost(completion, range(r * block, (r + 1) * block), prompt_lengths=prompt) for r in range(ranks)]
+    assert cost(plan)[0] <= max(stock)  # the slowest rank computes no more than stock's slowest
+    assert max(padded_cost(completion, mb, prompt_lengths=prompt) for rank in plan for mb in rank) <= max(
+        stock) / per_rank  # no micro-batch outgrows stock's largest: same peak memory
+    if uneven:
+        assert cost(plan) <= cost(plan_microbatches(completion, ranks, per_rank, prompt_lengths=prompt))
 
 
 def test_uneven_microbatches_give_the_long_tail_its_own_small_microbatch():

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from rl_lenbalance.recipe import load_recipe
-from rl_lenbalance.train import build_trainer, parse_overrides, run
+from rl_lenbalance.train import build_trainer, parse_overrides
 from rl_lenbalance.wandb_offline import find_runs, read_run
 
 QUICKSTART = Path(__file__).parents[1] / "recipes" / "quickstart.yaml"
