@@ -27,6 +27,7 @@ from rl_lenbalance.tasks import REWARD_FUNCS, arithmetic_dataset  # noqa: E402
 
 VARIANTS = {
     "stock": None,
+    "lenbalance_training_equal": {"uneven_microbatches": False},
     "lenbalance_training_only": {},
     "lenbalance_waves": {"generation_wave_size": 8},
     "lenbalance_compaction": {"compaction": True},
