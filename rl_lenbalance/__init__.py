@@ -4,12 +4,12 @@ from importlib import import_module
 
 from .config import LenBalanceConfig
 
-__all__ = ["LenBalanceCallback", "LenBalanceConfig", "LenBalanceGRPOTrainer", "wrap_trainer"]
+__all__ = ["LenBalanceCallback", "LenBalanceConfig", "LenBalanceGRPOTrainer", "LenBalanceRLOOTrainer", "wrap_trainer"]
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
     """Import the TRL adapters on first use, so the pure modules load without importing TRL."""
-    if name in ("LenBalanceCallback", "LenBalanceGRPOTrainer", "wrap_trainer"):
+    if name in ("LenBalanceCallback", "LenBalanceGRPOTrainer", "LenBalanceRLOOTrainer", "wrap_trainer"):
         return getattr(import_module(".integrations", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,4 +1,5 @@
-"""Reordering and rebalancing change nothing that is learned: two real gloo processes, stock vs rl-lenbalance.
+"""Reordering and rebalancing change nothing that is learned: two real gloo processes, stock vs rl-lenbalance
+(GRPOTrainer and RLOOTrainer).
 
 The tiny model runs in float64 so that "equal up to float error" can be asserted tightly (1e-8 relative): in
 float32 the two runs differ by ~2e-5 relative, the size of stock TRL's own run-to-run reordering noise, because
@@ -27,7 +28,7 @@ def test_stock_and_lenbalance_learn_the_same_parameters(tiny_model_dir, tmp_path
     results = json.loads(out.read_text())
     settings = {(r["loss_type"], r["grad_acc"], r["num_iterations"], r["steps_per_generation"]) for r in results}
     assert settings == {(l, g, n, g) for l in ("dapo", "grpo", "dr_grpo") for g in (1, 2) for n in (1, 2)} | {
-        ("grpo", 1, 1, 2), ("dapo", 2, 1, 4)}
+        ("grpo", 1, 1, 2), ("dapo", 2, 1, 4), ("rloo", 2, 1, 2), ("rloo", 2, 2, 2)}
     for r in results:
         assert r["world_size"] == 2
         assert r["moved"] > 1e-4, r  # parameters really moved, so equality below means something
@@ -40,7 +41,7 @@ def test_stock_and_lenbalance_learn_the_same_parameters(tiny_model_dir, tmp_path
     assert any(r["rows_moved"] > 0 for r in regrouped), regrouped
     # micro-batches of unequal rows (row-mean losses reweighted) were trained, for every loss type
     uneven = {r["loss_type"] for r in results if any(len(set(sizes)) > 1 for sizes in r["microbatch_rows"])}
-    assert uneven == {"dapo", "grpo", "dr_grpo"}, [(r["loss_type"], r["microbatch_rows"]) for r in results]
+    assert uneven == {"dapo", "grpo", "dr_grpo", "rloo"}, [(r["loss_type"], r["microbatch_rows"]) for r in results]
 
 
 @pytest.mark.slow

@@ -1,11 +1,12 @@
-"""TRL adapter: GRPOTrainer (and trainers sharing its generation/`_prepare_inputs` structure, like RLOO).
+"""TRL adapter: GRPOTrainer and RLOOTrainer (they share the generation and `_prepare_inputs` structure).
 
-Two stock methods change, each in one place:
+Three stock methods change, each in one place:
 - `_generate_single_turn`: the same plain-`generate` call(s) under capture hooks, so the predictor sees every
   rollout and trains on it; optionally in waves ordered by predicted length, re-bucketed after a probe (rows may
   move between ranks and come back), or dropping finished rows.
-- `_prepare_inputs`: TRL's random shuffle + equal split becomes length-sorted micro-batches dealt to ranks by
-  padded cost, with all-pad columns trimmed (same rows per micro-batch, so the same loss and gradients).
+- `_prepare_inputs`: inside each optimizer step (its rows still chosen by stock's shuffle), TRL's equal split
+  becomes length-sorted micro-batches (equal or not) dealt to ranks by padded cost, all-pad columns trimmed.
+- `compute_loss`: a per-row-mean loss is weighted by its micro-batch's share of rows, so the update is stock's.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections import defaultdict
 
 import torch
 from accelerate.utils import gather_object, pad_across_processes
-from trl import GRPOTrainer
+from trl import GRPOTrainer, RLOOTrainer
 from trl.models import unwrap_model_for_generation
 
 from ..config import ROW_MEAN_LOSSES, LenBalanceConfig
@@ -41,17 +42,18 @@ class LenBalanceMixin:
         self._lenbalance_warned: set[str] = set()
         self.lenbalance_totals: dict[str, float] = defaultdict(float)  # summed over the run, for the summary table
         self.lenbalance_last_lengths: list[tuple[float, int]] = []  # (predicted at t=0, actual) of the last round
+        # a micro-batch's loss is a mean over its rows (RLOO has no loss_type: its loss is a mean over sequences)
+        self._row_mean_loss = getattr(self, "loss_type", None) in ROW_MEAN_LOSSES or not hasattr(self, "loss_type")
 
     # --- generation -------------------------------------------------------------------------------------------
 
-    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, *args, **kwargs):
         """Stock: one `generate` over the rank's rows. Here: the same call(s) under capture hooks, in waves, maybe
-        re-bucketed after a probe; the completions come back in stock's order."""
+        re-bucketed after a probe; the completions come back in stock's order (GRPO's `(ids, logprobs)`, RLOO's ids)."""
         if self.use_vllm or self.use_transformers_continuous_batching or images is not None or multimodal_fields:
             self._warn_once("backend", "rl-lenbalance captures hidden states only on the plain transformers "
                             "`generate` path (text-only); this generation ran as stock TRL, unpredicted.")
-            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations,
-                                                 has_tool_images)
+            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, *args, **kwargs)
         start = time.perf_counter()
         config, engine = self.lenbalance_config, self.lenbalance
         compact = config.compaction and not self._loop_blocked("compaction")
@@ -67,7 +69,8 @@ class LenBalanceMixin:
                 if rebucket or compact:
                     ids = self._decode(prompts, captured, compact, max_steps=probe)
                 else:
-                    ids, _ = super()._generate_single_turn(prompts, None, {}, num_generations)
+                    ids = super()._generate_single_turn(prompts, None, {}, *args)
+                    ids = ids[0] if isinstance(ids, tuple) else ids  # GRPO adds logprobs (None on this path)
             waves.append(Wave([offset + i for i in rows], captured))
             for row, completion in zip(rows, ids, strict=True):
                 completions[row] = completion
@@ -81,7 +84,7 @@ class LenBalanceMixin:
                 if 0 <= row - offset < len(prompt_ids):
                     completions[row - offset] = completion
         self._after_generation(waves, completions, lengths, time.perf_counter() - start)
-        return completions, None
+        return (completions, None) if isinstance(self, GRPOTrainer) else completions
 
     def _decode(self, prompts: list[list[int]], captured: CaptureResult, compact: bool, **kwargs) -> list[list[int]]:
         """Stock's plain-`generate` branch through rl-lenbalance's loop (`compact`: finished rows leave the batch)."""
@@ -250,7 +253,7 @@ class LenBalanceMixin:
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Stock, with a per-row-mean loss weighted by its micro-batch's rows over stock's (uneven micro-batches)."""
         loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        if self.model.training and self.lenbalance_config.balance_training and self.loss_type in ROW_MEAN_LOSSES:
+        if self.model.training and self.lenbalance_config.balance_training and self._row_mean_loss:
             loss = loss * (len(inputs["advantages"]) / self._stock_rows_per_microbatch)
         return loss
 
@@ -365,8 +368,8 @@ def _trim_padding(batch: dict) -> dict:
     return out
 
 
-class LenBalanceGRPOTrainer(LenBalanceMixin, GRPOTrainer):
-    """`GRPOTrainer` with rl-lenbalance: pass `lenbalance_config=` (or nothing, for the defaults)."""
+class _Wrapped(LenBalanceMixin):
+    """The swap-in trainers' constructor: the TRL trainer's own, then rl-lenbalance's setup and callback."""
 
     def __init__(self, *args, lenbalance_config: LenBalanceConfig | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -374,6 +377,14 @@ class LenBalanceGRPOTrainer(LenBalanceMixin, GRPOTrainer):
         from .callback import LenBalanceCallback  # the callback imports this module
 
         self.add_callback(LenBalanceCallback(self))
+
+
+class LenBalanceGRPOTrainer(_Wrapped, GRPOTrainer):
+    """`GRPOTrainer` with rl-lenbalance: pass `lenbalance_config=` (or nothing, for the defaults)."""
+
+
+class LenBalanceRLOOTrainer(_Wrapped, RLOOTrainer):
+    """`RLOOTrainer` with rl-lenbalance: pass `lenbalance_config=` (or nothing, for the defaults)."""
 
 
 def mix_in(trainer, config: LenBalanceConfig | None = None):

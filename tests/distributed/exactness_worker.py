@@ -18,9 +18,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
-from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer  # noqa: E402
 
-from rl_lenbalance import LenBalanceConfig, LenBalanceGRPOTrainer  # noqa: E402
+from rl_lenbalance import LenBalanceConfig, LenBalanceGRPOTrainer, LenBalanceRLOOTrainer  # noqa: E402
 
 MODEL_DIR, OUT = sys.argv[1], sys.argv[2]
 PROMPTS = ["What is 2+2?", "List 5 fruits.", "Write a poem.", "Explain gravity in detail.", "Hi", "Count to 20."]
@@ -29,7 +29,7 @@ PROMPTS = ["What is 2+2?", "List 5 fruits.", "Write a poem.", "Explain gravity i
 class Replay:
     """Completions as a pure function of (prompt, occurrence in the batch): same for both trainers."""
 
-    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, *args, **kwargs):
         seen: dict[tuple, int] = {}
         out = []
         for ids in prompt_ids:
@@ -38,18 +38,30 @@ class Replay:
             length = int(torch.randint(1, 40, (1,), generator=g)) if k % 3 else int(torch.randint(1, 6, (1,), generator=g))
             tokens = torch.randint(10, 1000, (length,), generator=g).tolist()
             out.append(tokens + ([self.eos_token_ids[0]] if k % 2 else []))
-        return out, None
+        return (out, None) if isinstance(self, GRPOTrainer) else out  # RLOO returns the ids alone
+
+
+class RecordMicrobatches:
+    def _exchange_rows(self, batch, shuffle):
+        batch, sizes = super()._exchange_rows(batch, shuffle)
+        self.microbatch_rows = getattr(self, "microbatch_rows", []) + [sizes]
+        return batch, sizes
 
 
 class StockReplay(Replay, GRPOTrainer):
     pass
 
 
-class LenBalanceReplay(Replay, LenBalanceGRPOTrainer):
-    def _exchange_rows(self, batch, shuffle):
-        batch, sizes = super()._exchange_rows(batch, shuffle)
-        self.microbatch_rows = getattr(self, "microbatch_rows", []) + [sizes]
-        return batch, sizes
+class LenBalanceReplay(RecordMicrobatches, Replay, LenBalanceGRPOTrainer):
+    pass
+
+
+class StockRLOOReplay(Replay, RLOOTrainer):
+    pass
+
+
+class LenBalanceRLOOReplay(RecordMicrobatches, Replay, LenBalanceRLOOTrainer):
+    pass
 
 
 def reward(completion_ids, **kwargs):
@@ -61,12 +73,12 @@ def train(cls, loss_type, grad_acc, num_iterations, steps_per_generation=None, *
     tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR, padding_side="left")
     model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float64)
     initial = {n: p.detach().clone() for n, p in model.named_parameters()}
-    args = GRPOConfig(
+    config_class, loss = (RLOOConfig, {}) if loss_type == "rloo" else (GRPOConfig, {"loss_type": loss_type})
+    args = config_class(
         output_dir="/tmp/rl_lenbalance_exactness", per_device_train_batch_size=4, num_generations=4,
         gradient_accumulation_steps=grad_acc, num_iterations=num_iterations, max_completion_length=48,
-        steps_per_generation=steps_per_generation,
-        max_steps=3, learning_rate=1e-2, loss_type=loss_type, beta=0.0, use_cpu=True, report_to="none",
-        save_strategy="no", logging_steps=1, seed=0, optim="sgd", max_grad_norm=0.0,
+        steps_per_generation=steps_per_generation, max_steps=3, learning_rate=1e-2, beta=0.0, use_cpu=True,
+        report_to="none", save_strategy="no", logging_steps=1, seed=0, optim="sgd", max_grad_norm=0.0, **loss,
     )
     dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": p}]} for p in PROMPTS * 8])
     trainer = cls(model=model, processing_class=tokenizer, reward_funcs=reward, args=args, train_dataset=dataset,
@@ -78,10 +90,12 @@ def train(cls, loss_type, grad_acc, num_iterations, steps_per_generation=None, *
 results = []
 SETTINGS = [(*s, None) for s in itertools.product(["dapo", "grpo", "dr_grpo"], [1, 2], [1, 2])]
 SETTINGS += [("grpo", 1, 1, 2), ("dapo", 2, 1, 4)]  # two optimizer steps per generation: stock's shuffle picks rows
+SETTINGS += [("rloo", 2, 1, None), ("rloo", 2, 2, None)]  # RLOOTrainer (its loss: a mean over sequences)
 for loss_type, grad_acc, num_iterations, spg in SETTINGS:
-    _, initial, stock = train(StockReplay, loss_type, grad_acc, num_iterations, spg)
-    lb, _, ours = train(LenBalanceReplay, loss_type, grad_acc, num_iterations, spg,
-                        lenbalance_config=LenBalanceConfig())
+    stock_class, our_class = (StockRLOOReplay, LenBalanceRLOOReplay) if loss_type == "rloo" else (
+        StockReplay, LenBalanceReplay)
+    _, initial, stock = train(stock_class, loss_type, grad_acc, num_iterations, spg)
+    lb, _, ours = train(our_class, loss_type, grad_acc, num_iterations, spg, lenbalance_config=LenBalanceConfig())
     rel = max(((stock[n] - ours[n]).norm() / stock[n].norm().clamp(min=1e-12)).item() for n in stock)
     moved = max(((stock[n] - initial[n]).norm() / initial[n].norm().clamp(min=1e-12)).item() for n in stock)
     logs = [row for row in lb.state.log_history if "lenbalance/train/pad_frac" in row]
