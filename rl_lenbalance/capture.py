@@ -71,6 +71,7 @@ class StreamState:
 
     @classmethod
     def cat(cls, states: list[StreamState], device: torch.device | str) -> StreamState:
+        """The rows of `states`, in order, on `device`: one wave's state, to resume it."""
         if len({state.steps for state in states}) != 1:
             raise ValueError("rows resumed together must have seen the same number of tokens")
         prompt = torch.cat([state.prompt.to(device) for state in states])

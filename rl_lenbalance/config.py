@@ -124,8 +124,8 @@ class LenBalanceConfig:
                 f"lenbalance.partition_method={self.partition_method!r} is not valid; use one of "
                 f"{', '.join(PARTITION_METHODS)}."
             )
-        for name in ("num_bins", "probe_tokens", "predict_every", "record_every", "samples_per_sequence", "predictor_batch_size",
-                     "replay_buffer_size", "fallback_window"):
+        for name in ("num_bins", "probe_tokens", "predict_every", "record_every", "samples_per_sequence",
+                     "predictor_batch_size", "replay_buffer_size", "fallback_window"):
             if getattr(self, name) < 1:
                 raise ValueError(f"lenbalance.{name} must be >= 1, got {getattr(self, name)}.")
         if self.num_bins < 2:

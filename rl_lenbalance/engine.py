@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from collections.abc import Iterator, Mapping
 
 import torch
 from torch import nn
