@@ -19,23 +19,31 @@ def padded_cost(lengths: Sequence[float], rows: Sequence[int], attention_alpha: 
     width = max(lengths[i] for i in rows)
     if prompt_lengths is not None:
         width += max(prompt_lengths[i] for i in rows)
-    return len(rows) * (width + attention_alpha * width * width)
+    return _cost(len(rows), width, attention_alpha)
 
 
-def split_rows(ranks: Sequence[Sequence[int]], num_parts: int, cost: Callable[[Sequence[int]], float],
-               max_cost: float) -> Plan | None:
+def _cost(rows: int, width: float, attention_alpha: float) -> float:
+    return rows * (width + attention_alpha * width * width)
+
+
+def split_rows(ranks: Sequence[Sequence[int]], num_parts: int, lengths: Sequence[float], max_cost: float,
+               attention_alpha: float = 0.0, prompt_lengths: Sequence[float] | None = None) -> Plan | None:
     """Cut each rank's rows (in their order; every rank has as many) at the same points into exactly `num_parts`
-    non-empty consecutive micro-batches, of least summed cost, none costing more than `max_cost` (dynamic
+    non-empty consecutive micro-batches, of least summed `padded_cost`, none costing more than `max_cost` (dynamic
     programming over the cut points). Shared cut points give micro-step k the same rows on every rank, as TRL's
     per-row metric gathers need. None when no such cut exists."""
     n = len(ranks[0])
     if not 1 <= num_parts <= n or any(len(rows) != n for rows in ranks):
         return None
+    prompts = prompt_lengths or [0] * len(lengths)
     inf = float("inf")
     seg = [[inf] * (n + 1) for _ in range(n)]  # seg[i][j]: every rank's rows[i:j] as one micro-batch each
     for i in range(n):
+        widest = [(0.0, 0.0)] * len(ranks)  # each rank's longest completion and prompt in rows[i:j]
         for j in range(i + 1, n + 1):
-            costs = [cost(rows[i:j]) for rows in ranks]
+            widest = [(max(c, lengths[rows[j - 1]]), max(p, prompts[rows[j - 1]]))
+                      for (c, p), rows in zip(widest, ranks, strict=True)]
+            costs = [_cost(j - i, c + p, attention_alpha) for c, p in widest]
             if max(costs) > max_cost:
                 break  # a longer micro-batch only costs more
             seg[i][j] = sum(costs)
@@ -117,7 +125,7 @@ def plan_microbatches(
     if uneven:
         for plan in list(candidates):
             recut = split_rows([sorted((i for rows in rank for i in rows), key=keys[0]) for rank in plan],
-                               microbatches_per_rank, cost, stock_peak)
+                               microbatches_per_rank, lengths, stock_peak, attention_alpha, prompt_lengths)
             if recut is not None:
                 candidates.append(recut)
     fits = [plan for plan in candidates if max(cost(rows) for rank in plan for rows in rank) <= stock_peak]
