@@ -64,10 +64,9 @@ class StreamState:
     steps: int
 
     def rows(self, index: list[int]) -> StreamState:
-        """These rows only, on the CPU (ready to travel)."""
-        pool = StreamingPool.cat([self.pool])
-        pool.select(torch.tensor(index))
-        return StreamState(self.prompt.cpu()[index], pool, self.steps)
+        """These rows only, on the CPU (ready to travel); copies just them."""
+        rows = torch.tensor(index, dtype=torch.long)
+        return StreamState(self.prompt[rows.to(self.prompt.device)].cpu(), self.pool.take(rows), self.steps)
 
     @classmethod
     def cat(cls, states: list[StreamState], device: torch.device | str) -> StreamState:

@@ -69,6 +69,13 @@ class StreamingPool:
         """Keep only these sequences (a generate loop dropped the others)."""
         self.max, self.norm, self.sum, self.last = self.max[rows], self.norm[rows], self.sum[rows], self.last[rows]
 
+    def take(self, rows: torch.Tensor, device: torch.device | str = "cpu") -> StreamingPool:
+        """A new pool holding only these sequences, on `device` (this one is unchanged)."""
+        out = StreamingPool(0, self.sum.size(1), device=device)
+        out.max, out.norm, out.sum, out.last = (getattr(self, name)[rows.to(self.sum.device)].to(device)
+                                                for name in ("max", "norm", "sum", "last"))
+        return out
+
     @classmethod
     def cat(cls, pools: list[StreamingPool], device: torch.device | str = "cpu") -> StreamingPool:
         """One pool holding the sequences of `pools`, in order, on `device` (rows regrouped between generate calls)."""
