@@ -32,7 +32,10 @@ class LenBalanceConfig:
     ce_weight: float = field(default=0.95, metadata={"help": "λ in the loss λ·CE + (1-λ)·MSE."})
     dropout: float = field(default=0.1, metadata={"help": "Dropout inside the head."})
     predict_every: int = field(
-        default=1, metadata={"help": "Run the head every this many decode steps during generation (PLP)."}
+        default=0,
+        metadata={"help": "Also run the head every this many decode steps during generation (PLP), for inspection; "
+                          "0: only at step 0, the one prediction the scheduler reads (re-bucketing predicts from the "
+                          "probe's stream state itself). Each prediction adds kernels to a decode step."},
     )
     record_every: int = field(
         default=16,
@@ -124,7 +127,9 @@ class LenBalanceConfig:
                 f"lenbalance.partition_method={self.partition_method!r} is not valid; use one of "
                 f"{', '.join(PARTITION_METHODS)}."
             )
-        for name in ("num_bins", "probe_tokens", "predict_every", "record_every", "samples_per_sequence",
+        if self.predict_every < 0:
+            raise ValueError(f"lenbalance.predict_every must be >= 0 (0: only at step 0), got {self.predict_every}.")
+        for name in ("num_bins", "probe_tokens", "record_every", "samples_per_sequence",
                      "predictor_batch_size", "replay_buffer_size", "fallback_window"):
             if getattr(self, name) < 1:
                 raise ValueError(f"lenbalance.{name} must be >= 1, got {getattr(self, name)}.")

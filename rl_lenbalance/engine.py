@@ -78,18 +78,18 @@ class LenBalanceEngine:
         }
         entry = 0
         for wave in waves:
-            recorded = wave.capture.recorded
+            recorded = {step: z.float().cpu() for step, z in wave.capture.recorded.items()}  # one copy per step
             for j, row in enumerate(wave.rows):
                 length = lengths[row]
                 steps = [s for s in self._steps if s < length]
                 for name, step in (("0", 0), ("32", PLP_REPORT_STEP)):
                     if step in steps and step in recorded:
-                        out[f"z{name}"][entry] = recorded[step][j].float().cpu()
+                        out[f"z{name}"][entry] = recorded[step][j]
                         out[f"y{name}"][entry] = float(length - step)
                 generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.rounds * 100_003 + row)
                 picks = [steps[p] for p in torch.randperm(len(steps), generator=generator)[:samples].tolist()]
                 for k, step in enumerate(s for s in picks if s in recorded):
-                    out["z"][entry * samples + k] = recorded[step][j].float().cpu()
+                    out["z"][entry * samples + k] = recorded[step][j]
                     out["y"][entry * samples + k] = float(length - step)
                 entry += 1
         return out
