@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+
+import torch
 
 from .predictor import POOLING_METHODS
 
 PARTITION_METHODS = ("best", "kk", "lpt")
 EXACT_LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "sapo", "cispo", "luspo")  # row-mean or globally normalised
 ROW_MEAN_LOSSES = ("grpo", "dr_grpo", "sapo", "luspo")  # a micro-batch's loss is a mean over its rows
+AUTO = "auto"
+# What `auto` means on each device type: the choice measured fastest there (docs/benchmarks/README.md).
+AUTO_CHOICES = {
+    "compaction": {"cpu": True, "cuda": False},  # a finished row costs compute on a CPU, ~nothing on a GPU
+    "uneven_microbatches": {"cpu": False, "cuda": False},  # not yet measured faster than equal micro-batches
+}
 
 
 @dataclass
@@ -67,12 +75,13 @@ class LenBalanceConfig:
         default=True,
         metadata={"help": "Move rows between data-parallel ranks so each rank gets an equal share of tokens."},
     )
-    uneven_microbatches: bool = field(
-        default=True,
+    uneven_microbatches: bool | str = field(
+        default=AUTO,
         metadata={
             "help": "Let a rank's micro-batches hold different numbers of rows (long rows in small ones, short rows "
             "in large ones, none padded beyond stock's largest); row-mean losses are reweighted so the update is "
-            "stock's. False: equal rows per micro-batch, as stock."
+            "stock's. False: equal rows per micro-batch, as stock. 'auto': the choice measured fastest on the "
+            "trainer's device (today False everywhere: uneven micro-batches have not yet won a measurement)."
         },
     )
     partition_method: str = field(
@@ -101,11 +110,12 @@ class LenBalanceConfig:
     probe_tokens: int = field(
         default=32, metadata={"help": "k, the tokens every row decodes before re-bucketing (the paper's t = 32)."}
     )
-    compaction: bool = field(
-        default=False,
+    compaction: bool | str = field(
+        default=AUTO,
         metadata={
             "help": "Drop finished rows from the batch while generating (plain transformers path). Pays where a "
-            "finished row costs compute (CPU, large batches); on a launch-bound GPU a finished row is nearly free."
+            "finished row costs compute (CPU, large batches); on a launch-bound GPU a finished row is nearly free. "
+            "'auto': on for a CPU trainer, off on a GPU."
         },
     )
     fallback_window: int = field(
@@ -137,8 +147,17 @@ class LenBalanceConfig:
             raise ValueError(f"lenbalance.num_bins must be >= 2, got {self.num_bins}.")
         if not 0.0 <= self.ce_weight <= 1.0:
             raise ValueError(f"lenbalance.ce_weight (λ) must lie in [0, 1], got {self.ce_weight}.")
+        for name in AUTO_CHOICES:
+            if getattr(self, name) not in (True, False, AUTO):
+                raise ValueError(f"lenbalance.{name}={getattr(self, name)!r} is not valid; use true, false or 'auto'.")
         if self.generation_wave_size is not None and self.generation_wave_size < 1:
             raise ValueError(f"lenbalance.generation_wave_size must be >= 1 or None, got {self.generation_wave_size}.")
+
+    def resolved(self, device: torch.device | str) -> LenBalanceConfig:
+        """A copy with every 'auto' setting replaced by the choice for `device`'s type (CPU choices elsewhere)."""
+        kind = "cuda" if torch.device(device).type == "cuda" else "cpu"
+        return replace(self, **{name: choices[kind] for name, choices in AUTO_CHOICES.items()
+                                if getattr(self, name) == AUTO})
 
     def check_trainer_args(self, args) -> None:
         """Refuse settings that contradict the trainer's (`args` is a GRPOConfig or RLOOConfig)."""

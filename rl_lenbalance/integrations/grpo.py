@@ -11,6 +11,7 @@ Three stock methods change, each in one place:
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from collections import defaultdict
@@ -35,11 +36,12 @@ class LenBalanceMixin:
     lenbalance_config: LenBalanceConfig
 
     def _lenbalance_setup(self, config: LenBalanceConfig | None) -> None:
-        self.lenbalance_config = config = config or LenBalanceConfig()
+        self.lenbalance_config = config = (config or LenBalanceConfig()).resolved(self.accelerator.device)
         config.check_trainer_args(self.args)
         model = self.accelerator.unwrap_model(self.model)
         self.lenbalance = LenBalanceEngine(model, config, self.max_completion_length, seed=self.args.seed)
         self._lenbalance_warned: set[str] = set()
+        self._nonfinite_grad_steps = 0
         self.lenbalance_totals: dict[str, float] = defaultdict(float)  # summed over the run, for the summary table
         self.lenbalance_last_lengths: list[tuple[float, int]] = []  # (predicted at t=0, actual) of the last round
         # a micro-batch's loss is a mean over its rows (RLOO has no loss_type: its loss is a mean over sequences)
@@ -322,6 +324,13 @@ class LenBalanceMixin:
         return batch
 
     # --- logging ------------------------------------------------------------------------------------------------
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Stock, plus the count of logged optimizer steps whose `grad_norm` was not finite (a divergence alarm)."""
+        if "grad_norm" in logs:
+            self._nonfinite_grad_steps += not math.isfinite(logs["grad_norm"])
+            logs["lenbalance/train/nonfinite_grad_steps"] = float(self._nonfinite_grad_steps)
+        super().log(logs, start_time)
 
     def _log_lenbalance(self, metrics: dict[str, float]) -> None:
         """Append to TRL's own metric store (already reduced over ranks): every `report_to` receives them."""
