@@ -11,6 +11,7 @@ a GPU). Warm-up steps are dropped; medians are reported, with ratios against sto
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import statistics
@@ -18,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -250,3 +252,30 @@ def print_comparison(results: list[dict]) -> None:
                       f"{r.get('speedup_whole_step_s', math.nan):.2f}×",
                       f"{r.get('speedup_per_completion_token', math.nan):.2f}×")
     Console().print(table)
+
+
+def compare_recipe(recipe_path: str, overrides: dict | None = None, steps: int = 4, warmup: int = 1) -> list[dict]:
+    """Stock `GRPOTrainer` and `LenBalanceGRPOTrainer`, both as the recipe says (trained `steps` steps, nothing saved
+    or reported); prints the table and writes it to `output_dir/lenbalance_compare.json`."""
+    from trl import GRPOTrainer
+
+    from .integrations import LenBalanceGRPOTrainer
+    from .recipe import load_recipe
+    from .train import build_trainer
+
+    if steps <= warmup:
+        raise ValueError(f"--steps={steps} leaves no step after the {warmup} warm-up step(s); use --steps {warmup + 2} "
+                         "or more.")
+    fixed = {"max_steps": steps, "save_strategy": "no", "report_to": "none", "disable_tqdm": True}
+    recipe = load_recipe(recipe_path, (overrides or {}) | fixed)
+
+    def build(settings: dict | None):
+        return build_trainer(recipe, timed(GRPOTrainer if settings is None else LenBalanceGRPOTrainer))
+
+    results = compare(build, {"stock": None, "lenbalance": {}}, warmup)
+    print_comparison(results)
+    out = Path(recipe.training.output_dir, "lenbalance_compare.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"recipe": str(recipe_path), "overrides": overrides or {}, "results": results}, indent=2))
+    print(f"written to {out}")
+    return results

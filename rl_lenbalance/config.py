@@ -12,9 +12,10 @@ PARTITION_METHODS = ("best", "kk", "lpt")
 EXACT_LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "sapo", "cispo", "luspo")  # row-mean or globally normalised
 ROW_MEAN_LOSSES = ("grpo", "dr_grpo", "sapo", "luspo")  # a micro-batch's loss is a mean over its rows
 AUTO = "auto"
-# What `auto` means on each device type: the choice measured fastest there (docs/benchmarks/README.md).
+# What `auto` means on each device type: the choice measured fastest there that keeps stock's completions.
 AUTO_CHOICES = {
-    "compaction": {"cpu": True, "cuda": False},  # a finished row costs compute on a CPU, ~nothing on a GPU
+    "compaction": {"cpu": True, "cuda": False},  # a finished row costs compute on a CPU, ~nothing on a GPU;
+    # with sampling it is off everywhere: a smaller batch draws other random numbers (same distribution, other tokens)
     "uneven_microbatches": {"cpu": False, "cuda": False},  # not yet measured faster than equal micro-batches
 }
 
@@ -115,7 +116,9 @@ class LenBalanceConfig:
         metadata={
             "help": "Drop finished rows from the batch while generating (plain transformers path). Pays where a "
             "finished row costs compute (CPU, large batches); on a launch-bound GPU a finished row is nearly free. "
-            "'auto': on for a CPU trainer, off on a GPU."
+            "With sampling the rows left in the batch draw other random numbers, so completions are drawn from the "
+            "same distribution but are not stock's token for token. 'auto': on for a CPU trainer that decodes "
+            "greedily (exact there), off otherwise."
         },
     )
     fallback_window: int = field(
@@ -153,11 +156,13 @@ class LenBalanceConfig:
         if self.generation_wave_size is not None and self.generation_wave_size < 1:
             raise ValueError(f"lenbalance.generation_wave_size must be >= 1 or None, got {self.generation_wave_size}.")
 
-    def resolved(self, device: torch.device | str) -> LenBalanceConfig:
-        """A copy with every 'auto' setting replaced by the choice for `device`'s type (CPU choices elsewhere)."""
+    def resolved(self, device: torch.device | str, sampling: bool = True) -> LenBalanceConfig:
+        """A copy with every 'auto' setting replaced by the choice for `device`'s type (CPU choices elsewhere) that
+        keeps stock's completions (`sampling`: the trainer samples rather than decoding greedily)."""
         kind = "cuda" if torch.device(device).type == "cuda" else "cpu"
-        return replace(self, **{name: choices[kind] for name, choices in AUTO_CHOICES.items()
-                                if getattr(self, name) == AUTO})
+        choices = {name: options[kind] for name, options in AUTO_CHOICES.items()} | (
+            {"compaction": False} if sampling else {})
+        return replace(self, **{name: value for name, value in choices.items() if getattr(self, name) == AUTO})
 
     def check_trainer_args(self, args) -> None:
         """Refuse settings that contradict the trainer's (`args` is a GRPOConfig or RLOOConfig)."""

@@ -16,18 +16,21 @@ from pathlib import Path
 from .recipe import Recipe, load_recipe
 
 
-def build_trainer(recipe: Recipe):
-    """Model, task and `LenBalanceGRPOTrainer` as the recipe says."""
+def build_trainer(recipe: Recipe, trainer_class: type | None = None):
+    """Model, task and trainer as the recipe says: `LenBalanceGRPOTrainer` by default; `trainer_class` may be any
+    GRPOTrainer subclass (stock TRL's for a comparison), which gets `lenbalance_config` only if it takes one."""
     import torch
 
-    from .integrations import LenBalanceGRPOTrainer
+    from .integrations import LenBalanceGRPOTrainer, LenBalanceMixin
     from .models import load_model
     from .tasks import REWARD_FUNCS, arithmetic_dataset
 
+    trainer_class = trainer_class or LenBalanceGRPOTrainer
     model, tokenizer = load_model(recipe.model.name_or_path, dtype=getattr(torch, recipe.model.dtype))
     dataset = arithmetic_dataset(recipe.task.num_prompts, recipe.task.seed)
-    return LenBalanceGRPOTrainer(model=model, processing_class=tokenizer, reward_funcs=REWARD_FUNCS,
-                                 args=recipe.training, train_dataset=dataset, lenbalance_config=recipe.lenbalance)
+    extra = {"lenbalance_config": recipe.lenbalance} if issubclass(trainer_class, LenBalanceMixin) else {}
+    return trainer_class(model=model, processing_class=tokenizer, reward_funcs=REWARD_FUNCS, args=recipe.training,
+                         train_dataset=dataset, **extra)
 
 
 def summarize(trainer, wall_s: float) -> dict[str, float]:
@@ -46,6 +49,8 @@ def summarize(trainer, wall_s: float) -> dict[str, float]:
         "steps": trainer.state.global_step,
         "wall_s": wall_s,
         "generation_s": totals["gen/seconds"],
+        "generation_phase_s": totals["time/generation_s"],
+        "loss_phase_s": totals["time/loss_phase_s"],
         "mae_static": last("predictor/mae_static"),
         "mae_plp32": last("predictor/mae_plp32"),
         "mae_naive_static": last("predictor/mae_naive_static"),
@@ -72,6 +77,10 @@ def print_summary(summary: dict[str, float]) -> None:
     table.add_column("stock TRL (same batch)", justify="right")
     pct = "{:.1%}".format
     table.add_row("steps / wall time", f"{summary['steps']} / {summary['wall_s']:.0f} s", "")
+    compare = "`rl-lenbalance compare`"
+    table.add_row("seconds generating (rollouts, rewards), this rank", f"{summary['generation_phase_s']:.1f} s", compare)
+    table.add_row("seconds in the loss phase (forward, backward), this rank", f"{summary['loss_phase_s']:.1f} s",
+                  compare)
     table.add_row("decode slots wasted on padding", pct(summary["decode_slot_waste"]), pct(summary["decode_slot_waste_stock"]))
     table.add_row("decode steps, slowest rank (summed over rounds)", f"{summary['decode_steps']:.0f}",
                   f"{summary['decode_steps_stock']:.0f}")

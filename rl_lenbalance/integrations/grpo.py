@@ -36,7 +36,8 @@ class LenBalanceMixin:
     lenbalance_config: LenBalanceConfig
 
     def _lenbalance_setup(self, config: LenBalanceConfig | None) -> None:
-        self.lenbalance_config = config = (config or LenBalanceConfig()).resolved(self.accelerator.device)
+        sampling = getattr(getattr(self, "generation_config", None), "do_sample", True) is not False
+        self.lenbalance_config = config = (config or LenBalanceConfig()).resolved(self.accelerator.device, sampling)
         config.check_trainer_args(self.args)
         model = self.accelerator.unwrap_model(self.model)
         self.lenbalance = LenBalanceEngine(model, config, self.max_completion_length, seed=self.args.seed)
@@ -252,6 +253,14 @@ class LenBalanceMixin:
             self._ledger_training(batch)
         return self._buffered_inputs[self._step % spg]
 
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """Stock; the seconds it spends outside generation are the loss phase's (`time/loss_phase_s` in the totals)."""
+        start, generated = time.perf_counter(), self.lenbalance_totals["time/generation_s"]
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        spent = time.perf_counter() - start - (self.lenbalance_totals["time/generation_s"] - generated)
+        self.lenbalance_totals["time/loss_phase_s"] += spent
+        return loss
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Stock, with a per-row-mean loss weighted by its micro-batch's rows over stock's (uneven micro-batches)."""
         loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -317,8 +326,11 @@ class LenBalanceMixin:
         })
 
     def _generate_and_score_completions(self, inputs):
-        """Stock, plus the widths stock TRL would pad every micro-batch of this rank to (for the ledger)."""
+        """Stock, plus the widths stock TRL would pad every micro-batch of this rank to (for the ledger), and its
+        seconds (`time/generation_s`: generation, rewards and advantages, as a user's step sees them)."""
+        start = time.perf_counter()
         batch = super()._generate_and_score_completions(inputs)
+        self.lenbalance_totals["time/generation_s"] += time.perf_counter() - start
         if self.model.training:
             self._stock_widths = (batch["prompt_ids"].size(1), batch["completion_ids"].size(1))
         return batch
