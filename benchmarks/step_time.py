@@ -22,6 +22,7 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 
 import torch  # noqa: E402
 from _common import save_report  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from rl_lenbalance import LenBalanceConfig, LenBalanceGRPOTrainer  # noqa: E402
@@ -37,6 +38,30 @@ VARIANTS = {  # name -> LenBalanceConfig fields (None: stock TRL)
     "lenbalance_generation_only": {"balance_training": False},  # capture + online head, stock training
     "lenbalance_compaction": {"compaction": True},
 }
+
+
+class ProfileStep(TrainerCallback):
+    """torch.profiler over one optimizer step; its busiest operators go to `path` as a table."""
+
+    def __init__(self, step: int, path: str) -> None:
+        self.step, self.path, self.profiler = step, path, None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step + 1 == self.step:
+            activities = [torch.profiler.ProfilerActivity.CPU] + (
+                [torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+            self.profiler = torch.profiler.profile(activities=activities)
+            self.profiler.__enter__()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.profiler is not None:
+            self.profiler.__exit__(None, None, None)
+            averages = self.profiler.key_averages()
+            with open(self.path, "w") as f:
+                for sort in ("cpu_time_total", "self_cpu_time_total") + (
+                        ("self_device_time_total",) if torch.cuda.is_available() else ()):
+                    f.write(f"sorted by {sort}\n{averages.table(sort_by=sort, row_limit=40)}\n\n")
+            self.profiler = None
 
 
 def model_source(name: str) -> str:
@@ -67,13 +92,15 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=["stock", "lenbalance", "lenbalance_uneven",
                                                            "lenbalance_generation_only"], choices=list(VARIANTS))
     parser.add_argument("--setting", default=None, help="A name for the setting, recorded in the output.")
+    parser.add_argument("--profile-step", type=int, default=0,
+                        help="Profile this optimizer step of every variant (torch.profiler) into OUT.profile_VARIANT.txt.")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     source = model_source(args.model)
     dataset = arithmetic_dataset(max(64, args.batch * args.grad_acc * args.steps // args.generations), seed=0)
 
-    def build(settings: dict | None):
+    def build(settings: dict | None, name: str):
         torch.manual_seed(0)
         model, tokenizer = load_model(source, dtype=torch.bfloat16 if cuda else torch.float32)
         config = GRPOConfig(
@@ -87,8 +114,12 @@ def main() -> None:
         kwargs = dict(model=model, processing_class=tokenizer, reward_funcs=REWARD_FUNCS, args=config,
                       train_dataset=dataset)
         if settings is None:
-            return timed(GRPOTrainer)(**kwargs)
-        return timed(LenBalanceGRPOTrainer)(**kwargs, lenbalance_config=LenBalanceConfig(**settings))
+            trainer = timed(GRPOTrainer)(**kwargs)
+        else:
+            trainer = timed(LenBalanceGRPOTrainer)(**kwargs, lenbalance_config=LenBalanceConfig(**settings))
+        if args.profile_step:
+            trainer.add_callback(ProfileStep(args.profile_step, f"{args.out}.profile_{name}.txt"))
+        return trainer
 
     results = compare(build, {name: VARIANTS[name] for name in args.variants}, warmup=args.warmup)
     print_comparison(results)

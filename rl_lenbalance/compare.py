@@ -224,10 +224,11 @@ def add_ratios(results: list[dict]) -> None:
                                                   / result["whole_s_per_1k_completion_tokens"])
 
 
-def compare(build: Callable[[dict | None], object], variants: dict[str, dict | None], warmup: int = 1) -> list[dict]:
-    """Build one trainer per variant (`build(None)`: stock; `build(settings)`: rl-lenbalance with these
+def compare(build: Callable[[dict | None, str], object], variants: dict[str, dict | None],
+            warmup: int = 1) -> list[dict]:
+    """Build one trainer per variant (`build(None, name)`: stock; `build(settings, name)`: rl-lenbalance with these
     `LenBalanceConfig` fields), train them in alternation and return one summary per variant."""
-    trainers = {name: build(settings) for name, settings in variants.items()}
+    trainers = {name: build(settings, name) for name, settings in variants.items()}
     errors = run_alternating(trainers)
     for name, error in errors.items():
         raise RuntimeError(f"variant {name!r} failed: {type(error).__name__}: {error}") from error
@@ -269,7 +270,7 @@ def compare_recipe(recipe_path: str, overrides: dict | None = None, steps: int =
     fixed = {"max_steps": steps, "save_strategy": "no", "report_to": "none", "disable_tqdm": True}
     recipe = load_recipe(recipe_path, (overrides or {}) | fixed)
 
-    def build(settings: dict | None):
+    def build(settings: dict | None, _name: str):
         return build_trainer(recipe, timed(GRPOTrainer if settings is None else LenBalanceGRPOTrainer))
 
     results = compare(build, {"stock": None, "lenbalance": {}}, warmup)
