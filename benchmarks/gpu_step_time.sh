@@ -4,9 +4,10 @@
 #   call 1:      bash benchmarks/gpu_step_time.sh install          carry: [".gpu/whl", ".gpu/m1"]
 #   call 2:      bash benchmarks/gpu_step_time.sh run              carry: [".gpu/m2"]     (start it at once: warm machine)
 # `run` writes into $OUT: step_time_smollm2_<card>.json (issue 10's setting: SmolLM2 bf16, 256 completions per
-# step, up to 512 tokens; stock vs defaults vs uneven micro-batches; step 3 profiled), then the compute-bound shape
-# (Qwen2.5-0.5B configuration, random weights, long-tailed lengths up to 2048). SECTIONS="smollm2 qwen soak" picks;
-# the 30-step NaN soak (stock and defaults, ~17 min) needs a session of its own.
+# step, up to 512 tokens; stock vs the defaults, ~5 min; step 3 profiled; SMOLLM2_VARIANTS="stock lenbalance
+# lenbalance_uneven" adds a variant, ~2.5 min more). A third call, `SECTIONS=qwen bash ... run` (nothing carried),
+# runs the compute-bound shape (Qwen2.5-0.5B configuration, random weights, long-tailed lengths up to 2048).
+# The 30-step NaN soak (SECTIONS=soak: stock and the defaults, ~17 min) needs a session of its own.
 set -u
 export HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false WANDB_MODE=disabled
 case "${1:-}" in
@@ -28,10 +29,10 @@ run)
   card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr -c 'A-Za-z0-9\n' '_')
   nvidia-smi > $OUT/log.txt 2>&1  # at most 8 files come back: the JSONs, the profiles and this one log
   cd benchmarks
-  for section in ${SECTIONS:-smollm2 qwen}; do
+  for section in ${SECTIONS:-smollm2}; do
     case $section in
-    smollm2) timeout ${SMOLLM2_TIMEOUT:-330} python3 step_time.py --steps 7 --batch 32 --grad-acc 8 --max-length 512 \
-        --variants stock lenbalance lenbalance_uneven --profile-step 3 --setting issue10_smollm2_bf16 \
+    smollm2) timeout ${SMOLLM2_TIMEOUT:-420} python3 step_time.py --steps 7 --batch 32 --grad-acc 8 --max-length 512 \
+        --variants ${SMOLLM2_VARIANTS:-stock lenbalance} --profile-step 3 --setting issue10_smollm2_bf16 \
         --out $OUT/step_time_smollm2_$card.json >> $OUT/log.txt 2>&1;;
     qwen) python3 random_model.py --tokenizer /tmp/rlc/smollm2-135m-instruct-q4_1-f32 --shape qwen2.5-0.5b \
         --eos-scale ${EOS_SCALE:-0.5} --out /tmp/qwen05 > /dev/null 2>&1
