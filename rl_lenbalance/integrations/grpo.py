@@ -15,6 +15,8 @@ import math
 import time
 import warnings
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from accelerate.utils import gather_object, pad_across_processes
@@ -91,6 +93,15 @@ class LenBalanceMixin:
 
     def _decode(self, prompts: list[list[int]], captured: CaptureResult, compact: bool, **kwargs) -> list[list[int]]:
         """Stock's plain-`generate` branch through rl-lenbalance's loop (`compact`: finished rows leave the batch)."""
+        with self._generation_model() as model:
+            return compacted_generate(model, prompts, self.generation_config, self._tokenizer.pad_token_id,
+                                      on_compact=captured.compact, min_finished=1 if compact else len(prompts) + 1,
+                                      **kwargs)
+
+    @contextmanager
+    def _generation_model(self) -> Iterator[torch.nn.Module]:
+        """The unwrapped policy exactly as stock's plain-`generate` branch prepares it (gathered ZeRO-3 weights,
+        gradient checkpointing off and then back on with the trainer's own kwargs, no grad)."""
         with (
             unwrap_model_for_generation(
                 self.model_wrapped, self.accelerator, gather_deepspeed3_params=self.args.ds3_gather_for_generation,
@@ -100,9 +111,7 @@ class LenBalanceMixin:
             torch.no_grad(),
             self._dist.summon_full_params(self.model_wrapped, recurse=False),
         ):
-            return compacted_generate(model, prompts, self.generation_config, self._tokenizer.pad_token_id,
-                                      on_compact=captured.compact, min_finished=1 if compact else len(prompts) + 1,
-                                      **kwargs)
+            yield model
 
     def _running_rows(self, ids: list[int], prompts: list[list[int]], completions: list[list[int]],
                       captured: CaptureResult) -> list[dict]:
@@ -176,11 +185,7 @@ class LenBalanceMixin:
         pad = self._tokenizer.pad_token_id
         input_ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in distinct], device=self.accelerator.device)
         attention_mask = (torch.arange(width) >= torch.tensor([width - len(p) for p in distinct]).unsqueeze(1)).long()
-        with (
-            unwrap_model_for_generation(self.model_wrapped, self.accelerator,
-                                        gather_deepspeed3_params=self.args.ds3_gather_for_generation) as model,
-            self.lenbalance.capture.capture([list(p) for p in distinct]) as captured,
-        ):
+        with self._generation_model() as model, self.lenbalance.capture.capture([list(p) for p in distinct]) as captured:
             model(input_ids=input_ids, attention_mask=attention_mask.to(input_ids.device), logits_to_keep=1)
         by_prompt = dict(zip(distinct, captured.predicted_total(0).tolist(), strict=True))
         self.lenbalance_totals["predictor/overhead_s"] += time.perf_counter() - start
