@@ -82,11 +82,19 @@ class Recipe:
     resume_from_checkpoint: bool | str | None = None  # True: the last checkpoint in output_dir; a str: that one
 
 
+def _union_members(hint) -> tuple:
+    """The members of a union; an `Enum | str` field takes the enum's values only (the dataclass converts them)."""
+    args = typing.get_args(hint)
+    if str in args and any(isinstance(arg, type) and issubclass(arg, Enum) for arg in args):
+        return tuple(arg for arg in args if arg is not str)
+    return args
+
+
 def _accepts(hint, value) -> bool:
     """Whether `value` (as YAML gives it) fits the type annotation `hint` (unions, Optional, Literal, enums, lists)."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
-        return any(_accepts(arg, value) for arg in args)
+        return any(_accepts(arg, value) for arg in _union_members(hint))
     if origin is typing.Literal:
         return any(type(value) is type(arg) and value == arg for arg in args)
     if hint is typing.Any or hint is object:
@@ -114,13 +122,13 @@ def _accepts(hint, value) -> bool:
 def _describe(hint) -> str:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
-        return " or ".join(dict.fromkeys(_describe(arg) for arg in args))
+        return " or ".join(dict.fromkeys(_describe(arg) for arg in _union_members(hint)))
     if origin is typing.Literal:
         return "one of " + ", ".join(repr(arg) for arg in args)
     if isinstance(hint, type) and issubclass(hint, Enum):
         return "one of " + ", ".join(repr(member.value) for member in hint)
     if origin in (list, tuple, set):
-        return f"a list of {_describe(args[0])}" if args else "a list"
+        return f"a list (items: {_describe(args[0])})" if args else "a list"
     names = {bool: "a boolean (true or false)", int: "an integer", float: "a number", str: "a string",
              type(None): "null", dict: "a mapping"}
     return names.get(origin or hint, getattr(hint, "__name__", str(hint)))
