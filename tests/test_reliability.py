@@ -1,6 +1,7 @@
 """Nothing lost, nothing silent: resume after a kill, checkpoints written atomically and validated on load, recipe
 values type-checked before anything loads, and the messages of first-run mistakes (issue 14; docs/reliability.md)."""
 
+import copy
 import os
 import signal
 import subprocess
@@ -269,7 +270,7 @@ report_to: none
 
         class Watch(TrainerCallback):  # runs after the trainer's own LenBalanceCallback
             def on_train_begin(self, args, state, control, **kwargs):
-                restored["state"] = trainer.lenbalance.state_dict()
+                restored["state"] = copy.deepcopy(trainer.lenbalance.state_dict())  # training goes on in place
                 restored["head"] = {k: v.clone() for k, v in trainer.lenbalance.head.state_dict().items()}
                 restored["step"] = state.global_step
 
