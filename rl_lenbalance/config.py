@@ -10,7 +10,7 @@ from .predictor import POOLING_METHODS
 PARTITION_METHODS = ("best", "kk", "lpt")
 EXACT_LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "sapo", "cispo", "luspo")  # row-mean or globally normalised
 ROW_MEAN_LOSSES = ("grpo", "dr_grpo", "sapo", "luspo")  # a micro-batch's loss is a mean over its rows
-TRL_LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo")  # GRPOConfig.loss_type, TRL 1.16
+TRL_LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo")  # TRL 1.16's loss_type values
 
 
 @dataclass

@@ -69,7 +69,9 @@ class ModelArguments:
 class TaskArguments:
     """The `task:` section: the built-in arithmetic task."""
 
-    num_prompts: int = field(default=64, metadata={"help": "How many problems to generate (at least one step's worth)."})
+    num_prompts: int = field(
+        default=64, metadata={"help": "How many problems to generate (at least one generation batch's worth)."}
+    )
     seed: int = field(default=0, metadata={"help": "Seed of the generated problems."})
 
 

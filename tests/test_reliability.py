@@ -29,6 +29,12 @@ from rl_lenbalance.train import parse_overrides
 QUICKSTART = Path(__file__).parents[1] / "recipes" / "quickstart.yaml"
 
 
+@pytest.fixture(autouse=True)
+def _wandb_dir(monkeypatch, tmp_path):
+    """`train.run` sets WANDB_DIR when it is unset; keep that inside each test."""
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+
+
 @pytest.fixture
 def no_model_loading(monkeypatch):
     """Fail the test if the run gets as far as loading the model."""
@@ -69,7 +75,7 @@ def test_yaml_values_read_as_a_user_means_them(tmp_path):
     assert recipe.training.save_strategy == "no" and recipe.training.learning_rate == 1e-6
     assert recipe.lenbalance.compaction is False and recipe.lenbalance.generation_wave_size == 8
     path = tmp_path / "r.yaml"
-    path.write_text("use_cpu: true\nsave_strategy: no\nlenbalance:\n  balance_training: off\n")  # YAML 1.1 would give False here
+    path.write_text("use_cpu: true\nsave_strategy: no\nlenbalance:\n  balance_training: off\n")  # YAML 1.1: False
     recipe = load_recipe(path)
     assert recipe.training.save_strategy == "no" and recipe.lenbalance.balance_training is False
 

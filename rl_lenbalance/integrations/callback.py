@@ -79,7 +79,8 @@ class LenBalanceCallback(TrainerCallback):
         """Restore what `save` wrote (the checkpoint of a resumed run). An incomplete folder restores nothing and
         says so; non-finite weights are re-initialised (see `LenBalanceEngine.load_state_dict`)."""
         engine = self.trainer.lenbalance
-        missing = [name for name in (CONFIG_NAME, WEIGHTS_NAME, STATE_NAME) if not os.path.isfile(os.path.join(directory, name))]
+        missing = [name for name in (CONFIG_NAME, WEIGHTS_NAME, STATE_NAME)
+                   if not os.path.isfile(os.path.join(directory, name))]
         if missing:
             warnings.warn(f"rl-lenbalance: {directory} is incomplete (no {', '.join(missing)}; an interrupted save?): "
                           "the length predictor starts fresh.")

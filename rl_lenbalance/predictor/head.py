@@ -137,7 +137,8 @@ class PLPHead(nn.Module):
         directory = Path(directory)
         if not (directory / CONFIG_NAME).is_file():
             inside = directory / "lenbalance"  # a trainer checkpoint keeps its predictor in this subfolder
-            hint = (f" It looks like a trainer checkpoint: point it at {inside} instead." if (inside / CONFIG_NAME).is_file()
+            hint = (f" It looks like a trainer checkpoint: point it at {inside} instead."
+                    if (inside / CONFIG_NAME).is_file()
                     else " Point it at a folder written by `PLPHead.save_pretrained` (e.g. checkpoint-N/lenbalance).")
             raise FileNotFoundError(f"No saved predictor in {directory} (no {CONFIG_NAME}).{hint}")
         config = HeadConfig(**json.loads((directory / CONFIG_NAME).read_text()))

@@ -119,5 +119,6 @@ class OnlineTrainer:
     def _skip(self, why: str) -> None:
         self.skipped_updates += 1
         if not self._warned:
-            warnings.warn(f"rl-lenbalance: skipped a predictor update: {why}; counted in lenbalance/predictor/skipped_updates.")
+            warnings.warn(f"rl-lenbalance: skipped a predictor update: {why}; counted in "
+                          "lenbalance/predictor/skipped_updates.")
             self._warned = True
