@@ -17,8 +17,8 @@ from collections import defaultdict
 
 import torch
 from accelerate.utils import gather_object, pad_across_processes
-from trl import GRPOTrainer, RLOOTrainer
 from transformers.trainer_utils import get_last_checkpoint
+from trl import GRPOTrainer, RLOOTrainer
 from trl.models import unwrap_model_for_generation
 
 from ..config import ROW_MEAN_LOSSES, LenBalanceConfig
@@ -400,10 +400,12 @@ def mix_in(trainer, config: LenBalanceConfig | None = None):
     """Turn an existing GRPOTrainer/RLOOTrainer into its rl-lenbalance version in place (no callback); returns it."""
     if isinstance(trainer, LenBalanceMixin):
         if config is not None and config != trainer.lenbalance_config:
+            running = vars(trainer.lenbalance_config)
+            differ = ", ".join(f"{k}={v!r} (running: {running[k]!r})" for k, v in vars(config).items() if v != running[k])
             raise ValueError(
-                f"This {type(trainer).__name__} already runs rl-lenbalance with {trainer.lenbalance_config}; a second "
-                f"LenBalanceCallback/wrap_trainer with a different config ({config}) would be ignored. Pass the config "
-                "once (lenbalance_config= or the first LenBalanceCallback)."
+                f"This {type(trainer).__name__} already runs rl-lenbalance; a second LenBalanceCallback/wrap_trainer "
+                f"with a different config ({differ}) would be ignored. Pass the config once (lenbalance_config= or the "
+                "first LenBalanceCallback)."
             )
         return trainer
     if not hasattr(trainer, "_generate_single_turn") or not hasattr(trainer, "_buffered_inputs"):
