@@ -12,6 +12,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 from .recipe import Recipe, RecipeError, load_recipe, parse_yaml
@@ -116,20 +117,24 @@ def _check_writable(output_dir: str) -> None:
 
 
 def resume_checkpoint(recipe: Recipe) -> str | None:
-    """The checkpoint folder `resume_from_checkpoint` names (true: the last checkpoint-N in output_dir), checked to
-    be one, or None when the run starts from scratch."""
+    """The checkpoint folder `resume_from_checkpoint` names (true: the last whole checkpoint-N in output_dir),
+    checked to be one, or None when the run starts from scratch."""
     from transformers.trainer import TRAINER_STATE_NAME
-    from transformers.trainer_utils import get_last_checkpoint
+    from transformers.trainer_utils import sort_checkpoints
 
     resume, output_dir = recipe.resume_from_checkpoint, recipe.training.output_dir
     if resume is None or resume is False:
         return None
     if resume is True:
-        last = get_last_checkpoint(output_dir)
-        if last is None:
+        checkpoints = sort_checkpoints(output_dir)  # oldest first
+        whole = [c for c in checkpoints if Path(c, TRAINER_STATE_NAME).is_file()]  # the trainer writes it last
+        if not whole:
             raise RecipeError(f"resume_from_checkpoint=true, but output_dir={output_dir!r} holds no checkpoint-N "
                               "folder to resume; drop resume_from_checkpoint to start from scratch.")
-        return last
+        if whole[-1] != checkpoints[-1]:
+            warnings.warn(f"rl-lenbalance: {checkpoints[-1]} has no {TRAINER_STATE_NAME} (a save was interrupted); "
+                          f"resuming from {whole[-1]}.")
+        return whole[-1]
     if not Path(resume, TRAINER_STATE_NAME).is_file():
         raise RecipeError(f"resume_from_checkpoint={resume!r} is not a trainer checkpoint (no {TRAINER_STATE_NAME} "
                           "in it); pass a checkpoint-N folder, or true for the last one in output_dir.")

@@ -118,6 +118,16 @@ def test_resume_from_checkpoint_must_name_a_checkpoint(tmp_path, no_model_loadin
         train_module.run(str(QUICKSTART), {"output_dir": str(out), "resume_from_checkpoint": str(tmp_path)})
 
 
+def test_resume_true_takes_the_last_whole_checkpoint(tmp_path):
+    out = tmp_path / "out"
+    (out / "checkpoint-1").mkdir(parents=True)
+    (out / "checkpoint-1" / "trainer_state.json").write_text("{}")
+    (out / "checkpoint-2").mkdir()  # killed while saving
+    recipe = load_recipe(QUICKSTART, {"output_dir": str(out), "resume_from_checkpoint": True})
+    with pytest.warns(UserWarning, match="checkpoint-2 has no trainer_state.json.*resuming from .*checkpoint-1"):
+        assert train_module.resume_checkpoint(recipe) == str(out / "checkpoint-1")
+
+
 # --- the predictor: health, fallbacks, checkpoints -----------------------------------------------------------------
 
 
