@@ -25,14 +25,22 @@ def main(argv: list[str] | None = None) -> None:
     commands.add_parser("bench", add_help=False, help="The predictor benchmark: `rl-lenbalance bench --help`.")
     args, rest = parser.parse_known_args(argv)
     if args.command == "train" and not rest:
+        from .recipe import RecipeError
         from .train import parse_overrides, run
 
-        run(args.recipe, parse_overrides(args.set))
+        try:
+            run(args.recipe, parse_overrides(args.set))
+        except RecipeError as error:  # a recipe or --set value that cannot be used: the message says what to change
+            parser.exit(2, f"rl-lenbalance: error: {error}\n")
     elif args.command == "compare" and not rest:
         from .compare import compare_recipe
+        from .recipe import RecipeError
         from .train import parse_overrides
 
-        compare_recipe(args.recipe, parse_overrides(args.set), steps=args.steps)
+        try:
+            compare_recipe(args.recipe, parse_overrides(args.set), steps=args.steps)
+        except RecipeError as error:
+            parser.exit(2, f"rl-lenbalance: error: {error}\n")
     elif args.command == "report" and not rest:
         from .report import main as report_main
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -18,6 +19,7 @@ AUTO_CHOICES = {
     # with sampling it is off everywhere: a smaller batch draws other random numbers (same distribution, other tokens)
     "uneven_microbatches": {"cpu": False, "cuda": False},  # not yet measured faster than equal micro-batches
 }
+TRL_LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo")  # TRL 1.16's loss_type values
 
 
 @dataclass
@@ -174,11 +176,19 @@ class LenBalanceConfig:
                 f"steps_per_generation={args.steps_per_generation} = {generation_batch}); lower it or set it to None."
             )
         if self.rebucket and self.probe_tokens + 1 >= args.max_completion_length:
+            fix = (f"lower lenbalance.probe_tokens to at most {args.max_completion_length - 2}"
+                   if args.max_completion_length >= 3 else "raise max_completion_length to at least 3")
             raise ValueError(
                 f"lenbalance.probe_tokens={self.probe_tokens} leaves nothing to re-bucket: rows decode probe_tokens + 1 "
-                f"tokens before regrouping and max_completion_length={args.max_completion_length}; lower "
-                "lenbalance.probe_tokens or set lenbalance.rebucket=False."
+                f"tokens before regrouping and max_completion_length={args.max_completion_length}; {fix}, or set "
+                "lenbalance.rebucket=False."
             )
+        loss_type = getattr(args, "loss_type", None)  # RLOOConfig has none
+        if loss_type is not None and loss_type not in TRL_LOSS_TYPES:
+            close = difflib.get_close_matches(loss_type, TRL_LOSS_TYPES, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"loss_type={loss_type!r} is not a TRL loss type.{hint} Use one of "
+                             f"{', '.join(TRL_LOSS_TYPES)}.")
         if not self.balance_training:
             return
         if args.steps_per_generation % args.gradient_accumulation_steps:
@@ -187,7 +197,6 @@ class LenBalanceConfig:
                 f"{args.gradient_accumulation_steps}, so an optimizer step would mix two generation batches; make it "
                 "a multiple or set lenbalance.balance_training=False."
             )
-        loss_type = getattr(args, "loss_type", None)
         if loss_type is not None and loss_type not in EXACT_LOSS_TYPES:
             raise ValueError(
                 f"loss_type={loss_type!r} normalises by each micro-batch's own token count, so regrouping rows would "

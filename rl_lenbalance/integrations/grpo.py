@@ -20,6 +20,7 @@ from contextlib import contextmanager
 
 import torch
 from accelerate.utils import gather_object, pad_across_processes
+from transformers.trainer_utils import get_last_checkpoint
 from trl import GRPOTrainer, RLOOTrainer
 from trl.models import unwrap_model_for_generation
 
@@ -45,10 +46,18 @@ class LenBalanceMixin:
         self.lenbalance = LenBalanceEngine(model, config, self.max_completion_length, seed=self.args.seed)
         self._lenbalance_warned: set[str] = set()
         self._nonfinite_grad_steps = 0
+        self.lenbalance_resume_from: str | None = None  # the checkpoint `train` resumes; the callback restores from it
         self.lenbalance_totals: dict[str, float] = defaultdict(float)  # summed over the run, for the summary table
         self.lenbalance_last_lengths: list[tuple[float, int]] = []  # (predicted at t=0, actual) of the last round
         # a micro-batch's loss is a mean over its rows (RLOO has no loss_type: its loss is a mean over sequences)
         self._row_mean_loss = getattr(self, "loss_type", None) in ROW_MEAN_LOSSES or not hasattr(self, "loss_type")
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        """Stock `train`, remembering which checkpoint it resumes (True: the last one in output_dir)."""
+        if resume_from_checkpoint is True:  # none found: stock raises its own error for True
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir) or True
+        self.lenbalance_resume_from = resume_from_checkpoint if isinstance(resume_from_checkpoint, str) else None
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     # --- generation -------------------------------------------------------------------------------------------
 
@@ -416,6 +425,14 @@ class LenBalanceRLOOTrainer(_Wrapped, RLOOTrainer):
 def mix_in(trainer, config: LenBalanceConfig | None = None):
     """Turn an existing GRPOTrainer/RLOOTrainer into its rl-lenbalance version in place (no callback); returns it."""
     if isinstance(trainer, LenBalanceMixin):
+        if config is not None and config != trainer.lenbalance_config:
+            running = vars(trainer.lenbalance_config)
+            differ = ", ".join(f"{k}={v!r} (running: {running[k]!r})" for k, v in vars(config).items() if v != running[k])
+            raise ValueError(
+                f"This {type(trainer).__name__} already runs rl-lenbalance; a second LenBalanceCallback/wrap_trainer "
+                f"with a different config ({differ}) would be ignored. Pass the config once (lenbalance_config= or the "
+                "first LenBalanceCallback)."
+            )
         return trainer
     if not hasattr(trainer, "_generate_single_turn") or not hasattr(trainer, "_buffered_inputs"):
         raise TypeError(f"rl-lenbalance supports TRL's GRPOTrainer and RLOOTrainer, not {type(trainer).__name__}.")
