@@ -40,6 +40,7 @@ class LenBalanceMixin:
         model = self.accelerator.unwrap_model(self.model)
         self.lenbalance = LenBalanceEngine(model, config, self.max_completion_length, seed=self.args.seed)
         self._lenbalance_warned: set[str] = set()
+        self._lenbalance_tool_turn = False  # True inside TRL's tool loop (later turns of tools / environments)
         self.lenbalance_totals: dict[str, float] = defaultdict(float)  # summed over the run, for the summary table
         self.lenbalance_last_lengths: list[tuple[float, int]] = []  # (predicted at t=0, actual) of the last round
         # a micro-batch's loss is a mean over its rows (RLOO has no loss_type: its loss is a mean over sequences)
@@ -50,9 +51,9 @@ class LenBalanceMixin:
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, *args, **kwargs):
         """Stock: one `generate` over the rank's rows. Here: the same call(s) under capture hooks, in waves, maybe
         re-bucketed after a probe; the completions come back in stock's order (GRPO's `(ids, logprobs)`, RLOO's ids)."""
-        if self.use_vllm or self.use_transformers_continuous_batching or images is not None or multimodal_fields:
-            self._warn_once("backend", "rl-lenbalance captures hidden states only on the plain transformers "
-                            "`generate` path (text-only); this generation ran as stock TRL, unpredicted.")
+        stock = self._stock_generation_note(images, multimodal_fields)
+        if stock:
+            self._warn_once(*stock)
             return super()._generate_single_turn(prompt_ids, images, multimodal_fields, *args, **kwargs)
         start = time.perf_counter()
         config, engine = self.lenbalance_config, self.lenbalance
@@ -69,7 +70,7 @@ class LenBalanceMixin:
                 if rebucket or compact:
                     ids = self._decode(prompts, captured, compact, max_steps=probe)
                 else:
-                    ids = super()._generate_single_turn(prompts, None, {}, *args)
+                    ids = super()._generate_single_turn(prompts, None, {}, *args, **kwargs)
                     ids = ids[0] if isinstance(ids, tuple) else ids  # GRPO adds logprobs (None on this path)
             waves.append(Wave([offset + i for i in rows], captured))
             for row, completion in zip(rows, ids, strict=True):
@@ -85,6 +86,27 @@ class LenBalanceMixin:
                     completions[row - offset] = completion
         self._after_generation(waves, completions, lengths, time.perf_counter() - start)
         return (completions, None) if isinstance(self, GRPOTrainer) else completions
+
+    def _stock_generation_note(self, images, multimodal_fields) -> tuple[str, str] | None:
+        """(key, one-time note) when this generation must run as stock TRL, unpredicted; None when it is captured."""
+        if self.use_vllm or self.use_transformers_continuous_batching or images is not None or multimodal_fields:
+            return "backend", ("rl-lenbalance captures hidden states only on the plain transformers `generate` path "
+                               "(text-only); this generation ran as stock TRL, unpredicted.")
+        if (self.generation_config.num_beams or 1) > 1:  # the capture streams one row per prompt, not prompts × beams
+            return "beams", ("rl-lenbalance does not capture beam search (num_beams > 1); generation runs as stock "
+                             "TRL, unpredicted (training-side balancing still applies).")
+        if self._lenbalance_tool_turn:  # rows and turn counts differ per rank: no collective may run here
+            return "tool_turns", ("rl-lenbalance predicts the first turn only; the turns generated after tool results "
+                                  "run as stock TRL, unpredicted (training-side balancing still applies).")
+        return None
+
+    def _tool_call_loop(self, *args, **kwargs):
+        """Stock (GRPO's tools and environments); marks the turns it generates so that they run as stock."""
+        self._lenbalance_tool_turn = True
+        try:
+            return super()._tool_call_loop(*args, **kwargs)
+        finally:
+            self._lenbalance_tool_turn = False
 
     def _decode(self, prompts: list[list[int]], captured: CaptureResult, compact: bool, **kwargs) -> list[list[int]]:
         """Stock's plain-`generate` branch through rl-lenbalance's loop (`compact`: finished rows leave the batch)."""
@@ -356,7 +378,7 @@ def _trim_padding(batch: dict) -> dict:
     prompt_keep = batch["prompt_mask"].any(0).nonzero()
     completion_keep = batch["completion_mask"].any(0).nonzero()
     p0 = int(prompt_keep[0]) if len(prompt_keep) else batch["prompt_mask"].size(1)
-    c1 = int(completion_keep[-1]) + 1 if len(completion_keep) else 0
+    c1 = int(completion_keep[-1]) + 1 if len(completion_keep) else 1  # >= 1: TRL's `[:, -0:]` would keep everything
     width = batch["completion_ids"].size(1)
     out = {}
     for key, value in batch.items():

@@ -1,0 +1,109 @@
+"""Stock TRL features keep working with rl-lenbalance on: each runs with the swap-in trainer, and where the update
+matters it equals stock GRPOTrainer's (same seed, float64 tiny models). Rows of docs/compatibility.md cite these."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import GRPOConfig, GRPOTrainer
+
+from rl_lenbalance import LenBalanceConfig, LenBalanceGRPOTrainer
+
+PROMPTS = ["What is 2+2?", "List 5 fruits.", "Write a poem about the sea.", "Hi", "Explain gravity.", "Count to 9."]
+
+
+def reward(completion_ids, **kwargs):
+    return [len(c) / 16.0 + (c[0] % 7) / 7.0 for c in completion_ids]  # varies inside every group
+
+
+def train(cls, model_dir, tmp_path, tokenizer=None, trainer_kwargs=None, lenbalance=None, dtype=torch.float64,
+          **overrides):
+    """One short SGD run of `cls` (stock or rl-lenbalance); returns the trainer."""
+    values = dict(output_dir=str(tmp_path / cls.__name__), per_device_train_batch_size=4, num_generations=4,
+                  gradient_accumulation_steps=2, max_completion_length=16, max_steps=2, use_cpu=True,
+                  report_to="none", save_strategy="no", logging_steps=1, seed=0, beta=0.0, loss_type="dapo",
+                  temperature=1.0, top_k=0, learning_rate=1e-2, optim="sgd", max_grad_norm=0.0,
+                  gradient_checkpointing=False)
+    values.update(overrides)
+    tokenizer = tokenizer or AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": p}]} for p in PROMPTS * 4])
+    extra = {"lenbalance_config": lenbalance or LenBalanceConfig()} if cls is LenBalanceGRPOTrainer else {}
+    trainer = cls(model=model, processing_class=tokenizer, reward_funcs=reward, args=GRPOConfig(**values),
+                  train_dataset=dataset, **(trainer_kwargs or {}), **extra)
+    trainer.initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer.train()
+    return trainer
+
+
+def assert_same_update(stock, ours, tol: float = 1e-8) -> None:
+    """The parameters moved, and both trainers moved them to the same place (up to float64 reordering error)."""
+    theirs = dict(stock.model.named_parameters())
+    assert max(((p - stock.initial[n]).norm() / p.norm()).item() for n, p in theirs.items()) > 1e-6
+    rel = max(((theirs[n] - p).norm() / theirs[n].norm()).item() for n, p in ours.model.named_parameters())
+    assert rel < tol, rel
+    losses = [[r["loss"] for r in t.state.log_history if "loss" in r] for t in (stock, ours)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6, abs=1e-6)  # a GRPO loss is ~0: compare absolutely
+
+
+def add(a: int, b: int) -> int:
+    """Add two integers.
+
+    Args:
+        a: The first integer.
+        b: The second integer.
+    """
+    return a + b
+
+
+def test_tool_calling_turns_after_the_first_run_as_stock_and_the_update_is_stocks(tiny_model_dir, tmp_path,
+                                                                                  monkeypatch):
+    """TRL's tool loop calls `_generate_single_turn(..., num_generations=1, has_tool_images=...)` by keyword. A random
+    model emits no tool call, so every first-turn completion is parsed as a call to `add`; the tool result and a
+    second turn follow, exactly as in TRL's loop."""
+    import trl.trainer.grpo_trainer as grpo_module
+    from trl.chat_template_utils import qwen3_chat_template
+
+    parse = grpo_module.parse_response
+
+    def first_turns_call_add(tokenizer, ids, prefix=None, tools=None):
+        if "<|im_start|>tool" in tokenizer.decode(prefix):
+            return parse(tokenizer, ids, prefix=prefix, tools=tools)
+        return {"role": "assistant", "content": "",
+                "tool_calls": [{"type": "function", "function": {"name": "add", "arguments": {"a": 1, "b": 2}}}]}
+
+    monkeypatch.setattr(grpo_module, "parse_response", first_turns_call_add)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir, padding_side="left")
+    tokenizer.chat_template = qwen3_chat_template  # a template TRL knows how to parse tool calls of
+    run = dict(tokenizer=tokenizer, trainer_kwargs={"tools": [add]}, max_completion_length=48,
+               max_tool_calling_iterations=1, generation_kwargs={"max_new_tokens": 8}, max_steps=1,
+               per_device_train_batch_size=2, num_generations=2)  # few rows: the tool prompts are long
+    stock = train(GRPOTrainer, tiny_model_dir, tmp_path, **run)
+    with pytest.warns(UserWarning, match="turns generated after tool results run as stock"):
+        ours = train(LenBalanceGRPOTrainer, tiny_model_dir, tmp_path, **run)
+    assert ours.state.log_history[0]["tools/call_frequency"] == 1.0
+    assert ours.lenbalance.rounds == 1  # the first turn was captured and trained the predictor
+    assert_same_update(stock, ours)
+
+
+def test_beam_search_generates_as_stock_and_the_update_is_stocks(tiny_model_dir, tmp_path):
+    run = dict(generation_kwargs={"num_beams": 2}, max_steps=1)
+    stock = train(GRPOTrainer, tiny_model_dir, tmp_path, **run)
+    with pytest.warns(UserWarning, match="beam search"):
+        ours = train(LenBalanceGRPOTrainer, tiny_model_dir, tmp_path, **run)
+    assert ours.lenbalance.rounds == 0  # unpredicted
+    assert "lenbalance/train/pad_frac" in ours.state.log_history[0]  # training-side balancing still ran
+    assert_same_update(stock, ours)
+
+
+def test_mask_truncated_completions_with_every_completion_truncated_matches_stock(tiny_model_dir, tmp_path):
+    """A random tiny model never emits eos in 8 tokens: every completion is truncated, so every mask is empty."""
+    run = dict(mask_truncated_completions=True, max_completion_length=8, max_steps=1)
+    stock = train(GRPOTrainer, tiny_model_dir, tmp_path, **run)
+    ours = train(LenBalanceGRPOTrainer, tiny_model_dir, tmp_path, **run)
+    assert ours.state.log_history[0]["completions/clipped_ratio"] == 1.0
+    assert [r.get("loss") for r in stock.state.log_history] == [r.get("loss") for r in ours.state.log_history]
+    for (name, p), q in zip(stock.model.named_parameters(), ours.model.parameters(), strict=True):
+        assert torch.equal(p, q), name
