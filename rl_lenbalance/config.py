@@ -22,7 +22,8 @@ class LenBalanceConfig:
     )
     feature_layer: int = field(
         default=-1,
-        metadata={"help": "Which hidden states the head reads: -1 = the decoder's final norm, i >= 0 = decoder layer i."},
+        metadata={"help": "Which hidden states the head reads: -1 = the final hidden state (lm_head's input), "
+                          "i >= 0 = decoder layer i."},
     )
     hook_module: str | None = field(
         default=None,

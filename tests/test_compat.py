@@ -19,7 +19,7 @@ def reward(completion_ids, **kwargs):
 
 
 def train(cls, model_dir, tmp_path, tokenizer=None, trainer_kwargs=None, lenbalance=None, dtype=torch.float64,
-          **overrides):
+          model_kwargs=None, **overrides):
     """One short SGD run of `cls` (stock or rl-lenbalance); returns the trainer."""
     values = dict(output_dir=str(tmp_path / cls.__name__), per_device_train_batch_size=4, num_generations=4,
                   gradient_accumulation_steps=2, max_completion_length=16, max_steps=2, use_cpu=True,
@@ -28,7 +28,7 @@ def train(cls, model_dir, tmp_path, tokenizer=None, trainer_kwargs=None, lenbala
                   gradient_checkpointing=False)
     values.update(overrides)
     tokenizer = tokenizer or AutoTokenizer.from_pretrained(model_dir, padding_side="left")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **(model_kwargs or {}))
     dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": p}]} for p in PROMPTS * 4])
     extra = {"lenbalance_config": lenbalance or LenBalanceConfig()} if cls is LenBalanceGRPOTrainer else {}
     trainer = cls(model=model, processing_class=tokenizer, reward_funcs=reward, args=GRPOConfig(**values),
@@ -107,3 +107,53 @@ def test_mask_truncated_completions_with_every_completion_truncated_matches_stoc
     assert [r.get("loss") for r in stock.state.log_history] == [r.get("loss") for r in ours.state.log_history]
     for (name, p), q in zip(stock.model.named_parameters(), ours.model.parameters(), strict=True):
         assert torch.equal(p, q), name
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3_moe", "gpt2", "nemotron_h"])
+def test_capture_reads_lm_heads_input_on_every_family(family_model_dir, family):
+    """The captured final hidden state is what lm_head reads (GPT-2's `ln_f`, NemotronH's `norm_f`: no `.norm`), and
+    an intermediate `feature_layer` is found in every family's blocks."""
+    from rl_lenbalance.capture import GenerationCapture
+    from rl_lenbalance.predictor import HeadConfig, PLPHead
+
+    model = AutoModelForCausalLM.from_pretrained(family_model_dir(family), dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(family_model_dir(family), padding_side="left")
+    batch = tokenizer(["Write a story about a cat", "Write a story about a dog"], return_tensors="pt")
+    prompts = batch["input_ids"].tolist()  # unpadded: a padded row's prefill differs from a plain forward (Mamba)
+    with torch.no_grad():
+        expected = model(**batch).logits[:, -1]  # the logits of each prompt's last token
+    for feature_layer in (-1, 1):
+        config = LenBalanceConfig(pooling="last", feature_layer=feature_layer)
+        head = PLPHead(HeadConfig(model.config.get_text_config().hidden_size, max_length=4, pooling="last"))
+        capture = GenerationCapture(model, head, config, max_length=4)
+        with capture.capture(prompts) as result:
+            model.generate(**batch, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        assert result.steps == 3 and len(result.predictions) == 4
+        if feature_layer == -1:  # pooling "last": the prompt feature is the last prompt token's hidden state
+            torch.testing.assert_close(capture.lm_head(result.prompt_features), expected, rtol=1e-4, atol=1e-4)
+        assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_a_model_whose_decoder_layers_cannot_be_found_names_feature_layer(family_model_dir):
+    from rl_lenbalance.capture import GenerationCapture
+    from rl_lenbalance.predictor import HeadConfig, PLPHead
+
+    model = AutoModelForCausalLM.from_pretrained(family_model_dir("gpt2"), dtype=torch.float32)
+    model.config.n_layer = 3  # no block list of that length
+    head = PLPHead(HeadConfig(64, max_length=4))
+    with pytest.raises(ValueError, match="lenbalance.feature_layer=1: .*decoder layers of GPT2LMHeadModel"):
+        GenerationCapture(model, head, LenBalanceConfig(feature_layer=1), max_length=4)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "nemotron_h"])
+def test_grpo_trains_balanced_on_gpt2_and_nemotron_h_and_the_update_is_stocks(family_model_dir, tmp_path, family):
+    """GPT-2's absolute positions make a row's outputs depend on its left padding (TRL passes no position ids): its
+    prompt padding stays stock's. GPT-2's dropout is off: rows regrouped draw other dropout masks (equal in
+    distribution, not bit for bit). NemotronH: Mamba2, MoE (eager experts: the grouped matmul has no float64)."""
+    run = dict(max_steps=1, disable_dropout=True,
+               model_kwargs={"experts_implementation": "eager"} if family == "nemotron_h" else None)
+    stock = train(GRPOTrainer, family_model_dir(family), tmp_path, **run)
+    ours = train(LenBalanceGRPOTrainer, family_model_dir(family), tmp_path, **run)
+    assert ours.lenbalance.rounds == 1
+    assert ours._left_padding_free == (family != "gpt2")
+    assert_same_update(stock, ours, tol=1e-8 if family == "gpt2" else 1e-6)  # NemotronH casts logits to float32

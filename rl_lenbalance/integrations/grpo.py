@@ -41,6 +41,11 @@ class LenBalanceMixin:
         self.lenbalance = LenBalanceEngine(model, config, self.max_completion_length, seed=self.args.seed)
         self._lenbalance_warned: set[str] = set()
         self._lenbalance_tool_turn = False  # True inside TRL's tool loop (later turns of tools / environments)
+        self._left_padding_free = not _absolute_positions(model)  # a row's outputs ignore its left padding
+        if not self._left_padding_free and config.balance_training:
+            self._warn_once("positions", f"{type(model).__name__} adds absolute position embeddings, so a row's left "
+                            "padding changes its outputs: rl-lenbalance keeps stock's prompt padding and every row on "
+                            "its rank (micro-batches are still length-sorted and their completions trimmed).")
         self.lenbalance_totals: dict[str, float] = defaultdict(float)  # summed over the run, for the summary table
         self.lenbalance_last_lengths: list[tuple[float, int]] = []  # (predicted at t=0, actual) of the last round
         # a micro-batch's loss is a mean over its rows (RLOO has no loss_type: its loss is a mean over sequences)
@@ -267,7 +272,7 @@ class LenBalanceMixin:
             shuffle = torch.randperm(len(batch["advantages"]))  # stock's draw: later sampling stays identical
             batch, sizes = self._exchange_rows(batch, shuffle)
             bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
-            self._buffered_inputs = [_trim_padding(_take_rows(batch, list(range(a, b))))
+            self._buffered_inputs = [_trim_padding(_take_rows(batch, list(range(a, b))), self._left_padding_free)
                                      for a, b in zip(bounds, bounds[1:])]
             self._ledger_training(batch)
         return self._buffered_inputs[self._step % spg]
@@ -289,7 +294,7 @@ class LenBalanceMixin:
         window = torch.empty(rows, dtype=torch.long)
         window[shuffle] = torch.arange(rows) // (rows // spg * ga)  # the optimizer step of each row, as in stock
         columns = torch.stack([batch["completion_mask"].sum(1).cpu(), batch["prompt_mask"].sum(1).cpu(), window])
-        ranks = world if config.balance_ranks else 1
+        ranks = world if config.balance_ranks and self._left_padding_free else 1  # a move re-pads a row's prompt
         if ranks > 1:
             columns = self.accelerator.gather(columns.T.to(self.accelerator.device)).T.cpu()
         completion, prompt, window = columns.tolist()
@@ -373,11 +378,19 @@ def _take_rows(batch: dict, rows: list[int]) -> dict:
     return {k: v[index.to(v.device)] if isinstance(v, torch.Tensor) and v.ndim > 0 else v for k, v in batch.items()}
 
 
-def _trim_padding(batch: dict) -> dict:
-    """Drop prompt columns that are padding in every row (left) and completion columns likewise (right)."""
+def _absolute_positions(model) -> bool:
+    """True when the decoder adds learned absolute position embeddings (GPT-2's `wpe`, OPT's): TRL passes no
+    position ids, so a row's left padding shifts its positions and changes its outputs."""
+    tokens = model.get_input_embeddings()
+    return any(isinstance(m, torch.nn.Embedding) and m is not tokens for m in model.get_decoder().modules())
+
+
+def _trim_padding(batch: dict, prompt: bool = True) -> dict:
+    """Drop prompt columns that are padding in every row (left; only with `prompt`) and completion columns likewise
+    (right)."""
     prompt_keep = batch["prompt_mask"].any(0).nonzero()
     completion_keep = batch["completion_mask"].any(0).nonzero()
-    p0 = int(prompt_keep[0]) if len(prompt_keep) else batch["prompt_mask"].size(1)
+    p0 = (int(prompt_keep[0]) if len(prompt_keep) else batch["prompt_mask"].size(1)) if prompt else 0
     c1 = int(completion_keep[-1]) + 1 if len(completion_keep) else 1  # >= 1: TRL's `[:, -0:]` would keep everything
     width = batch["completion_ids"].size(1)
     out = {}
