@@ -153,12 +153,6 @@ class LenBalanceConfig:
             )
         if not self.balance_training:
             return
-        if args.steps_per_generation % args.gradient_accumulation_steps:
-            raise ValueError(
-                f"steps_per_generation={args.steps_per_generation} is not a multiple of gradient_accumulation_steps="
-                f"{args.gradient_accumulation_steps}, so an optimizer step would mix two generation batches; make it "
-                "a multiple or set lenbalance.balance_training=False."
-            )
         loss_type = getattr(args, "loss_type", None)
         if loss_type is not None and loss_type not in EXACT_LOSS_TYPES:
             raise ValueError(

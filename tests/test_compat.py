@@ -30,7 +30,8 @@ def train(cls, model_dir, tmp_path, tokenizer=None, trainer_kwargs=None, lenbala
     tokenizer = tokenizer or AutoTokenizer.from_pretrained(model_dir, padding_side="left")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **(model_kwargs or {}))
     dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": p}]} for p in PROMPTS * 4])
-    extra = {"lenbalance_config": lenbalance or LenBalanceConfig()} if cls is LenBalanceGRPOTrainer else {}
+    lenbalance = lenbalance or LenBalanceConfig(predictor_steps_per_round=5)  # a few head updates: fast
+    extra = {"lenbalance_config": lenbalance} if cls is LenBalanceGRPOTrainer else {}
     trainer = cls(model=model, processing_class=tokenizer, reward_funcs=reward, args=GRPOConfig(**values),
                   train_dataset=dataset, **(trainer_kwargs or {}), **extra)
     trainer.initial = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -157,3 +158,14 @@ def test_grpo_trains_balanced_on_gpt2_and_nemotron_h_and_the_update_is_stocks(fa
     assert ours.lenbalance.rounds == 1
     assert ours._left_padding_free == (family != "gpt2")
     assert_same_update(stock, ours, tol=1e-8 if family == "gpt2" else 1e-6)  # NemotronH casts logits to float32
+
+
+def test_steps_per_generation_not_a_multiple_of_grad_acc_trains_as_stock(tiny_model_dir, tmp_path):
+    """steps_per_generation=3, gradient_accumulation_steps=2: the second optimizer step takes one micro-batch of each
+    generation batch; nothing can be regrouped, so training is stock's (a one-time warning says why)."""
+    run = dict(steps_per_generation=3, max_steps=2, per_device_train_batch_size=2, num_generations=2)
+    stock = train(GRPOTrainer, tiny_model_dir, tmp_path, **run)
+    with pytest.warns(UserWarning, match="steps_per_generation=3 is not a multiple of gradient_accumulation_steps=2"):
+        ours = train(LenBalanceGRPOTrainer, tiny_model_dir, tmp_path, **run)
+    assert ours.lenbalance.rounds == 2  # generation was still captured
+    assert_same_update(stock, ours, tol=1e-15)  # the same computation: bit for bit

@@ -261,7 +261,7 @@ class LenBalanceMixin:
         """Stock: shuffle rows randomly, split into equal chunks. Here: the same rows per optimizer step (stock's
         shuffle decides them), cut into length-sorted micro-batches dealt to ranks by padded cost (rows move between
         ranks), all-pad columns trimmed."""
-        if not self.model.training or not self.lenbalance_config.balance_training:
+        if not self._balancing_training():
             return super()._prepare_inputs(generation_batch)
         spg = self.args.steps_per_generation
         if self._step % (spg * self.num_iterations) == 0 or self._buffered_inputs is None:
@@ -280,9 +280,21 @@ class LenBalanceMixin:
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Stock, with a per-row-mean loss weighted by its micro-batch's rows over stock's (uneven micro-batches)."""
         loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        if self.model.training and self.lenbalance_config.balance_training and self._row_mean_loss:
+        if self._balancing_training() and self._row_mean_loss:
             loss = loss * (len(inputs["advantages"]) / self._stock_rows_per_microbatch)
         return loss
+
+    def _balancing_training(self) -> bool:
+        """Whether this training micro-step uses rl-lenbalance's micro-batches (else stock's, as in eval)."""
+        if not self.model.training or not self.lenbalance_config.balance_training:
+            return False
+        spg, ga = self.args.steps_per_generation, self.args.gradient_accumulation_steps
+        if spg % ga:
+            self._warn_once("steps_per_generation", f"steps_per_generation={spg} is not a multiple of "
+                            f"gradient_accumulation_steps={ga}: optimizer steps span two generation batches, so no "
+                            "row can be regrouped without changing the update; training runs as stock TRL "
+                            "(generation is still captured and predicted).")
+        return spg % ga == 0
 
     def _exchange_rows(self, batch: dict, shuffle: torch.Tensor) -> tuple[dict, list[int]]:
         """This rank's rows of the plan in micro-batch order (gathered from every rank when balancing ranks), and
