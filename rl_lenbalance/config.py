@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from .predictor import POOLING_METHODS
 
 PARTITION_METHODS = ("best", "kk", "lpt")
-EXACT_LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "sapo", "cispo", "luspo")  # row-mean or globally normalised
+EXACT_LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "sapo", "cispo", "luspo", "vespo")  # row-mean or globally normalised
 ROW_MEAN_LOSSES = ("grpo", "dr_grpo", "sapo", "luspo")  # a micro-batch's loss is a mean over its rows
 
 

@@ -169,3 +169,27 @@ def test_steps_per_generation_not_a_multiple_of_grad_acc_trains_as_stock(tiny_mo
         ours = train(LenBalanceGRPOTrainer, tiny_model_dir, tmp_path, **run)
     assert ours.lenbalance.rounds == 2  # generation was still captured
     assert_same_update(stock, ours, tol=1e-15)  # the same computation: bit for bit
+
+
+@pytest.mark.parametrize("loss_type", ["vespo"])  # dapo: tests/test_exactness_distributed.py
+def test_globally_normalised_losses_match_stock_on_and_off_policy(eos_tiny_model_dir, tmp_path, loss_type):
+    """vespo normalises by the global `num_items_in_batch`, like dapo; its per-sequence weights are per row. Two
+    optimizer steps on one generation batch (num_iterations=2): the second is off-policy, so the weights matter."""
+    run = dict(loss_type=loss_type, num_iterations=2, max_steps=2, max_completion_length=24)
+    stock = train(GRPOTrainer, eos_tiny_model_dir, tmp_path, **run)
+    ours = train(LenBalanceGRPOTrainer, eos_tiny_model_dir, tmp_path, **run)
+    logged = next(r for r in ours.state.log_history if "lenbalance/train/pad_frac" in r)
+    assert logged["lenbalance/train/pad_frac"] < logged["lenbalance/train/pad_frac_stock"]  # rows were regrouped
+    assert_same_update(stock, ours)
+
+
+def test_moe_router_aux_loss_is_refused_clearly_and_exact_without_it(family_model_dir, tmp_path):
+    """Qwen3-MoE declares router_aux_loss_coef=0.001, so TRL adds each micro-batch's load-balancing loss: regrouping
+    rows changes it. With router_aux_loss_coef=0 the balanced update is stock's."""
+    model_dir, run = family_model_dir("qwen3_moe"), dict(max_steps=1, model_kwargs={"experts_implementation": "eager"})
+    with pytest.raises(ValueError, match=r"router_aux_loss_coef=0.001.*router_aux_loss_coef=0.0.*balance_training=False"):
+        train(LenBalanceGRPOTrainer, model_dir, tmp_path, **run)
+    train(LenBalanceGRPOTrainer, model_dir, tmp_path, lenbalance=LenBalanceConfig(balance_training=False), **run)
+    stock = train(GRPOTrainer, model_dir, tmp_path, router_aux_loss_coef=0.0, **run)
+    ours = train(LenBalanceGRPOTrainer, model_dir, tmp_path, router_aux_loss_coef=0.0, **run)
+    assert_same_update(stock, ours)

@@ -37,6 +37,13 @@ class LenBalanceMixin:
     def _lenbalance_setup(self, config: LenBalanceConfig | None) -> None:
         self.lenbalance_config = config = config or LenBalanceConfig()
         config.check_trainer_args(self.args)
+        if config.balance_training and getattr(self, "aux_loss_enabled", False):  # TRL's own switch (MoE models)
+            raise ValueError(
+                f"router_aux_loss_coef={self.router_aux_loss_coef}: TRL adds each micro-batch's MoE router "
+                "load-balancing loss, which depends on which rows share the micro-batch, so regrouping rows would "
+                "change what is learned. Set router_aux_loss_coef=0.0 in the trainer config, or set "
+                "lenbalance.balance_training=False."
+            )
         model = self.accelerator.unwrap_model(self.model)
         self.lenbalance = LenBalanceEngine(model, config, self.max_completion_length, seed=self.args.seed)
         self._lenbalance_warned: set[str] = set()
