@@ -171,10 +171,11 @@ def test_steps_per_generation_not_a_multiple_of_grad_acc_trains_as_stock(tiny_mo
     assert_same_update(stock, ours, tol=1e-15)  # the same computation: bit for bit
 
 
-@pytest.mark.parametrize("loss_type", ["vespo"])  # dapo: tests/test_exactness_distributed.py
-def test_globally_normalised_losses_match_stock_on_and_off_policy(eos_tiny_model_dir, tmp_path, loss_type):
-    """vespo normalises by the global `num_items_in_batch`, like dapo; its per-sequence weights are per row. Two
-    optimizer steps on one generation batch (num_iterations=2): the second is off-policy, so the weights matter."""
+@pytest.mark.parametrize("loss_type", ["vespo", "cispo", "sapo", "luspo"])  # dapo, grpo, dr_grpo: distributed test
+def test_exact_losses_match_stock_on_and_off_policy(eos_tiny_model_dir, tmp_path, loss_type):
+    """vespo and cispo normalise by the global `num_items_in_batch`, like dapo (vespo's sequence weights are per row);
+    sapo and luspo average per row, reweighted in unequal micro-batches. Two optimizer steps on one generation batch
+    (num_iterations=2): the second is off-policy, so importance ratios and clipping matter."""
     run = dict(loss_type=loss_type, num_iterations=2, max_steps=2, max_completion_length=24)
     stock = train(GRPOTrainer, eos_tiny_model_dir, tmp_path, **run)
     ours = train(LenBalanceGRPOTrainer, eos_tiny_model_dir, tmp_path, **run)
@@ -193,3 +194,26 @@ def test_moe_router_aux_loss_is_refused_clearly_and_exact_without_it(family_mode
     stock = train(GRPOTrainer, model_dir, tmp_path, router_aux_loss_coef=0.0, **run)
     ours = train(LenBalanceGRPOTrainer, model_dir, tmp_path, router_aux_loss_coef=0.0, **run)
     assert_same_update(stock, ours)
+
+
+def test_vllm_continuous_batching_and_images_generate_as_stock_with_a_note(tiny_model_dir, tmp_path, monkeypatch):
+    """Neither vLLM (not installed here) nor continuous batching (empty completions on CPU) runs offline: check that
+    such generations (and multimodal ones) reach stock's `_generate_single_turn` with every argument, with one note."""
+    calls = []
+    monkeypatch.setattr(GRPOTrainer, "_generate_single_turn", lambda self, *a, **k: calls.append((a, k)) or ([], None))
+    trainer = LenBalanceGRPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(tiny_model_dir), reward_funcs=reward,
+        processing_class=AutoTokenizer.from_pretrained(tiny_model_dir, padding_side="left"),
+        args=GRPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", per_device_train_batch_size=4,
+                        num_generations=4, max_completion_length=8),
+        train_dataset=Dataset.from_list([{"prompt": "Hi"}] * 4))
+    with pytest.warns(UserWarning, match="ran as stock TRL") as record:
+        for attribute, images in (("use_vllm", None), ("use_transformers_continuous_batching", None), (None, [["x"]])):
+            if attribute:
+                setattr(trainer, attribute, True)
+            trainer._generate_single_turn([[1, 2]], images, {}, 4, has_tool_images=False)
+            assert calls[-1] == (([[1, 2]], images, {}, 4), {"has_tool_images": False})
+            if attribute:
+                setattr(trainer, attribute, False)
+    assert sum("rl-lenbalance" in str(w.message) for w in record) == 1  # once per run
+    assert len(calls) == 3 and trainer.lenbalance.rounds == 0
