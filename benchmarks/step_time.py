@@ -1,10 +1,13 @@
-"""Stock TRL GRPOTrainer vs rl-lenbalance, same model, data and seeds, measured in one run.
+"""Stock TRL GRPOTrainer vs rl-lenbalance variants in the real trainer, on this machine's device, in one process.
 
-Each variant trains the same number of GRPO steps from the same weights; the script times the generation phase
-(`_generate_and_score_completions`) and the loss phase (the rest of each training step) and counts padding the
-same way for every variant (decode slots of its generate calls, loss-forward tokens of its micro-batches).
+The variants take turns one optimizer step at a time, in an order reversed every step, each on its own RNG stream
+(`rl_lenbalance.compare`); phases are timed with device synchronisation; warm-up steps are dropped; medians and
+ratios against stock come from the same run. On a GPU the model runs in bf16.
 
-    python benchmarks/step_time.py --steps 3 --out docs/benchmarks/step_time_cpu.json
+    # the GPU setting of issue 10 (embedded SmolLM2, 256 completions per step, up to 512 tokens)
+    python benchmarks/step_time.py --steps 7 --batch 32 --grad-acc 8 --max-length 512 --out docs/benchmarks/gpu/...
+    # fixed overhead per loss micro-step, CPU, a tiny model whose compute is negligible
+    python benchmarks/step_time.py --model tiny --steps 4 --batch 32 --grad-acc 8 --max-length 128 --out ...
 """
 
 from __future__ import annotations
@@ -12,107 +15,120 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 import torch  # noqa: E402
 from _common import save_report  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from rl_lenbalance import LenBalanceConfig, LenBalanceGRPOTrainer  # noqa: E402
-from rl_lenbalance.models import load_model  # noqa: E402
+from rl_lenbalance.compare import compare, print_comparison, timed  # noqa: E402
+from rl_lenbalance.models import build_tiny_model, embedded_model_dir, load_model  # noqa: E402
 from rl_lenbalance.tasks import REWARD_FUNCS, arithmetic_dataset  # noqa: E402
 
-VARIANTS = {
+VARIANTS = {  # name -> LenBalanceConfig fields (None: stock TRL)
     "stock": None,
-    "lenbalance_training_equal": {"uneven_microbatches": False},
-    "lenbalance_training_only": {},
-    "lenbalance_waves": {"generation_wave_size": 8},
+    "lenbalance": {},  # the defaults: what a user who changes nothing gets
+    "lenbalance_equal": {"uneven_microbatches": False},
+    "lenbalance_uneven": {"uneven_microbatches": True},
+    "lenbalance_generation_only": {"balance_training": False},  # capture + online head, stock training
     "lenbalance_compaction": {"compaction": True},
 }
 
 
-def timed(base):
-    """`base` with phase timers and a padding count that do not change what it computes."""
+class ProfileStep(TrainerCallback):
+    """torch.profiler over one optimizer step; its busiest operators go to `path` as a table."""
 
-    class Timed(base):
-        def _generate_and_score_completions(self, inputs):
-            start = time.perf_counter()
-            out = super()._generate_and_score_completions(inputs)
-            self.bench["generation_s"] += time.perf_counter() - start
-            lengths = out["completion_mask"].sum(1)
-            self.bench["completion_tokens"] += int(lengths.sum())
-            return out
+    def __init__(self, step: int, path: str) -> None:
+        self.step, self.path, self.profiler = step, path, None
 
-        def compute_loss(self, model, inputs, *args, **kwargs):
-            self.bench["loss_tokens"] += inputs["prompt_ids"].numel() + inputs["completion_ids"].numel()
-            self.bench["loss_real_tokens"] += int(inputs["prompt_mask"].sum() + inputs["completion_mask"].sum())
-            return super().compute_loss(model, inputs, *args, **kwargs)
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step + 1 == self.step:
+            activities = [torch.profiler.ProfilerActivity.CPU] + (
+                [torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+            self.profiler = torch.profiler.profile(activities=activities)
+            self.profiler.__enter__()
 
-        def training_step(self, *args, **kwargs):
-            start = time.perf_counter()
-            out = super().training_step(*args, **kwargs)
-            self.bench["step_s"] += time.perf_counter() - start
-            return out
-
-    return Timed
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.profiler is not None:
+            self.profiler.__exit__(None, None, None)
+            averages = self.profiler.key_averages()
+            with open(self.path, "w") as f:
+                for sort in ("cpu_time_total", "self_cpu_time_total") + (
+                        ("self_device_time_total",) if torch.cuda.is_available() else ()):
+                    f.write(f"sorted by {sort}\n{averages.table(sort_by=sort, row_limit=40)}\n\n")
+            self.profiler = None
 
 
-def run_variant(name: str, args: argparse.Namespace) -> dict:
-    torch.manual_seed(0)
-    model, tokenizer = load_model(args.model)
-    config = GRPOConfig(
-        output_dir=f"/tmp/rl_lenbalance_bench/{name}", use_cpu=True, max_steps=args.steps, seed=0,
-        per_device_train_batch_size=args.batch, gradient_accumulation_steps=args.grad_acc,
-        num_generations=args.generations, max_completion_length=args.max_length, temperature=1.0, top_k=0,
-        beta=0.0, loss_type="dapo", learning_rate=1e-6, report_to="none", save_strategy="no", logging_steps=1,
-    )
-    kwargs = dict(model=model, processing_class=tokenizer, reward_funcs=REWARD_FUNCS, args=config,
-                  train_dataset=arithmetic_dataset(64, seed=0))
-    settings = VARIANTS[name]
-    if settings is None:
-        trainer = timed(GRPOTrainer)(**kwargs)
-    else:
-        trainer = timed(LenBalanceGRPOTrainer)(**kwargs, lenbalance_config=LenBalanceConfig(**settings))
-    trainer.bench = dict.fromkeys(["generation_s", "step_s", "completion_tokens", "loss_tokens", "loss_real_tokens"], 0)
-    start = time.perf_counter()
-    trainer.train()
-    wall = time.perf_counter() - start
-    bench = trainer.bench
-    result = {
-        "variant": name, "settings": settings, "wall_s": wall, "generation_s": bench["generation_s"],
-        "loss_phase_s": bench["step_s"] - bench["generation_s"], "completion_tokens": bench["completion_tokens"],
-        "loss_pad_frac": 1 - bench["loss_real_tokens"] / bench["loss_tokens"],
-    }
-    if settings is not None:
-        totals = trainer.lenbalance_totals
-        result["decode_slot_waste"] = 1 - totals["gen/real_tokens"] / totals["gen/decode_slots"]
-        result["decode_slot_waste_stock_same_batch"] = 1 - totals["gen/real_tokens"] / totals["gen/decode_slots_stock"]
-        result["predictor_overhead_s"] = totals["predictor/overhead_s"]
-    print(json.dumps(result), flush=True)
-    return result
+def model_source(name: str) -> str:
+    """'embedded' (SmolLM2-135M-Instruct), 'tiny' (a 2-layer random Llama, built now), or a model folder."""
+    if name == "embedded":
+        return str(embedded_model_dir())
+    if name == "tiny":  # its end-of-sequence embedding redrawn larger, so completions end at long-tailed lengths
+        folder = build_tiny_model(tempfile.mkdtemp(prefix="rl_lenbalance_tiny_"), tokenizer_from=embedded_model_dir())
+        model, tokenizer = load_model(folder)
+        with torch.no_grad():
+            eos = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(0)) * 0.8
+            model.get_input_embeddings().weight[model.config.eos_token_id] = eos  # tied: the output row too
+        model.save_pretrained(folder)
+        return str(folder)
+    return name
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="Model folder or id (default: the embedded SmolLM2).")
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--grad-acc", type=int, default=4)
+    parser.add_argument("--model", default="embedded", help="'embedded', 'tiny', or a model folder.")
+    parser.add_argument("--steps", type=int, default=7, help="Optimizer steps per variant, warm-up included.")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=32, help="per_device_train_batch_size")
+    parser.add_argument("--grad-acc", type=int, default=8)
     parser.add_argument("--generations", type=int, default=8)
-    parser.add_argument("--max-length", type=int, default=256)
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--learning-rate", type=float, default=1e-6)
+    parser.add_argument("--variants", nargs="+", default=["stock", "lenbalance", "lenbalance_uneven",
+                                                           "lenbalance_generation_only"], choices=list(VARIANTS))
+    parser.add_argument("--setting", default=None, help="A name for the setting, recorded in the output.")
+    parser.add_argument("--profile-step", type=int, default=0,
+                        help="Profile this optimizer step of every variant (torch.profiler) into OUT.profile_VARIANT.txt.")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    results = [run_variant(name, args) for name in args.variants]
-    stock = next((r for r in results if r["variant"] == "stock"), None)
-    if stock:
-        for r in results:
-            for key in ("wall_s", "generation_s", "loss_phase_s"):
-                r[f"speedup_{key}"] = stock[key] / r[key]
+    cuda = torch.cuda.is_available()
+    source = model_source(args.model)
+    dataset = arithmetic_dataset(max(64, args.batch * args.grad_acc * args.steps // args.generations), seed=0)
+
+    def build(settings: dict | None, name: str):
+        torch.manual_seed(0)
+        model, tokenizer = load_model(source, dtype=torch.bfloat16 if cuda else torch.float32)
+        config = GRPOConfig(
+            output_dir=tempfile.mkdtemp(prefix="rl_lenbalance_bench_"), use_cpu=not cuda, bf16=cuda,
+            max_steps=args.steps, seed=0, per_device_train_batch_size=args.batch,
+            gradient_accumulation_steps=args.grad_acc, num_generations=args.generations,
+            max_completion_length=args.max_length, temperature=1.0, top_k=0, beta=0.0, loss_type="dapo",
+            learning_rate=args.learning_rate, report_to="none", save_strategy="no", logging_steps=1,
+            disable_tqdm=True,
+        )
+        kwargs = dict(model=model, processing_class=tokenizer, reward_funcs=REWARD_FUNCS, args=config,
+                      train_dataset=dataset)
+        if settings is None:
+            trainer = timed(GRPOTrainer)(**kwargs)
+        else:
+            trainer = timed(LenBalanceGRPOTrainer)(**kwargs, lenbalance_config=LenBalanceConfig(**settings))
+        if args.profile_step:
+            trainer.add_callback(ProfileStep(args.profile_step, f"{args.out}.profile_{name}.txt"))
+        return trainer
+
+    results = compare(build, {name: VARIANTS[name] for name in args.variants}, warmup=args.warmup)
+    print_comparison(results)
+    trainer_settings = {k: v for k, v in vars(args).items() if k not in ("out", "variants")}
+    for result in results:
+        result["trainer_settings"] = trainer_settings | {"device": "cuda" if cuda else "cpu", "bf16": cuda}
+        print(json.dumps({k: v for k, v in result.items() if not k.endswith("_per_step")}), flush=True)
     save_report(args.out, results)
+
 
 if __name__ == "__main__":
     main()

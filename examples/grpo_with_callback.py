@@ -25,7 +25,7 @@ trainer = GRPOTrainer(
                     per_device_train_batch_size=4, gradient_accumulation_steps=2, max_completion_length=64,
                     beta=0.0, loss_type="dapo", report_to="none", logging_steps=1),
 )
-trainer.add_callback(LenBalanceCallback(trainer, LenBalanceConfig(compaction=True)))
+trainer.add_callback(LenBalanceCallback(trainer, LenBalanceConfig()))
 trainer.train()
 totals = trainer.lenbalance_totals
 print(f"loss-forward padding: {1 - totals['train/real_tokens'] / totals['train/loss_tokens']:.1%} "

@@ -1,12 +1,13 @@
 """Stream hidden states and next-token entropies out of `model.generate` with forward hooks, and run PLP.
 
-Nothing is stored per decoded token: each step folds the new token into a `StreamingPool`, runs the head every
-`predict_every` steps, and keeps the PLP features only at a fixed set of steps (the online training pairs).
+Per decoded token the hooks compute its entropy and keep a reference to its hidden state; the pending tokens are
+folded into a `StreamingPool` only at the steps that read the pool (predictions, the recorded training pairs,
+compaction, the end of the call), so a decode step adds a handful of kernels and no host synchronisation.
+Memory stays O(1) per sequence in the generated length (at most `record_every` pending tokens).
 """
 
 from __future__ import annotations
 
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -18,6 +19,7 @@ from transformers.utils import ModelOutput
 
 from .config import LenBalanceConfig
 from .predictor import PLPHead, StreamingPool, plp_features, pool_tokens, token_entropy
+from .timing import DeviceTimer
 
 ENTROPY_CHUNK_ROWS = 8  # prompt rows per lm_head pass at prefill (bounds the (rows, P, V) logits in memory)
 
@@ -97,11 +99,16 @@ class CaptureResult:
     predictions: list[torch.Tensor] = field(default_factory=list)  # per step: (B,) predicted remaining length
     recorded: dict[int, torch.Tensor] = field(default_factory=dict)  # step -> (B, F) float16 PLP features
     steps: int = 0
-    seconds: float = 0.0  # time spent inside the hooks
+    timer: DeviceTimer | None = None  # time spent inside the hooks (CUDA events on a GPU)
     rows: torch.Tensor | None = None  # original rows still in the batch (a compacting generate drops finished ones)
     slots: int = 0  # decode slots: rows in the batch, summed over the forwards that each yield one token per row
     forwards: int = 0  # decode steps: forwards of the model (the prefill yields the first token)
     state: StreamState | None = None  # after the call: the state of the rows in `rows`
+
+    @property
+    def seconds(self) -> float:
+        """Seconds the hooks added to this call (read once generation is over: on a GPU it waits for it)."""
+        return self.timer.seconds if self.timer is not None else 0.0
 
     def compact(self, keep: torch.Tensor) -> None:
         """Follow a generate loop that kept only rows `keep` (indices into the rows active until now)."""
@@ -126,6 +133,7 @@ class GenerationCapture:
             )
         self.head, self.config, self.max_length = head, config, max_length
         self.record_at = set(record_steps(max_length, config.record_every))
+        self.device = next(model.parameters()).device
 
     @contextmanager
     def capture(self, prompts: list[list[int]], resume: StreamState | None = None) -> Iterator[CaptureResult]:
@@ -134,8 +142,8 @@ class GenerationCapture:
         With `resume`, the call continues rows that already generated `resume.steps + 1` tokens (fed after the
         prompt): the prefill's last position is their next token, so the streams go on from `resume`.
         """
-        result = CaptureResult()
-        state: dict = {"norm": None, "feature": None, "pool": None}
+        result = CaptureResult(timer=DeviceTimer(self.device))
+        state: dict = {"norm": None, "feature": None, "pool": None, "pending": []}
         if resume is not None:
             rows = torch.arange(len(prompts), device=resume.prompt.device)
             state.update(prompt=resume.prompt, pool=resume.pool, rows=rows)
@@ -149,7 +157,7 @@ class GenerationCapture:
             return hook
 
         def on_logits(_module, _inputs, logits):
-            start = time.perf_counter()
+            result.timer.start()
             with torch.no_grad():
                 result.slots += logits.size(0)
                 result.forwards += 1
@@ -157,10 +165,12 @@ class GenerationCapture:
                     self._prefill(state, prompts, result)
                 else:
                     _follow_compaction(state, result)
-                    state["pool"].update(state["feature"][:, -1], token_entropy(logits[:, -1]))
+                    state["pending"].append((state["feature"][:, -1], token_entropy(logits[:, -1])))
                     result.steps += 1
-                    self._predict_and_record(state["pool"], state["prompt"], result)
-            result.seconds += time.perf_counter() - start
+                    if self._wanted(result.steps):
+                        _fold(state)
+                        self._predict_and_record(state["pool"], state["prompt"], result)
+            result.timer.stop()
 
         if self.feature_module is self.norm:
             handles = [self.norm.register_forward_hook(keep("norm", "feature"))]
@@ -175,6 +185,7 @@ class GenerationCapture:
                 handle.remove()
         if state["pool"] is not None:
             _follow_compaction(state, result)
+            _fold(state)
             result.state = StreamState(state["prompt"], state["pool"], result.steps)
 
     def _prefill(self, state: dict, prompts: list[list[int]], result: CaptureResult) -> None:
@@ -200,9 +211,16 @@ class GenerationCapture:
         state["rows"] = result.rows = torch.arange(len(prompts), device=feature.device)
         self._predict_and_record(None, state["prompt"], result)
 
+    def _predicts(self, step: int) -> bool:
+        """The head runs at step 0 (what the scheduler reads) and every `predict_every` steps when that is set."""
+        return step == 0 or (self.config.predict_every > 0 and step % self.config.predict_every == 0)
+
+    def _wanted(self, step: int) -> bool:
+        return self._predicts(step) or step in self.record_at
+
     def _predict_and_record(self, pool: StreamingPool | None, prompt: torch.Tensor, result: CaptureResult) -> None:
         step = result.steps
-        want_prediction = step % self.config.predict_every == 0
+        want_prediction = self._predicts(step)
         if not want_prediction and step not in self.record_at:
             return
         z = plp_features(prompt, pool, step, self.max_length)
@@ -218,9 +236,18 @@ class GenerationCapture:
             result.recorded[step] = recorded
 
 
+def _fold(state: dict) -> None:
+    """Fold the tokens decoded since the last fold into the streaming pool (one batched update)."""
+    if state["pending"]:
+        hidden, entropy = zip(*state["pending"])
+        state["pool"].extend(torch.stack(hidden, 1), torch.stack(entropy, 1))
+        state["pending"].clear()
+
+
 def _follow_compaction(state: dict, result: CaptureResult) -> None:
     """Drop the stream rows that a compacting generate loop dropped since the last forward."""
     if len(result.rows) != len(state["prompt"]):
+        _fold(state)  # pending tokens still hold the dropped rows
         kept = torch.searchsorted(state["rows"].to(result.rows.device), result.rows)
         state["pool"].select(kept)
         state["prompt"], state["rows"] = state["prompt"][kept], result.rows

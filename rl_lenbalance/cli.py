@@ -1,4 +1,5 @@
-"""`rl-lenbalance` command line: `train RECIPE [--set KEY=VALUE ...]`, `report RUN_DIR [--out DIR]`, `bench ...`."""
+"""`rl-lenbalance` command line: `train RECIPE [--set KEY=VALUE ...]`, `compare RECIPE [--steps N]`,
+`report RUN_DIR [--out DIR]`, `bench ...`."""
 
 from __future__ import annotations
 
@@ -14,15 +15,32 @@ def main(argv: list[str] | None = None) -> None:
     train.add_argument("recipe", help="A recipe YAML, e.g. recipes/quickstart.yaml.")
     train.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                        help="Override recipe keys, e.g. --set max_steps=2 lenbalance.compaction=false.")
+    compare = commands.add_parser("compare", help="Stock TRL vs rl-lenbalance on this machine, in seconds per phase.")
+    compare.add_argument("recipe", help="A recipe YAML, e.g. recipes/quickstart.yaml.")
+    compare.add_argument("--steps", type=int, default=4, help="Optimizer steps per trainer, the warm-up step included.")
+    compare.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="Override recipe keys, as for train.")
     report = commands.add_parser("report", help="PNG panels + one self-contained HTML page of a finished run.")
     report.add_argument("run_dir", help="A training output_dir, a wandb offline-run-* folder, or its .wandb file.")
     report.add_argument("--out", help="Output folder (default: RUN_DIR/report).")
     commands.add_parser("bench", add_help=False, help="The predictor benchmark: `rl-lenbalance bench --help`.")
     args, rest = parser.parse_known_args(argv)
     if args.command == "train" and not rest:
+        from .recipe import RecipeError
         from .train import parse_overrides, run
 
-        run(args.recipe, parse_overrides(args.set))
+        try:
+            run(args.recipe, parse_overrides(args.set))
+        except RecipeError as error:  # a recipe or --set value that cannot be used: the message says what to change
+            parser.exit(2, f"rl-lenbalance: error: {error}\n")
+    elif args.command == "compare" and not rest:
+        from .compare import compare_recipe
+        from .recipe import RecipeError
+        from .train import parse_overrides
+
+        try:
+            compare_recipe(args.recipe, parse_overrides(args.set), steps=args.steps)
+        except RecipeError as error:
+            parser.exit(2, f"rl-lenbalance: error: {error}\n")
     elif args.command == "report" and not rest:
         from .report import main as report_main
 

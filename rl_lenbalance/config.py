@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import difflib
+from dataclasses import dataclass, field, replace
+
+import torch
 
 from .predictor import POOLING_METHODS
 
 PARTITION_METHODS = ("best", "kk", "lpt")
 EXACT_LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "sapo", "cispo", "luspo", "vespo")  # row-mean or globally normalised
 ROW_MEAN_LOSSES = ("grpo", "dr_grpo", "sapo", "luspo")  # a micro-batch's loss is a mean over its rows
+AUTO = "auto"
+# What `auto` means on each device type: the choice measured fastest there that keeps stock's completions.
+AUTO_CHOICES = {
+    "compaction": {"cpu": True, "cuda": False},  # a finished row costs compute on a CPU, ~nothing on a GPU;
+    # with sampling it is off everywhere: a smaller batch draws other random numbers (same distribution, other tokens)
+    "uneven_microbatches": {"cpu": False, "cuda": False},  # not yet measured faster than equal micro-batches
+}
+TRL_LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo")  # TRL 1.16's loss_type values
 
 
 @dataclass
@@ -33,7 +44,10 @@ class LenBalanceConfig:
     ce_weight: float = field(default=0.95, metadata={"help": "λ in the loss λ·CE + (1-λ)·MSE."})
     dropout: float = field(default=0.1, metadata={"help": "Dropout inside the head."})
     predict_every: int = field(
-        default=1, metadata={"help": "Run the head every this many decode steps during generation (PLP)."}
+        default=0,
+        metadata={"help": "Also run the head every this many decode steps during generation (PLP), for inspection; "
+                          "0: only at step 0, the one prediction the scheduler reads (re-bucketing predicts from the "
+                          "probe's stream state itself). Each prediction adds kernels to a decode step."},
     )
     record_every: int = field(
         default=16,
@@ -65,12 +79,13 @@ class LenBalanceConfig:
         default=True,
         metadata={"help": "Move rows between data-parallel ranks so each rank gets an equal share of tokens."},
     )
-    uneven_microbatches: bool = field(
-        default=True,
+    uneven_microbatches: bool | str = field(
+        default=AUTO,
         metadata={
             "help": "Let a rank's micro-batches hold different numbers of rows (long rows in small ones, short rows "
             "in large ones, none padded beyond stock's largest); row-mean losses are reweighted so the update is "
-            "stock's. False: equal rows per micro-batch, as stock."
+            "stock's. False: equal rows per micro-batch, as stock. 'auto': the choice measured fastest on the "
+            "trainer's device (today False everywhere: uneven micro-batches have not yet won a measurement)."
         },
     )
     partition_method: str = field(
@@ -99,11 +114,14 @@ class LenBalanceConfig:
     probe_tokens: int = field(
         default=32, metadata={"help": "k, the tokens every row decodes before re-bucketing (the paper's t = 32)."}
     )
-    compaction: bool = field(
-        default=False,
+    compaction: bool | str = field(
+        default=AUTO,
         metadata={
             "help": "Drop finished rows from the batch while generating (plain transformers path). Pays where a "
-            "finished row costs compute (CPU, large batches); on a launch-bound GPU a finished row is nearly free."
+            "finished row costs compute (CPU, large batches); on a launch-bound GPU a finished row is nearly free. "
+            "With sampling the rows left in the batch draw other random numbers, so completions are drawn from the "
+            "same distribution but are not stock's token for token. 'auto': on for a CPU trainer that decodes "
+            "greedily (exact there), off otherwise."
         },
     )
     fallback_window: int = field(
@@ -125,7 +143,9 @@ class LenBalanceConfig:
                 f"lenbalance.partition_method={self.partition_method!r} is not valid; use one of "
                 f"{', '.join(PARTITION_METHODS)}."
             )
-        for name in ("num_bins", "probe_tokens", "predict_every", "record_every", "samples_per_sequence",
+        if self.predict_every < 0:
+            raise ValueError(f"lenbalance.predict_every must be >= 0 (0: only at step 0), got {self.predict_every}.")
+        for name in ("num_bins", "probe_tokens", "record_every", "samples_per_sequence",
                      "predictor_batch_size", "replay_buffer_size", "fallback_window"):
             if getattr(self, name) < 1:
                 raise ValueError(f"lenbalance.{name} must be >= 1, got {getattr(self, name)}.")
@@ -133,8 +153,19 @@ class LenBalanceConfig:
             raise ValueError(f"lenbalance.num_bins must be >= 2, got {self.num_bins}.")
         if not 0.0 <= self.ce_weight <= 1.0:
             raise ValueError(f"lenbalance.ce_weight (λ) must lie in [0, 1], got {self.ce_weight}.")
+        for name in AUTO_CHOICES:
+            if getattr(self, name) not in (True, False, AUTO):
+                raise ValueError(f"lenbalance.{name}={getattr(self, name)!r} is not valid; use true, false or 'auto'.")
         if self.generation_wave_size is not None and self.generation_wave_size < 1:
             raise ValueError(f"lenbalance.generation_wave_size must be >= 1 or None, got {self.generation_wave_size}.")
+
+    def resolved(self, device: torch.device | str, sampling: bool = True) -> LenBalanceConfig:
+        """A copy with every 'auto' setting replaced by the choice for `device`'s type (CPU choices elsewhere) that
+        keeps stock's completions (`sampling`: the trainer samples rather than decoding greedily)."""
+        kind = "cuda" if torch.device(device).type == "cuda" else "cpu"
+        choices = {name: options[kind] for name, options in AUTO_CHOICES.items()} | (
+            {"compaction": False} if sampling else {})
+        return replace(self, **{name: value for name, value in choices.items() if getattr(self, name) == AUTO})
 
     def check_trainer_args(self, args) -> None:
         """Refuse settings that contradict the trainer's (`args` is a GRPOConfig or RLOOConfig)."""
@@ -146,14 +177,21 @@ class LenBalanceConfig:
                 f"steps_per_generation={args.steps_per_generation} = {generation_batch}); lower it or set it to None."
             )
         if self.rebucket and self.probe_tokens + 1 >= args.max_completion_length:
+            fix = (f"lower lenbalance.probe_tokens to at most {args.max_completion_length - 2}"
+                   if args.max_completion_length >= 3 else "raise max_completion_length to at least 3")
             raise ValueError(
                 f"lenbalance.probe_tokens={self.probe_tokens} leaves nothing to re-bucket: rows decode probe_tokens + 1 "
-                f"tokens before regrouping and max_completion_length={args.max_completion_length}; lower "
-                "lenbalance.probe_tokens or set lenbalance.rebucket=False."
+                f"tokens before regrouping and max_completion_length={args.max_completion_length}; {fix}, or set "
+                "lenbalance.rebucket=False."
             )
+        loss_type = getattr(args, "loss_type", None)  # RLOOConfig has none
+        if loss_type is not None and loss_type not in TRL_LOSS_TYPES:
+            close = difflib.get_close_matches(loss_type, TRL_LOSS_TYPES, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"loss_type={loss_type!r} is not a TRL loss type.{hint} Use one of "
+                             f"{', '.join(TRL_LOSS_TYPES)}.")
         if not self.balance_training:
             return
-        loss_type = getattr(args, "loss_type", None)
         if loss_type is not None and loss_type not in EXACT_LOSS_TYPES:
             raise ValueError(
                 f"loss_type={loss_type!r} normalises by each micro-batch's own token count, so regrouping rows would "

@@ -59,7 +59,12 @@ class LenBalanceEngine:
         self.rounds_worse_than_naive = 0
         self.fallbacks = 0
         self.healthy = True
+        self._fallback_round = -1  # the round of the last fallback: one event counts once, whatever its symptoms
         self._steps = record_steps(max_length, config.record_every)
+        if config.predictor_path and not self.head_is_finite():
+            warnings.warn(f"rl-lenbalance: the predictor at lenbalance.predictor_path={config.predictor_path!r} holds "
+                          "non-finite values (NaN/inf); re-initialising the head and training it from scratch.")
+            self._reinitialise()
 
     def training_pairs(self, waves: list[Wave], lengths: Mapping[int, int]) -> dict[str, torch.Tensor]:
         """Fixed-shape tensors (an entry per row of each wave; invalid entries have target -1) of the PLP features at
@@ -78,18 +83,18 @@ class LenBalanceEngine:
         }
         entry = 0
         for wave in waves:
-            recorded = wave.capture.recorded
+            recorded = {step: z.float().cpu() for step, z in wave.capture.recorded.items()}  # one copy per step
             for j, row in enumerate(wave.rows):
                 length = lengths[row]
                 steps = [s for s in self._steps if s < length]
                 for name, step in (("0", 0), ("32", PLP_REPORT_STEP)):
                     if step in steps and step in recorded:
-                        out[f"z{name}"][entry] = recorded[step][j].float().cpu()
+                        out[f"z{name}"][entry] = recorded[step][j]
                         out[f"y{name}"][entry] = float(length - step)
                 generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.rounds * 100_003 + row)
                 picks = [steps[p] for p in torch.randperm(len(steps), generator=generator)[:samples].tolist()]
                 for k, step in enumerate(s for s in picks if s in recorded):
-                    out["z"][entry * samples + k] = recorded[step][j].float().cpu()
+                    out["z"][entry * samples + k] = recorded[step][j]
                     out["y"][entry * samples + k] = float(length - step)
                 entry += 1
         return out
@@ -121,8 +126,8 @@ class LenBalanceEngine:
             loss = self.trainer.observe(pairs["z"][valid], pairs["y"][valid])
         if loss is not None:
             metrics["predictor/loss"] = loss
-        if not all(torch.isfinite(p).all() for p in self.head.parameters()):
-            self._fall_back("its weights became non-finite; re-initialising the head")
+        if not self.head_is_finite():
+            self._fall_back("its weights or bin values became non-finite; re-initialising the head")
             self._reinitialise()
         self.baseline.update(lengths.tolist())
         self.rounds += 1
@@ -147,8 +152,15 @@ class LenBalanceEngine:
                 f"its online MAE was worse than the naive baseline for {self.config.fallback_window} rounds in a row"
             )
 
+    def head_is_finite(self) -> bool:
+        """No NaN/inf in the head's parameters nor in its buffers (the bins' read-out values and counts)."""
+        return all(torch.isfinite(t).all() for t in (*self.head.parameters(), *self.head.buffers()))
+
     def _fall_back(self, why: str) -> None:
         self.healthy = False
+        if self._fallback_round == self.rounds:  # the same event seen again (e.g. NaN predictions, then NaN weights)
+            return
+        self._fallback_round = self.rounds
         self.fallbacks += 1
         warnings.warn(
             f"rl-lenbalance: the length predictor is unreliable ({why}); scheduling falls back to stock ordering "
@@ -163,11 +175,30 @@ class LenBalanceEngine:
                                      self.config.predictor_batch_size, self.config.predictor_steps_per_round, self.seed)
 
     def state_dict(self) -> dict:
-        """Everything needed to resume: the head, its optimizer, counters."""
-        return {"optimizer": self.trainer.optimizer.state_dict(), "rounds": self.rounds, "fallbacks": self.fallbacks,
-                "baseline": list(self.baseline.lengths)}
+        """Everything besides the head's weights needed to resume: its optimizer, the replay buffer and sampling RNG,
+        the naive baseline's history and the health counters (tensors and plain values: `torch.load(weights_only=True)`
+        reads it back)."""
+        return {"optimizer": self.trainer.optimizer.state_dict(), "buffer": self.trainer.buffer.state_dict(),
+                "generator": self.trainer.generator.get_state(), "skipped_updates": self.trainer.skipped_updates,
+                "baseline": list(self.baseline.lengths), "rounds": self.rounds, "fallbacks": self.fallbacks,
+                "rounds_worse_than_naive": self.rounds_worse_than_naive, "healthy": self.healthy}
 
     def load_state_dict(self, state: dict) -> None:
-        self.trainer.optimizer.load_state_dict(state["optimizer"])
-        self.rounds, self.fallbacks = state["rounds"], state["fallbacks"]
+        """Restore `state_dict()` into an engine whose head already holds the saved weights. A head holding NaN/inf
+        is re-initialised, and an optimizer state holding NaN/inf dropped, each with a warning."""
+        if not self.head_is_finite():
+            warnings.warn("rl-lenbalance: the restored length predictor holds non-finite values (NaN/inf) in its "
+                          "weights or bin values; re-initialising the head (its optimizer state is dropped).")
+            self._reinitialise()
+        elif not all(torch.isfinite(t).all() for s in state["optimizer"]["state"].values() for t in s.values()):
+            warnings.warn("rl-lenbalance: the restored predictor optimizer state holds non-finite values (NaN/inf); "
+                          "the head keeps its weights and its optimizer starts fresh.")
+        else:
+            self.trainer.optimizer.load_state_dict(state["optimizer"])
+        self.trainer.buffer.load_state_dict(state["buffer"])
+        self.trainer.generator.set_state(state["generator"])
+        self.trainer.skipped_updates = state["skipped_updates"]
+        self.baseline.lengths.clear()
         self.baseline.update(state["baseline"])
+        self.rounds, self.fallbacks = state["rounds"], state["fallbacks"]
+        self.rounds_worse_than_naive, self.healthy = state["rounds_worse_than_naive"], state["healthy"]

@@ -1,15 +1,49 @@
-"""Recipe YAMLs: trainer settings at the top level (a `GRPOConfig`), plus `model:`, `task:` and `lenbalance:`."""
+"""Recipe YAMLs: trainer settings at the top level (a `GRPOConfig`), plus `model:`, `task:` and `lenbalance:`.
+
+Every value is checked against its dataclass field's type before anything is loaded. Values are read as YAML 1.2
+scalars: only true/false are booleans (`save_strategy: no` is the string 'no'), and `1e-6` is a number.
+"""
 
 from __future__ import annotations
 
 import difflib
+import re
+import types
+import typing
 from dataclasses import dataclass, field, fields
+from enum import Enum
 from pathlib import Path
 
 import yaml
 from transformers import HfArgumentParser
 
 from .config import LenBalanceConfig
+
+SECTIONS = ("model", "task", "lenbalance")
+
+
+class RecipeError(ValueError):
+    """A recipe (or a `--set` override) that cannot be used as written; the message says what to change."""
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 booleans (true/false only) and exponent floats without a dot (1e-6)."""
+
+
+_YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_YamlLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                  list("tTfF"))
+_YamlLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+                                  list("-+0123456789."))
+_YAML11_BOOLS = {"yes": True, "on": True, "no": False, "off": False}  # accepted as booleans for boolean fields
+
+
+def parse_yaml(text: str):
+    """A YAML document or scalar as recipes read it."""
+    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 @dataclass
@@ -20,14 +54,24 @@ class ModelArguments:
         default="embedded:smollm2-135m-instruct",
         metadata={"help": "A local folder, a hub id (needs a reachable hub), or the embedded SmolLM2 (the default)."},
     )
-    dtype: str = field(default="float32", metadata={"help": "Weights dtype: float32, bfloat16 or float16."})
+    dtype: str = field(default="float32", metadata={"help": "Weights dtype: float32, bfloat16, float16 or auto."})
+
+    def __post_init__(self) -> None:
+        from .models import _as_dtype
+
+        try:
+            _as_dtype(self.dtype)  # before anything is loaded
+        except ValueError as error:
+            raise RecipeError(f"model.dtype: {error}") from None
 
 
 @dataclass
 class TaskArguments:
     """The `task:` section: the built-in arithmetic task."""
 
-    num_prompts: int = field(default=64, metadata={"help": "How many problems to generate."})
+    num_prompts: int = field(
+        default=64, metadata={"help": "How many problems to generate (at least one generation batch's worth)."}
+    )
     seed: int = field(default=0, metadata={"help": "Seed of the generated problems."})
 
 
@@ -37,28 +81,127 @@ class Recipe:
     model: ModelArguments
     task: TaskArguments
     lenbalance: LenBalanceConfig
+    resume_from_checkpoint: bool | str | None = None  # True: the last checkpoint in output_dir; a str: that one
 
 
-def _parse(section: str, cls, values: dict):
+def _union_members(hint) -> tuple:
+    """The members of a union; an `Enum | str` field takes the enum's values only (the dataclass converts them)."""
+    args = typing.get_args(hint)
+    if str in args and any(isinstance(arg, type) and issubclass(arg, Enum) for arg in args):
+        return tuple(arg for arg in args if arg is not str)
+    return args
+
+
+def _accepts(hint, value) -> bool:
+    """Whether `value` (as YAML gives it) fits the type annotation `hint` (unions, Optional, Literal, enums, lists)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_accepts(arg, value) for arg in _union_members(hint))
+    if origin is typing.Literal:
+        return any(type(value) is type(arg) and value == arg for arg in args)
+    if hint is typing.Any or hint is object:
+        return True
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(hint, type) and issubclass(hint, Enum):
+        return isinstance(value, hint) or value in {member.value for member in hint}
+    if origin in (list, tuple, set):
+        item = args[0] if args else typing.Any
+        return isinstance(value, (list, tuple)) and all(_accepts(item, v) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True  # an annotation this check does not understand: the dataclass decides
+
+
+def _describe(hint) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(dict.fromkeys(_describe(arg) for arg in _union_members(hint)))
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(arg) for arg in args)
+    if isinstance(hint, type) and issubclass(hint, Enum):
+        return "one of " + ", ".join(repr(member.value) for member in hint)
+    if origin in (list, tuple, set):
+        return f"a list (items: {_describe(args[0])})" if args else "a list"
+    names = {bool: "a boolean (true or false)", int: "an integer", float: "a number", str: "a string",
+             type(None): "null", dict: "a mapping"}
+    return names.get(origin or hint, getattr(hint, "__name__", str(hint)))
+
+
+def _checked(label: str, hint, value):
+    """`value` if it fits `hint` (a YAML 1.1 yes/no/on/off becomes a boolean for a boolean field), else RecipeError."""
+    if isinstance(value, str) and value.lower() in _YAML11_BOOLS and _accepts(hint, True) and not _accepts(hint, value):
+        value = _YAML11_BOOLS[value.lower()]
+    if not _accepts(hint, value):
+        raise RecipeError(f"{label}={value!r} is not valid: expected {_describe(hint)}.")
+    return value
+
+
+def _parse(section: str, prefix: str, cls, values, extra: tuple[str, ...] = ()):
+    if not isinstance(values, dict):
+        raise RecipeError(f"The recipe's {section} section must be a mapping of keys to values, got {values!r}.")
     valid = [f.name for f in fields(cls) if f.init]
-    for key in values:
+    hints = typing.get_type_hints(cls)
+    checked = {}
+    for key, value in values.items():
         if key not in valid:
-            close = difflib.get_close_matches(key, valid, n=1)
+            close = difflib.get_close_matches(str(key), valid + list(extra), n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"Unknown key {key!r} in the recipe's {section} section.{hint}")
-    (parsed,) = HfArgumentParser(cls).parse_dict(values)
+            raise RecipeError(f"Unknown key {key!r} in the recipe's {section} section.{hint}")
+        checked[key] = _checked(f"{prefix}{key}", hints[key], value)
+    try:
+        (parsed,) = HfArgumentParser(cls).parse_dict(checked)
+    except ValueError as error:  # the dataclass's own checks (ranges, choices, combinations)
+        raise RecipeError(str(error)) from error
     return parsed
+
+
+def _read(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"Recipe file {str(path)!r} does not exist (or is not a file); see recipes/ for examples.")
+    try:
+        values = parse_yaml(path.read_text())
+    except yaml.YAMLError as error:
+        raise RecipeError(f"Recipe file {str(path)!r} is not valid YAML: {error}") from error
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise RecipeError(f"Recipe file {str(path)!r} must be a mapping of keys to values (as in recipes/), "
+                          f"got a {type(values).__name__}.")
+    return values
 
 
 def load_recipe(path: str | Path, overrides: dict | None = None) -> Recipe:
     """Read a recipe YAML (with `overrides` merged into its top level) into validated dataclasses."""
     from trl import GRPOConfig
 
-    values = yaml.safe_load(Path(path).read_text()) or {}
+    values = _read(path)
     for key, value in (overrides or {}).items():  # a section's overrides update that section, key by key
-        values[key] = (values.get(key) or {}) | value if isinstance(value, dict) else value
-    model = _parse("model", ModelArguments, values.pop("model", None) or {})
-    task = _parse("task", TaskArguments, values.pop("task", None) or {})
-    lenbalance = _parse("lenbalance", LenBalanceConfig, values.pop("lenbalance", None) or {})
-    training = _parse("top-level (GRPOConfig)", GRPOConfig, values)
-    return Recipe(training, model, task, lenbalance)
+        base = values.get(key) or {}
+        values[key] = base | value if isinstance(value, dict) and isinstance(base, dict) else value
+    model = _parse("model", "model.", ModelArguments, values.pop("model", None) or {})
+    task = _parse("task", "task.", TaskArguments, values.pop("task", None) or {})
+    lenbalance = _parse("lenbalance", "lenbalance.", LenBalanceConfig, values.pop("lenbalance", None) or {})
+    resume = _checked("resume_from_checkpoint", bool | str | None, values.pop("resume_from_checkpoint", None))
+    training = _parse("top-level (GRPOConfig)", "", GRPOConfig, values, extra=SECTIONS)
+    try:
+        lenbalance.check_trainer_args(training)  # settings that contradict the trainer's fail here, before any loading
+    except ValueError as error:
+        raise RecipeError(str(error)) from error
+    prompts_per_step = training.generation_batch_size // training.num_generations
+    if task.num_prompts < prompts_per_step:
+        raise RecipeError(
+            f"task.num_prompts={task.num_prompts} is fewer than one generation batch needs ({prompts_per_step} "
+            f"prompts: generation_batch_size={training.generation_batch_size} / num_generations="
+            f"{training.num_generations}), so no training step would run; raise task.num_prompts."
+        )
+    return Recipe(training, model, task, lenbalance, resume)

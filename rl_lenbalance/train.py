@@ -10,24 +10,27 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
+import warnings
 from pathlib import Path
 
-from .recipe import Recipe, load_recipe
+from .recipe import Recipe, RecipeError, load_recipe, parse_yaml
 
 
-def build_trainer(recipe: Recipe):
-    """Model, task and `LenBalanceGRPOTrainer` as the recipe says."""
-    import torch
-
-    from .integrations import LenBalanceGRPOTrainer
+def build_trainer(recipe: Recipe, trainer_class: type | None = None):
+    """Model, task and trainer as the recipe says: `LenBalanceGRPOTrainer` by default; `trainer_class` may be any
+    GRPOTrainer subclass (stock TRL's for a comparison), which gets `lenbalance_config` only if it takes one."""
+    from .integrations import LenBalanceGRPOTrainer, LenBalanceMixin
     from .models import load_model
     from .tasks import REWARD_FUNCS, arithmetic_dataset
 
-    model, tokenizer = load_model(recipe.model.name_or_path, dtype=getattr(torch, recipe.model.dtype))
+    trainer_class = trainer_class or LenBalanceGRPOTrainer
+    model, tokenizer = load_model(recipe.model.name_or_path, dtype=recipe.model.dtype)
     dataset = arithmetic_dataset(recipe.task.num_prompts, recipe.task.seed)
-    return LenBalanceGRPOTrainer(model=model, processing_class=tokenizer, reward_funcs=REWARD_FUNCS,
-                                 args=recipe.training, train_dataset=dataset, lenbalance_config=recipe.lenbalance)
+    extra = {"lenbalance_config": recipe.lenbalance} if issubclass(trainer_class, LenBalanceMixin) else {}
+    return trainer_class(model=model, processing_class=tokenizer, reward_funcs=REWARD_FUNCS, args=recipe.training,
+                         train_dataset=dataset, **extra)
 
 
 def summarize(trainer, wall_s: float) -> dict[str, float]:
@@ -46,6 +49,8 @@ def summarize(trainer, wall_s: float) -> dict[str, float]:
         "steps": trainer.state.global_step,
         "wall_s": wall_s,
         "generation_s": totals["gen/seconds"],
+        "generation_phase_s": totals["time/generation_s"],
+        "loss_phase_s": totals["time/loss_phase_s"],
         "mae_static": last("predictor/mae_static"),
         "mae_plp32": last("predictor/mae_plp32"),
         "mae_naive_static": last("predictor/mae_naive_static"),
@@ -72,6 +77,10 @@ def print_summary(summary: dict[str, float]) -> None:
     table.add_column("stock TRL (same batch)", justify="right")
     pct = "{:.1%}".format
     table.add_row("steps / wall time", f"{summary['steps']} / {summary['wall_s']:.0f} s", "")
+    compare = "`rl-lenbalance compare`"
+    table.add_row("seconds generating (rollouts, rewards), this rank", f"{summary['generation_phase_s']:.1f} s", compare)
+    table.add_row("seconds in the loss phase (forward, backward), this rank", f"{summary['loss_phase_s']:.1f} s",
+                  compare)
     table.add_row("decode slots wasted on padding", pct(summary["decode_slot_waste"]), pct(summary["decode_slot_waste_stock"]))
     table.add_row("decode steps, slowest rank (summed over rounds)", f"{summary['decode_steps']:.0f}",
                   f"{summary['decode_steps_stock']:.0f}")
@@ -92,16 +101,53 @@ def run(recipe_path: str, overrides: dict | None = None) -> dict[str, float]:
     os.environ.setdefault("WANDB_MODE", "offline")
     recipe = load_recipe(recipe_path, overrides)
     os.environ.setdefault("WANDB_DIR", recipe.training.output_dir)
-    Path(recipe.training.output_dir).mkdir(parents=True, exist_ok=True)
+    _check_writable(recipe.training.output_dir)
+    checkpoint = resume_checkpoint(recipe)
     trainer = build_trainer(recipe)
     start = time.perf_counter()
-    trainer.train()
+    trainer.train(resume_from_checkpoint=checkpoint)
     summary = summarize(trainer, time.perf_counter() - start)
     _finish_wandb()
     if trainer.accelerator.is_main_process:
-        Path(recipe.training.output_dir, "lenbalance_summary.json").write_text(json.dumps(summary, indent=2))
         print_summary(summary)
+        Path(recipe.training.output_dir, "lenbalance_summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _check_writable(output_dir: str) -> None:
+    """Create `output_dir` and write a file into it now, so a read-only folder fails before the model loads."""
+    try:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=output_dir):
+            pass
+    except OSError as error:
+        raise RecipeError(f"output_dir={output_dir!r} is not writable ({error.strerror or error}); point output_dir "
+                          "at a folder you can write to.") from error
+
+
+def resume_checkpoint(recipe: Recipe) -> str | None:
+    """The checkpoint folder `resume_from_checkpoint` names (true: the last whole checkpoint-N in output_dir),
+    checked to be one, or None when the run starts from scratch."""
+    from transformers.trainer import TRAINER_STATE_NAME
+    from transformers.trainer_utils import sort_checkpoints
+
+    resume, output_dir = recipe.resume_from_checkpoint, recipe.training.output_dir
+    if resume is None or resume is False:
+        return None
+    if resume is True:
+        checkpoints = sort_checkpoints(output_dir)  # oldest first
+        whole = [c for c in checkpoints if Path(c, TRAINER_STATE_NAME).is_file()]  # the trainer writes it last
+        if not whole:
+            raise RecipeError(f"resume_from_checkpoint=true, but output_dir={output_dir!r} holds no checkpoint-N "
+                              "folder to resume; drop resume_from_checkpoint to start from scratch.")
+        if whole[-1] != checkpoints[-1]:
+            warnings.warn(f"rl-lenbalance: {checkpoints[-1]} has no {TRAINER_STATE_NAME} (a save was interrupted); "
+                          f"resuming from {whole[-1]}.")
+        return whole[-1]
+    if not Path(resume, TRAINER_STATE_NAME).is_file():
+        raise RecipeError(f"resume_from_checkpoint={resume!r} is not a trainer checkpoint (no {TRAINER_STATE_NAME} "
+                          "in it); pass a checkpoint-N folder, or true for the last one in output_dir.")
+    return resume
 
 
 def _finish_wandb() -> None:
@@ -117,23 +163,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="Override recipe keys, e.g. --set max_steps=2 lenbalance.compaction=false.")
     args = parser.parse_args(argv)
-    run(args.config, parse_overrides(args.set))
+    try:
+        run(args.config, parse_overrides(args.set))
+    except RecipeError as error:
+        parser.exit(2, f"error: {error}\n")
 
 
 def parse_overrides(items: list[str]) -> dict:
     """`key=value` strings to a dict, values parsed as YAML scalars; `section.key=value` sets a key of a section."""
-    import yaml
-
     overrides: dict = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep:
-            raise ValueError(f"Override {item!r} is not KEY=VALUE (or SECTION.KEY=VALUE, e.g. model.dtype=bfloat16).")
+            raise RecipeError(f"Override {item!r} is not KEY=VALUE (or SECTION.KEY=VALUE, e.g. model.dtype=bfloat16).")
         *sections, name = key.split(".")
         target = overrides
         for section in sections:
             target = target.setdefault(section, {})
-        target[name] = yaml.safe_load(value)
+        target[name] = parse_yaml(value)
     return overrides
 
 

@@ -30,7 +30,7 @@ def _generate(model, tokenizer, capture, texts):
 @pytest.mark.parametrize("pooling", ["egtp", "mean"])
 def test_hooked_features_equal_a_separate_forward_pass(model_and_tokenizer, pooling):
     model, tokenizer = model_and_tokenizer
-    config = LenBalanceConfig(pooling=pooling, record_every=4)
+    config = LenBalanceConfig(pooling=pooling, record_every=4, predict_every=1)
     head = PLPHead(HeadConfig(model.config.hidden_size, max_length=MAX_NEW, pooling=pooling))
     capture = GenerationCapture(model, head, config, max_length=MAX_NEW)
     texts = ["Hi", "Write a long story about a cat please", "Hi"]  # a repeated prompt, as in a GRPO group
@@ -88,7 +88,7 @@ def test_a_resumed_capture_continues_the_streams_of_an_uninterrupted_one(model_a
 
     model, tokenizer = model_and_tokenizer
     max_new, probe = 24, 9
-    config = LenBalanceConfig(record_every=4)
+    config = LenBalanceConfig(record_every=4, predict_every=1)
     head = PLPHead(HeadConfig(model.config.hidden_size, max_length=max_new))
     capture = GenerationCapture(model, head, config, max_length=max_new)
     prompts = [tokenizer(t)["input_ids"] for t in ["Hi", "Write a long story about a cat please", "Tell me"]]
@@ -111,6 +111,48 @@ def test_a_resumed_capture_continues_the_streams_of_an_uninterrupted_one(model_a
     for step, features in second.recorded.items():
         torch.testing.assert_close(features.float(), whole.recorded[step][order].float(), rtol=2e-3, atol=2e-3)
     torch.testing.assert_close(second.predictions[-1], whole.predictions[-1][order], rtol=1e-3, atol=1e-2)
+
+
+def test_default_capture_predicts_at_step_0_only_and_folds_tokens_exactly(eos_tiny_model_dir):
+    """Pending tokens are folded into the pool in batches: the recorded features (with rows leaving a compacting
+    loop on the way) equal those of a capture that folds every step, and the head runs only where it is read."""
+    from transformers import GenerationConfig
+
+    from rl_lenbalance.generation import compacted_generate
+
+    tokenizer = AutoTokenizer.from_pretrained(eos_tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(eos_tiny_model_dir, dtype=torch.float32).eval()
+    max_new = 40
+    head = PLPHead(HeadConfig(model.config.hidden_size, max_length=max_new))
+    prompts = [tokenizer(t)["input_ids"] for t in ["Hi", "Write a long story about a cat please", "Tell me"]]
+    generation = GenerationConfig(do_sample=True, top_k=0, max_new_tokens=max_new)
+    results = {}
+    for every in (0, 1):
+        capture = GenerationCapture(model, head, LenBalanceConfig(record_every=4, predict_every=every), max_new)
+        torch.manual_seed(3)
+        with capture.capture(prompts * 3) as results[every]:
+            ids = compacted_generate(model, prompts * 3, generation, pad_token_id=0, on_compact=results[every].compact)
+    lazy, eager = results[0], results[1]
+    assert lazy.prediction_steps == [0] and len(eager.prediction_steps) == eager.steps + 1
+    assert len(set(map(len, ids))) > 1  # rows finished at different steps, so the loop compacted
+    assert set(lazy.recorded) == set(eager.recorded)
+    for step in lazy.recorded:
+        torch.testing.assert_close(lazy.recorded[step], eager.recorded[step], rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(lazy.state.pool.value(), eager.state.pool.value())
+    assert lazy.seconds > 0
+
+
+def test_streaming_pool_extend_equals_token_by_token_updates():
+    torch.manual_seed(0)
+    hidden, entropy = torch.randn(3, 7, 5), torch.rand(3, 7) * 4
+    one, many = StreamingPool(3, 5), StreamingPool(3, 5)
+    for t in range(7):
+        one.update(hidden[:, t], entropy[:, t])
+    many.extend(hidden[:, :4], entropy[:, :4])
+    many.extend(hidden[:, 4:], entropy[:, 4:])
+    torch.testing.assert_close(many.value(), one.value())
+    torch.testing.assert_close(many.value(), pool_tokens(hidden, entropy, torch.ones(3, 7), "egtp"))
+    assert torch.equal(many.last, hidden[:, -1])
 
 
 def test_a_row_split_over_two_waves_yields_the_training_pairs_of_one(model_and_tokenizer):

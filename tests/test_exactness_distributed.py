@@ -39,9 +39,10 @@ def test_stock_and_lenbalance_learn_the_same_parameters(tiny_model_dir, tmp_path
     regrouped = [r for r in results if r["grad_acc"] == 2]
     assert all(r["pad_frac"] < r["pad_frac_stock"] for r in regrouped), regrouped
     assert any(r["rows_moved"] > 0 for r in regrouped), regrouped
-    # micro-batches of unequal rows (row-mean losses reweighted) were trained, for every loss type
+    # micro-batches of unequal rows (row-mean losses reweighted) were trained, for every loss type, where asked for
     uneven = {r["loss_type"] for r in results if any(len(set(sizes)) > 1 for sizes in r["microbatch_rows"])}
     assert uneven == {"dapo", "grpo", "dr_grpo", "rloo"}, [(r["loss_type"], r["microbatch_rows"]) for r in results]
+    assert all(len(set(sizes)) == 1 for r in results if r["num_iterations"] == 2 for sizes in r["microbatch_rows"])
 
 
 @pytest.mark.slow

@@ -331,3 +331,17 @@ def test_rebucket_moves_rows_off_the_rank_that_kept_the_long_ones():
         schedule.rebucket(remaining, [0] * 7, 2, 2, compacted=False)
     with pytest.raises(ValueError, match="wave_size"):
         schedule.rebucket(remaining, origin, 2, 0, compacted=False)
+
+
+def test_auto_settings_resolve_per_device_and_bad_values_are_refused():
+    from rl_lenbalance.config import LenBalanceConfig
+
+    config = LenBalanceConfig()
+    assert config.compaction == config.uneven_microbatches == "auto"
+    cpu, cuda = config.resolved("cpu", sampling=False), config.resolved("cuda", sampling=False)
+    assert (cpu.compaction, cpu.uneven_microbatches) == (True, False)
+    assert (cuda.compaction, cuda.uneven_microbatches) == (False, False)
+    assert config.resolved("cpu", sampling=True).compaction is False  # it would change which tokens are drawn
+    assert LenBalanceConfig(compaction=False).resolved("cpu").compaction is False  # an explicit choice stays
+    with pytest.raises(ValueError, match="lenbalance.compaction='fals'.*true, false or 'auto'"):
+        LenBalanceConfig(compaction="fals")

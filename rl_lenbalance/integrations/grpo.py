@@ -11,12 +11,16 @@ Three stock methods change, each in one place:
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from accelerate.utils import gather_object, pad_across_processes
+from transformers.trainer_utils import get_last_checkpoint
 from trl import GRPOTrainer, RLOOTrainer
 from trl.models import unwrap_model_for_generation
 
@@ -35,7 +39,8 @@ class LenBalanceMixin:
     lenbalance_config: LenBalanceConfig
 
     def _lenbalance_setup(self, config: LenBalanceConfig | None) -> None:
-        self.lenbalance_config = config = config or LenBalanceConfig()
+        sampling = getattr(getattr(self, "generation_config", None), "do_sample", True) is not False
+        self.lenbalance_config = config = (config or LenBalanceConfig()).resolved(self.accelerator.device, sampling)
         config.check_trainer_args(self.args)
         if config.balance_training and getattr(self, "aux_loss_enabled", False):  # TRL's own switch (MoE models)
             raise ValueError(
@@ -53,10 +58,19 @@ class LenBalanceMixin:
             self._warn_once("positions", f"{type(model).__name__} adds absolute position embeddings, so a row's left "
                             "padding changes its outputs: rl-lenbalance keeps stock's prompt padding and every row on "
                             "its rank (micro-batches are still length-sorted and their completions trimmed).")
+        self._nonfinite_grad_steps = 0
+        self.lenbalance_resume_from: str | None = None  # the checkpoint `train` resumes; the callback restores from it
         self.lenbalance_totals: dict[str, float] = defaultdict(float)  # summed over the run, for the summary table
         self.lenbalance_last_lengths: list[tuple[float, int]] = []  # (predicted at t=0, actual) of the last round
         # a micro-batch's loss is a mean over its rows (RLOO has no loss_type: its loss is a mean over sequences)
         self._row_mean_loss = getattr(self, "loss_type", None) in ROW_MEAN_LOSSES or not hasattr(self, "loss_type")
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        """Stock `train`, remembering which checkpoint it resumes (True: the last one in output_dir)."""
+        if resume_from_checkpoint is True:  # none found: stock raises its own error for True
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir) or True
+        self.lenbalance_resume_from = resume_from_checkpoint if isinstance(resume_from_checkpoint, str) else None
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     # --- generation -------------------------------------------------------------------------------------------
 
@@ -122,6 +136,15 @@ class LenBalanceMixin:
 
     def _decode(self, prompts: list[list[int]], captured: CaptureResult, compact: bool, **kwargs) -> list[list[int]]:
         """Stock's plain-`generate` branch through rl-lenbalance's loop (`compact`: finished rows leave the batch)."""
+        with self._generation_model() as model:
+            return compacted_generate(model, prompts, self.generation_config, self._tokenizer.pad_token_id,
+                                      on_compact=captured.compact, min_finished=1 if compact else len(prompts) + 1,
+                                      **kwargs)
+
+    @contextmanager
+    def _generation_model(self) -> Iterator[torch.nn.Module]:
+        """The unwrapped policy exactly as stock's plain-`generate` branch prepares it (gathered ZeRO-3 weights,
+        gradient checkpointing off and then back on with the trainer's own kwargs, no grad)."""
         with (
             unwrap_model_for_generation(
                 self.model_wrapped, self.accelerator, gather_deepspeed3_params=self.args.ds3_gather_for_generation,
@@ -131,9 +154,7 @@ class LenBalanceMixin:
             torch.no_grad(),
             self._dist.summon_full_params(self.model_wrapped, recurse=False),
         ):
-            return compacted_generate(model, prompts, self.generation_config, self._tokenizer.pad_token_id,
-                                      on_compact=captured.compact, min_finished=1 if compact else len(prompts) + 1,
-                                      **kwargs)
+            yield model
 
     def _running_rows(self, ids: list[int], prompts: list[list[int]], completions: list[list[int]],
                       captured: CaptureResult) -> list[dict]:
@@ -207,11 +228,7 @@ class LenBalanceMixin:
         pad = self._tokenizer.pad_token_id
         input_ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in distinct], device=self.accelerator.device)
         attention_mask = (torch.arange(width) >= torch.tensor([width - len(p) for p in distinct]).unsqueeze(1)).long()
-        with (
-            unwrap_model_for_generation(self.model_wrapped, self.accelerator,
-                                        gather_deepspeed3_params=self.args.ds3_gather_for_generation) as model,
-            self.lenbalance.capture.capture([list(p) for p in distinct]) as captured,
-        ):
+        with self._generation_model() as model, self.lenbalance.capture.capture([list(p) for p in distinct]) as captured:
             model(input_ids=input_ids, attention_mask=attention_mask.to(input_ids.device), logits_to_keep=1)
         by_prompt = dict(zip(distinct, captured.predicted_total(0).tolist(), strict=True))
         self.lenbalance_totals["predictor/overhead_s"] += time.perf_counter() - start
@@ -283,6 +300,14 @@ class LenBalanceMixin:
                                      for a, b in zip(bounds, bounds[1:])]
             self._ledger_training(batch)
         return self._buffered_inputs[self._step % spg]
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """Stock; the seconds it spends outside generation are the loss phase's (`time/loss_phase_s` in the totals)."""
+        start, generated = time.perf_counter(), self.lenbalance_totals["time/generation_s"]
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        spent = time.perf_counter() - start - (self.lenbalance_totals["time/generation_s"] - generated)
+        self.lenbalance_totals["time/loss_phase_s"] += spent
+        return loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Stock, with a per-row-mean loss weighted by its micro-batch's rows over stock's (uneven micro-batches)."""
@@ -361,13 +386,23 @@ class LenBalanceMixin:
         })
 
     def _generate_and_score_completions(self, inputs):
-        """Stock, plus the widths stock TRL would pad every micro-batch of this rank to (for the ledger)."""
+        """Stock, plus the widths stock TRL would pad every micro-batch of this rank to (for the ledger), and its
+        seconds (`time/generation_s`: generation, rewards and advantages, as a user's step sees them)."""
+        start = time.perf_counter()
         batch = super()._generate_and_score_completions(inputs)
+        self.lenbalance_totals["time/generation_s"] += time.perf_counter() - start
         if self.model.training:
             self._stock_widths = (batch["prompt_ids"].size(1), batch["completion_ids"].size(1))
         return batch
 
     # --- logging ------------------------------------------------------------------------------------------------
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Stock, plus the count of logged optimizer steps whose `grad_norm` was not finite (a divergence alarm)."""
+        if "grad_norm" in logs:
+            self._nonfinite_grad_steps += not math.isfinite(logs["grad_norm"])
+            logs["lenbalance/train/nonfinite_grad_steps"] = float(self._nonfinite_grad_steps)
+        super().log(logs, start_time)
 
     def _log_lenbalance(self, metrics: dict[str, float]) -> None:
         """Append to TRL's own metric store (already reduced over ranks): every `report_to` receives them."""
@@ -444,6 +479,14 @@ class LenBalanceRLOOTrainer(_Wrapped, RLOOTrainer):
 def mix_in(trainer, config: LenBalanceConfig | None = None):
     """Turn an existing GRPOTrainer/RLOOTrainer into its rl-lenbalance version in place (no callback); returns it."""
     if isinstance(trainer, LenBalanceMixin):
+        if config is not None and config != trainer.lenbalance_config:
+            running = vars(trainer.lenbalance_config)
+            differ = ", ".join(f"{k}={v!r} (running: {running[k]!r})" for k, v in vars(config).items() if v != running[k])
+            raise ValueError(
+                f"This {type(trainer).__name__} already runs rl-lenbalance; a second LenBalanceCallback/wrap_trainer "
+                f"with a different config ({differ}) would be ignored. Pass the config once (lenbalance_config= or the "
+                "first LenBalanceCallback)."
+            )
         return trainer
     if not hasattr(trainer, "_generate_single_turn") or not hasattr(trainer, "_buffered_inputs"):
         raise TypeError(f"rl-lenbalance supports TRL's GRPOTrainer and RLOOTrainer, not {type(trainer).__name__}.")

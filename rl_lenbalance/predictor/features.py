@@ -12,9 +12,7 @@ POOLING_METHODS = ("egtp", "mean", "max", "last", "first4")
 
 def token_entropy(logits: torch.Tensor) -> torch.Tensor:
     """Entropy (nats) of softmax(logits) over the last dim, in float32; -inf logits count as p=0 (0·log 0 = 0)."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    p = logp.exp()
-    return -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1)
+    return torch.special.entr(torch.softmax(logits.float(), dim=-1)).sum(-1)  # entr(0) = 0: three kernels
 
 
 def pool_tokens(hidden: torch.Tensor, entropy: torch.Tensor, mask: torch.Tensor, method: str = "egtp") -> torch.Tensor:
@@ -56,14 +54,18 @@ class StreamingPool:
 
     def update(self, hidden: torch.Tensor, entropy: torch.Tensor) -> None:
         """Add one token per sequence: `hidden` (B, H), `entropy` (B,)."""
+        self.extend(hidden.unsqueeze(1), entropy.unsqueeze(1))
+
+    def extend(self, hidden: torch.Tensor, entropy: torch.Tensor) -> None:
+        """Add T tokens per sequence at once: `hidden` (B, T, H), `entropy` (B, T); equals T calls of `update`."""
         hidden, entropy = hidden.float(), entropy.float()
-        new_max = torch.maximum(self.max, entropy)
+        new_max = torch.maximum(self.max, entropy.amax(1))
         scale = torch.exp(self.max - new_max)  # exp(-inf) = 0 on the first token
-        weight = torch.exp(entropy - new_max)
-        self.norm = self.norm * scale + weight
-        self.sum = self.sum * scale.unsqueeze(1) + weight.unsqueeze(1) * hidden
+        weight = torch.exp(entropy - new_max.unsqueeze(1))
+        self.norm = self.norm * scale + weight.sum(1)
+        self.sum = self.sum * scale.unsqueeze(1) + torch.einsum("bt,bth->bh", weight, hidden)
         self.max = new_max
-        self.last = hidden
+        self.last = hidden[:, -1]
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep only these sequences (a generate loop dropped the others)."""

@@ -135,6 +135,12 @@ class PLPHead(nn.Module):
     def from_pretrained(cls, directory: str | Path, expected_hidden_size: int | None = None) -> "PLPHead":
         """Load a head saved by `save_pretrained`; refuse one built for a different hidden size."""
         directory = Path(directory)
+        if not (directory / CONFIG_NAME).is_file():
+            inside = directory / "lenbalance"  # a trainer checkpoint keeps its predictor in this subfolder
+            hint = (f" It looks like a trainer checkpoint: point it at {inside} instead."
+                    if (inside / CONFIG_NAME).is_file()
+                    else " Point it at a folder written by `PLPHead.save_pretrained` (e.g. checkpoint-N/lenbalance).")
+            raise FileNotFoundError(f"No saved predictor in {directory} (no {CONFIG_NAME}).{hint}")
         config = HeadConfig(**json.loads((directory / CONFIG_NAME).read_text()))
         if expected_hidden_size is not None and config.hidden_size != expected_hidden_size:
             raise ValueError(

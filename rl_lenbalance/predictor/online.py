@@ -27,6 +27,25 @@ class ReplayBuffer:
         self._next = int(idx[-1] + 1) % self.capacity if len(idx) else self._next
         self.size = min(self.capacity, self.size + len(targets))
 
+    def state_dict(self) -> dict[str, torch.Tensor | int]:
+        """The filled rows and the write position."""
+        return {"features": self.features[: self.size].clone(), "targets": self.targets[: self.size].clone(),
+                "next": self._next}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor | int]) -> None:
+        """Restore `state_dict()`; into a buffer of another capacity, the rows are re-added oldest first."""
+        features, targets, position = state["features"], state["targets"], int(state["next"])
+        if len(targets) == self.capacity:
+            self.features.copy_(features)
+            self.targets.copy_(targets)
+            self.size, self._next = self.capacity, position % self.capacity
+            return
+        if len(targets) and position != len(targets):  # a full buffer of another capacity: oldest row at `position`
+            order = (position + torch.arange(len(targets))) % len(targets)
+            features, targets = features[order], targets[order]
+        self.size, self._next = 0, 0
+        self.add(features, targets)
+
     def sample(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """A uniform random minibatch (with replacement)."""
         idx = torch.randint(self.size, (batch_size,), generator=generator)
@@ -100,5 +119,6 @@ class OnlineTrainer:
     def _skip(self, why: str) -> None:
         self.skipped_updates += 1
         if not self._warned:
-            warnings.warn(f"rl-lenbalance: skipped a predictor update: {why}; counted in lenbalance/predictor_skipped_updates.")
+            warnings.warn(f"rl-lenbalance: skipped a predictor update: {why}; counted in "
+                          "lenbalance/predictor/skipped_updates.")
             self._warned = True

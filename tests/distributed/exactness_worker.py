@@ -95,7 +95,8 @@ for loss_type, grad_acc, num_iterations, spg in SETTINGS:
     stock_class, our_class = (StockRLOOReplay, LenBalanceRLOOReplay) if loss_type == "rloo" else (
         StockReplay, LenBalanceReplay)
     _, initial, stock = train(stock_class, loss_type, grad_acc, num_iterations, spg)
-    lb, _, ours = train(our_class, loss_type, grad_acc, num_iterations, spg, lenbalance_config=LenBalanceConfig())
+    config = LenBalanceConfig(uneven_microbatches=num_iterations == 1)  # both micro-batch plans, each against stock
+    lb, _, ours = train(our_class, loss_type, grad_acc, num_iterations, spg, lenbalance_config=config)
     rel = max(((stock[n] - ours[n]).norm() / stock[n].norm().clamp(min=1e-12)).item() for n in stock)
     moved = max(((stock[n] - initial[n]).norm() / initial[n].norm().clamp(min=1e-12)).item() for n in stock)
     logs = [row for row in lb.state.log_history if "lenbalance/train/pad_frac" in row]

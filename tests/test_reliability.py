@@ -1,0 +1,304 @@
+"""Nothing lost, nothing silent: resume after a kill, checkpoints written atomically and validated on load, recipe
+values type-checked before anything loads, and the messages of first-run mistakes (issue 14; docs/reliability.md)."""
+
+import copy
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import TrainerCallback
+from test_grpo import make_args, make_trainer
+from trl import GRPOTrainer
+
+from rl_lenbalance import LenBalanceCallback, LenBalanceConfig, LenBalanceGRPOTrainer, wrap_trainer
+from rl_lenbalance import train as train_module
+from rl_lenbalance.cli import main as cli_main
+from rl_lenbalance.engine import LenBalanceEngine
+from rl_lenbalance.predictor import HeadConfig, OnlineTrainer, PLPHead, feature_size
+from rl_lenbalance.recipe import RecipeError, load_recipe
+from rl_lenbalance.train import parse_overrides
+
+QUICKSTART = Path(__file__).parents[1] / "recipes" / "quickstart.yaml"
+
+
+@pytest.fixture(autouse=True)
+def _wandb_dir(monkeypatch, tmp_path):
+    """`train.run` sets WANDB_DIR when it is unset; keep that inside each test."""
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Fail the test if the run gets as far as loading the model."""
+    def refuse(recipe):
+        raise AssertionError("the model was loaded before the error was found")
+
+    monkeypatch.setattr(train_module, "build_trainer", refuse)
+
+
+# --- recipe values ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("sets", "match"),
+    [
+        (["lenbalance.balance_training=fals"], r"lenbalance.balance_training='fals' is not valid: expected a boolean"),
+        (["lenbalance.compaction=1"], r"lenbalance.compaction=1 is not valid: expected a boolean"),
+        (["max_steps=abc"], r"max_steps='abc' is not valid: expected an integer"),
+        (["lenbalance.generation_wave_size=big"], r"generation_wave_size='big' .*expected an integer or null"),
+        (["save_strategy=nope"], r"save_strategy='nope' is not valid: expected one of 'no', 'steps'"),
+        (["report_to=[wandb, 3]"], r"report_to=\['wandb', 3\] is not valid"),
+        (["lenbalanse.compaction=false"], r"Unknown key 'lenbalanse'.*Did you mean 'lenbalance'"),
+        (["lenbalance=3"], r"lenbalance section must be a mapping"),
+        (["model.dtype=float33"], r"model.dtype: Unknown dtype 'float33'"),
+        (["loss_type=bnp"], r"loss_type='bnp' is not a TRL loss type. Did you mean 'bnpo'"),
+        (["task.num_prompts=0"], r"task.num_prompts=0 is fewer than one generation batch needs"),
+        (["lenbalance.rebucket=true", "max_completion_length=2"], r"raise max_completion_length to at least 3"),
+    ],
+)
+def test_bad_recipe_values_are_refused_naming_key_value_and_type(sets, match):
+    with pytest.raises(RecipeError, match=match):
+        load_recipe(QUICKSTART, parse_overrides(sets))
+
+
+def test_yaml_values_read_as_a_user_means_them(tmp_path):
+    recipe = load_recipe(QUICKSTART, parse_overrides(["save_strategy=no", "learning_rate=1e-6",
+                                                      "lenbalance.compaction=no", "lenbalance.generation_wave_size=8"]))
+    assert recipe.training.save_strategy == "no" and recipe.training.learning_rate == 1e-6
+    assert recipe.lenbalance.compaction is False and recipe.lenbalance.generation_wave_size == 8
+    path = tmp_path / "r.yaml"
+    path.write_text("use_cpu: true\nsave_strategy: no\nlenbalance:\n  balance_training: off\n")  # YAML 1.1: False
+    recipe = load_recipe(path)
+    assert recipe.training.save_strategy == "no" and recipe.lenbalance.balance_training is False
+
+
+def test_a_missing_or_malformed_recipe_file_is_a_clear_error(tmp_path):
+    with pytest.raises(RecipeError, match="does not exist"):
+        load_recipe(tmp_path / "nope.yaml")
+    (tmp_path / "list.yaml").write_text("- max_steps: 1\n")
+    with pytest.raises(RecipeError, match="must be a mapping of keys to values.*got a list"):
+        load_recipe(tmp_path / "list.yaml")
+    (tmp_path / "bad.yaml").write_text("max_steps: [1\n")
+    with pytest.raises(RecipeError, match="is not valid YAML"):
+        load_recipe(tmp_path / "bad.yaml")
+
+
+def test_the_cli_reports_recipe_errors_without_a_traceback_or_loading_anything(capsys, no_model_loading):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["train", str(QUICKSTART), "--set", "max_steps=abc"])
+    assert exit_info.value.code == 2
+    assert "rl-lenbalance: error: max_steps='abc' is not valid: expected an integer." in capsys.readouterr().err
+
+
+def test_a_read_only_output_dir_fails_before_the_model_loads(tmp_path, no_model_loading):
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    if os.access(read_only, os.W_OK):  # root ignores permission bits: use a folder of a read-only file system
+        read_only = Path("/sys/kernel")
+        if not read_only.is_dir():
+            pytest.skip("running as root with no read-only folder to try")
+    with pytest.raises(RecipeError, match="output_dir=.* is not writable"):
+        train_module.run(str(QUICKSTART), {"output_dir": str(read_only)})
+
+
+def test_resume_from_checkpoint_must_name_a_checkpoint(tmp_path, no_model_loading):
+    out = tmp_path / "out"
+    with pytest.raises(RecipeError, match="resume_from_checkpoint=true, but output_dir=.* holds no checkpoint-N"):
+        train_module.run(str(QUICKSTART), {"output_dir": str(out), "resume_from_checkpoint": True})
+    with pytest.raises(RecipeError, match="is not a trainer checkpoint"):
+        train_module.run(str(QUICKSTART), {"output_dir": str(out), "resume_from_checkpoint": str(tmp_path)})
+
+
+def test_resume_true_takes_the_last_whole_checkpoint(tmp_path):
+    out = tmp_path / "out"
+    (out / "checkpoint-1").mkdir(parents=True)
+    (out / "checkpoint-1" / "trainer_state.json").write_text("{}")
+    (out / "checkpoint-2").mkdir()  # killed while saving
+    recipe = load_recipe(QUICKSTART, {"output_dir": str(out), "resume_from_checkpoint": True})
+    with pytest.warns(UserWarning, match="checkpoint-2 has no trainer_state.json.*resuming from .*checkpoint-1"):
+        assert train_module.resume_checkpoint(recipe) == str(out / "checkpoint-1")
+
+
+# --- the predictor: health, fallbacks, checkpoints -----------------------------------------------------------------
+
+
+def random_pairs(width: int, rows: int = 8, samples: int = 8) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, 30, (rows,), generator=generator).float()
+    return {"z0": torch.randn(rows, width, generator=generator), "y0": lengths,
+            "z32": torch.zeros(rows, width), "y32": torch.full((rows,), -1.0),
+            "z": torch.randn(rows * samples, width, generator=generator), "y": lengths.repeat(samples)}
+
+
+@pytest.fixture
+def engine(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    return LenBalanceEngine(model, LenBalanceConfig(predictor_steps_per_round=2, predictor_batch_size=16), 32)
+
+
+def test_one_nan_event_counts_as_one_fallback(engine):
+    pairs = random_pairs(feature_size(engine.head.config.hidden_size))
+    with torch.no_grad():
+        for p in engine.head.parameters():
+            p.fill_(float("nan"))
+    with pytest.warns(UserWarning, match="falls back to stock ordering"):
+        metrics = engine.learn(pairs, pairs["y0"])
+    assert engine.fallbacks == 1 and metrics["predictor/fallbacks"] == 1.0  # NaN predictions, then NaN weights: once
+    assert engine.head_is_finite()
+
+
+def test_non_finite_bin_values_are_caught_and_the_head_reinitialised(engine):
+    pairs = random_pairs(feature_size(engine.head.config.hidden_size))
+    engine.head.bin_values.fill_(float("nan"))  # parameters stay finite: only a check of the buffers sees it
+    with pytest.warns(UserWarning, match="predictions are not finite"):
+        engine.learn(pairs, pairs["y0"])
+    assert engine.fallbacks == 1 and torch.isfinite(engine.head.bin_values).all()
+
+
+def test_the_skipped_updates_warning_names_the_logged_key():
+    trainer = OnlineTrainer(PLPHead(HeadConfig(16, 32)))
+    with pytest.warns(UserWarning, match="lenbalance/predictor/skipped_updates"):
+        trainer._skip("test")
+
+
+def test_predictor_path_at_a_trainer_checkpoint_says_where_the_predictor_is(tmp_path):
+    PLPHead(HeadConfig(16, 32)).save_pretrained(tmp_path / "checkpoint-3" / "lenbalance")
+    with pytest.raises(FileNotFoundError, match=r"trainer checkpoint: point it at .*checkpoint-3/lenbalance"):
+        PLPHead.from_pretrained(tmp_path / "checkpoint-3")
+
+
+@pytest.fixture
+def lenbalance_trainer(eos_tiny_model_dir, tmp_path):
+    return make_trainer(LenBalanceGRPOTrainer, eos_tiny_model_dir, make_args(tmp_path))
+
+
+def test_a_second_callback_with_another_config_is_refused(lenbalance_trainer):
+    with pytest.raises(ValueError, match="already runs rl-lenbalance.*different config"):
+        lenbalance_trainer.add_callback(LenBalanceCallback(lenbalance_trainer, LenBalanceConfig(compaction=True)))
+    assert wrap_trainer(lenbalance_trainer, LenBalanceConfig()) is lenbalance_trainer  # the same config: fine
+
+
+def test_checkpoint_folders_are_written_whole_and_checked_when_read(lenbalance_trainer, tmp_path):
+    callback = next(c for c in lenbalance_trainer.callback_handler.callbacks if isinstance(c, LenBalanceCallback))
+    engine = lenbalance_trainer.lenbalance
+    pairs = random_pairs(feature_size(engine.head.config.hidden_size))
+    engine.learn(pairs, pairs["y0"])
+    folder = tmp_path / "checkpoint-1" / "lenbalance"
+    callback.save(str(folder))
+    callback.save(str(folder))  # over an existing folder
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["lenbalance"]  # no temporary folder left behind
+
+    (folder / "engine_state.pt").unlink()  # as an interrupted save of an older version left it
+    with pytest.warns(UserWarning, match="incomplete.*engine_state.pt.*starts fresh"):
+        callback.load(str(folder))
+
+    callback.save(str(folder))
+    weights = load_file(folder / "predictor.safetensors")
+    weights["bin_values"][0] = float("nan")
+    save_file(weights, folder / "predictor.safetensors")
+    with pytest.warns(UserWarning, match="non-finite values.*re-initialising"):
+        callback.load(str(folder))
+    assert engine.head_is_finite() and engine.rounds == 1  # the counters and the replay buffer are still restored
+    assert engine.trainer.buffer.size == len(pairs["y"])
+
+
+def test_resuming_from_a_checkpoint_without_lenbalance_warns(lenbalance_trainer):
+    callback = next(c for c in lenbalance_trainer.callback_handler.callbacks if isinstance(c, LenBalanceCallback))
+    lenbalance_trainer.lenbalance_resume_from = "/somewhere/checkpoint-4"
+    with pytest.warns(UserWarning, match="resuming from /somewhere/checkpoint-4, which holds no lenbalance/ folder"):
+        callback.on_train_begin(lenbalance_trainer.args, SimpleNamespace(global_step=4), None)
+
+
+def assert_same(a, b, where="state"):
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a.cpu(), b.cpu()), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_same(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def test_a_killed_cli_run_resumes_with_its_step_count_and_all_predictor_state(eos_tiny_model_dir, tmp_path,
+                                                                              monkeypatch):
+    """SIGKILL a CLI run once its first checkpoint is whole, then resume it: the step count goes on from the
+    checkpoint, and the head, its optimizer, the replay buffer, the baseline and the health counters come back."""
+    out = tmp_path / "out"
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"""
+model: {{name_or_path: {eos_tiny_model_dir}}}
+task: {{num_prompts: 16}}
+lenbalance: {{predictor_steps_per_round: 2, predictor_batch_size: 16}}
+output_dir: {out}
+use_cpu: true
+max_steps: 50
+per_device_train_batch_size: 4
+gradient_accumulation_steps: 1
+num_generations: 4
+max_completion_length: 16
+temperature: 1.0
+top_k: 0
+beta: 0.0
+logging_steps: 1
+save_strategy: steps
+save_steps: 1
+report_to: none
+""")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]),
+                                                                                 os.environ.get("PYTHONPATH", "")])}
+    log = tmp_path / "killed_run.log"
+    with log.open("w") as handle:
+        process = subprocess.Popen([sys.executable, "-m", "rl_lenbalance.cli", "train", str(recipe)], env=env,
+                                   stdout=handle, stderr=subprocess.STDOUT)
+    saved = out / "checkpoint-1" / "lenbalance"
+    deadline = time.monotonic() + 600
+    while not saved.is_dir() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert saved.is_dir(), log.read_text()[-3000:]
+
+    state = torch.load(saved / "engine_state.pt", weights_only=True)
+    head = load_file(saved / "predictor.safetensors")
+    assert state["rounds"] == 1 and state["baseline"] and len(state["buffer"]["targets"]) > 0
+    assert state["optimizer"]["state"]  # the head took optimizer steps
+
+    restored = {}
+
+    def build_and_watch(recipe):
+        trainer = build_trainer(recipe)
+
+        class Watch(TrainerCallback):  # runs after the trainer's own LenBalanceCallback
+            def on_train_begin(self, args, state, control, **kwargs):
+                restored["state"] = copy.deepcopy(trainer.lenbalance.state_dict())  # training goes on in place
+                restored["head"] = {k: v.clone() for k, v in trainer.lenbalance.head.state_dict().items()}
+                restored["step"] = state.global_step
+
+        trainer.add_callback(Watch())
+        return trainer
+
+    build_trainer = train_module.build_trainer
+    monkeypatch.setattr(train_module, "build_trainer", build_and_watch)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        summary = train_module.run(str(recipe), {"max_steps": 2, "resume_from_checkpoint": str(saved.parent)})
+    assert not [w for w in caught if "rl-lenbalance" in str(w.message)]  # nothing missing, nothing re-initialised
+    assert restored["step"] == 1 and summary["steps"] == 2
+    assert_same(state, restored["state"])
+    assert_same(head, restored["head"])
