@@ -129,7 +129,7 @@ def test_capture_reads_lm_heads_input_on_every_family(family_model_dir, family):
         capture = GenerationCapture(model, head, config, max_length=4)
         with capture.capture(prompts) as result:
             model.generate(**batch, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        assert result.steps == 3 and len(result.predictions) == 4
+        assert result.steps == 3 and result.prediction_steps[0] == 0  # streamed to the end, predicted at step 0
         if feature_layer == -1:  # pooling "last": the prompt feature is the last prompt token's hidden state
             torch.testing.assert_close(capture.lm_head(result.prompt_features), expected, rtol=1e-4, atol=1e-4)
         assert not any(m._forward_hooks for m in model.modules())
