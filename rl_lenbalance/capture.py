@@ -15,6 +15,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.utils import ModelOutput
 
 from .config import LenBalanceConfig
 from .predictor import PLPHead, StreamingPool, plp_features, pool_tokens, token_entropy
@@ -24,22 +25,26 @@ ENTROPY_CHUNK_ROWS = 8  # prompt rows per lm_head pass at prefill (bounds the (r
 
 
 def resolve_module(model: nn.Module, config: LenBalanceConfig) -> tuple[nn.Module, nn.Module, nn.Module]:
-    """(final norm, feature module, lm_head) of a causal LM, or a clear error naming the setting to fix."""
+    """(module whose output is the final normalised hidden state, feature module, lm_head) of a causal LM, or a clear
+    error naming the setting to fix. The decoder's output is lm_head's input in every causal LM (Llama, GPT-2,
+    NemotronH, ...): no final-norm discovery. Its full width is needed at prefill, where lm_head sees one position."""
     try:
-        if config.hook_module:
-            norm = model.get_submodule(config.hook_module)
-        else:
-            norm = model.get_decoder().norm
+        norm = model.get_submodule(config.hook_module) if config.hook_module else model.get_decoder()
     except AttributeError as err:
-        where = f"lenbalance.hook_module={config.hook_module!r}" if config.hook_module else "the decoder's `.norm`"
         raise ValueError(
-            f"rl-lenbalance could not find the final norm of {type(model).__name__} ({where}: {err}). Set "
-            "`lenbalance.hook_module` to the dotted path of the module that produces the last hidden states "
-            "(for Llama/Qwen: 'model.norm')."
+            f"rl-lenbalance could not find lenbalance.hook_module={config.hook_module!r} in {type(model).__name__} "
+            f"({err}). Set it to the dotted path of the module that produces the last hidden states (for Llama/Qwen: "
+            "'model'), or leave it unset."
         ) from err
     feature = norm
     if config.feature_layer >= 0:
-        layers = model.get_decoder().layers
+        layers = _decoder_layers(model)
+        if layers is None:
+            raise ValueError(
+                f"lenbalance.feature_layer={config.feature_layer}: rl-lenbalance could not find the decoder layers of "
+                f"{type(model).__name__}; set lenbalance.feature_layer=-1 (the final hidden state) or "
+                "lenbalance.hook_module to the dotted path of the layer to read."
+            )
         if config.feature_layer >= len(layers):
             raise ValueError(
                 f"lenbalance.feature_layer={config.feature_layer} but the model has {len(layers)} decoder layers."
@@ -49,6 +54,12 @@ def resolve_module(model: nn.Module, config: LenBalanceConfig) -> tuple[nn.Modul
     if lm_head is None:
         raise ValueError(f"{type(model).__name__} has no output embeddings (lm_head); rl-lenbalance needs a causal LM.")
     return norm, feature, lm_head
+
+
+def _decoder_layers(model: nn.Module) -> nn.ModuleList | None:
+    """The decoder's blocks (`layers`, GPT-2's `h`, ...): its first ModuleList with one module per hidden layer."""
+    count = getattr(model.config.get_text_config(), "num_hidden_layers", None)
+    return next((m for m in model.get_decoder().modules() if isinstance(m, nn.ModuleList) and len(m) == count), None)
 
 
 def record_steps(max_length: int, every: int) -> list[int]:
@@ -141,7 +152,7 @@ class GenerationCapture:
         def keep(*names: str):
             def hook(_module, _inputs, output):
                 for name in names:
-                    state[name] = output[0] if isinstance(output, tuple) else output
+                    state[name] = output[0] if isinstance(output, (tuple, ModelOutput)) else output
 
             return hook
 

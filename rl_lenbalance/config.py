@@ -10,7 +10,7 @@ import torch
 from .predictor import POOLING_METHODS
 
 PARTITION_METHODS = ("best", "kk", "lpt")
-EXACT_LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "sapo", "cispo", "luspo")  # row-mean or globally normalised
+EXACT_LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "sapo", "cispo", "luspo", "vespo")  # row-mean or globally normalised
 ROW_MEAN_LOSSES = ("grpo", "dr_grpo", "sapo", "luspo")  # a micro-batch's loss is a mean over its rows
 AUTO = "auto"
 # What `auto` means on each device type: the choice measured fastest there that keeps stock's completions.
@@ -33,7 +33,8 @@ class LenBalanceConfig:
     )
     feature_layer: int = field(
         default=-1,
-        metadata={"help": "Which hidden states the head reads: -1 = the decoder's final norm, i >= 0 = decoder layer i."},
+        metadata={"help": "Which hidden states the head reads: -1 = the final hidden state (lm_head's input), "
+                          "i >= 0 = decoder layer i."},
     )
     hook_module: str | None = field(
         default=None,
@@ -191,12 +192,6 @@ class LenBalanceConfig:
                              f"{', '.join(TRL_LOSS_TYPES)}.")
         if not self.balance_training:
             return
-        if args.steps_per_generation % args.gradient_accumulation_steps:
-            raise ValueError(
-                f"steps_per_generation={args.steps_per_generation} is not a multiple of gradient_accumulation_steps="
-                f"{args.gradient_accumulation_steps}, so an optimizer step would mix two generation batches; make it "
-                "a multiple or set lenbalance.balance_training=False."
-            )
         if loss_type is not None and loss_type not in EXACT_LOSS_TYPES:
             raise ValueError(
                 f"loss_type={loss_type!r} normalises by each micro-batch's own token count, so regrouping rows would "

@@ -66,3 +66,46 @@ def quickstart_run(tmp_path_factory, embedded_dir):
                        "num_generations": 4, "gradient_accumulation_steps": 2, "max_completion_length": 48})
     wandb.teardown()
     return out, summary
+
+
+TINY_FAMILIES = ("llama", "qwen2", "qwen3_moe", "gpt2", "nemotron_h")
+
+
+@pytest.fixture(scope="session")
+def family_model_dir(tiny_model_dir, tmp_path_factory):
+    """`family_model_dir(name)`: a tiny random model of a family TRL's own tests cover (one of TINY_FAMILIES), with the
+    tiny model's tokenizer; built once per session."""
+    import torch
+    from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig, NemotronHConfig,
+                              Qwen2Config, Qwen3MoeConfig)
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id)
+    common = dict(vocab_size=len(tokenizer), hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=128, max_position_embeddings=2048, tie_word_embeddings=True, **ids)
+    configs = {
+        "llama": lambda: LlamaConfig(num_hidden_layers=2, **common),
+        "qwen2": lambda: Qwen2Config(num_hidden_layers=2, **common),
+        "qwen3_moe": lambda: Qwen3MoeConfig(num_hidden_layers=2, num_experts=4, num_experts_per_tok=2,
+                                            moe_intermediate_size=32, head_dim=16,
+                                            **common),
+        "gpt2": lambda: GPT2Config(vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=4, n_positions=2048, **ids),
+        "nemotron_h": lambda: NemotronHConfig(  # Mamba2, MoE, attention and MLP blocks; final norm `norm_f`
+            layers_block_type=["linear_attention", "moe", "full_attention", "mlp"], head_dim=16, mamba_num_heads=8,
+            mamba_head_dim=16, ssm_state_size=16, n_groups=2, chunk_size=16, n_routed_experts=4,
+            moe_intermediate_size=32, moe_shared_expert_intermediate_size=32, num_experts_per_tok=2, **common),
+    }
+    built: dict = {}
+
+    def build(family: str):
+        if family not in built:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                model = AutoModelForCausalLM.from_config(configs[family]())
+            built[family] = out = tmp_path_factory.mktemp(family)
+            model.save_pretrained(out)
+            tokenizer.save_pretrained(out)
+        return built[family]
+
+    return build

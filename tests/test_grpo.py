@@ -106,7 +106,6 @@ def test_callback_wraps_a_stock_trainer_and_checkpoints_the_predictor(eos_tiny_m
         ({"top_entropy_quantile": 0.2}, {}, "top_entropy_quantile"),
         ({}, {"generation_wave_size": 64}, r"generation_wave_size=64.*per_device_train_batch_size=8"),
         ({}, {"rebucket": True, "probe_tokens": 31}, r"probe_tokens=31.*max_completion_length=32"),
-        ({"steps_per_generation": 3}, {}, r"steps_per_generation=3.*gradient_accumulation_steps=2"),
     ],
 )
 def test_settings_that_contradict_trl_are_refused(eos_tiny_model_dir, tmp_path, overrides, config, match):

@@ -10,6 +10,7 @@ from typing import Iterator
 
 import torch
 from torch import nn
+from transformers.utils import ModelOutput
 
 from ..capture import GenerationCapture, resolve_module
 from ..config import LenBalanceConfig
@@ -57,7 +58,7 @@ def outputs_of(modules: dict[str, nn.Module]) -> Iterator[dict[str, torch.Tensor
 
     def keeper(name: str):
         def hook(_module, _inputs, output):
-            seen[name] = output[0] if isinstance(output, tuple) else output
+            seen[name] = output[0] if isinstance(output, (tuple, ModelOutput)) else output  # a decoder: last hidden
         return hook
 
     handles = [module.register_forward_hook(keeper(name)) for name, module in modules.items()]

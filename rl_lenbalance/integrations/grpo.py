@@ -42,9 +42,22 @@ class LenBalanceMixin:
         sampling = getattr(getattr(self, "generation_config", None), "do_sample", True) is not False
         self.lenbalance_config = config = (config or LenBalanceConfig()).resolved(self.accelerator.device, sampling)
         config.check_trainer_args(self.args)
+        if config.balance_training and getattr(self, "aux_loss_enabled", False):  # TRL's own switch (MoE models)
+            raise ValueError(
+                f"router_aux_loss_coef={self.router_aux_loss_coef}: TRL adds each micro-batch's MoE router "
+                "load-balancing loss, which depends on which rows share the micro-batch, so regrouping rows would "
+                "change what is learned. Set router_aux_loss_coef=0.0 in the trainer config, or set "
+                "lenbalance.balance_training=False."
+            )
         model = self.accelerator.unwrap_model(self.model)
         self.lenbalance = LenBalanceEngine(model, config, self.max_completion_length, seed=self.args.seed)
         self._lenbalance_warned: set[str] = set()
+        self._lenbalance_tool_turn = False  # True inside TRL's tool loop (later turns of tools / environments)
+        self._left_padding_free = not _absolute_positions(model)  # a row's outputs ignore its left padding
+        if not self._left_padding_free and config.balance_training:
+            self._warn_once("positions", f"{type(model).__name__} adds absolute position embeddings, so a row's left "
+                            "padding changes its outputs: rl-lenbalance keeps stock's prompt padding and every row on "
+                            "its rank (micro-batches are still length-sorted and their completions trimmed).")
         self._nonfinite_grad_steps = 0
         self.lenbalance_resume_from: str | None = None  # the checkpoint `train` resumes; the callback restores from it
         self.lenbalance_totals: dict[str, float] = defaultdict(float)  # summed over the run, for the summary table
@@ -64,9 +77,9 @@ class LenBalanceMixin:
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, *args, **kwargs):
         """Stock: one `generate` over the rank's rows. Here: the same call(s) under capture hooks, in waves, maybe
         re-bucketed after a probe; the completions come back in stock's order (GRPO's `(ids, logprobs)`, RLOO's ids)."""
-        if self.use_vllm or self.use_transformers_continuous_batching or images is not None or multimodal_fields:
-            self._warn_once("backend", "rl-lenbalance captures hidden states only on the plain transformers "
-                            "`generate` path (text-only); this generation ran as stock TRL, unpredicted.")
+        stock = self._stock_generation_note(images, multimodal_fields)
+        if stock:
+            self._warn_once(*stock)
             return super()._generate_single_turn(prompt_ids, images, multimodal_fields, *args, **kwargs)
         start = time.perf_counter()
         config, engine = self.lenbalance_config, self.lenbalance
@@ -83,7 +96,7 @@ class LenBalanceMixin:
                 if rebucket or compact:
                     ids = self._decode(prompts, captured, compact, max_steps=probe)
                 else:
-                    ids = super()._generate_single_turn(prompts, None, {}, *args)
+                    ids = super()._generate_single_turn(prompts, None, {}, *args, **kwargs)
                     ids = ids[0] if isinstance(ids, tuple) else ids  # GRPO adds logprobs (None on this path)
             waves.append(Wave([offset + i for i in rows], captured))
             for row, completion in zip(rows, ids, strict=True):
@@ -99,6 +112,27 @@ class LenBalanceMixin:
                     completions[row - offset] = completion
         self._after_generation(waves, completions, lengths, time.perf_counter() - start)
         return (completions, None) if isinstance(self, GRPOTrainer) else completions
+
+    def _stock_generation_note(self, images, multimodal_fields) -> tuple[str, str] | None:
+        """(key, one-time note) when this generation must run as stock TRL, unpredicted; None when it is captured."""
+        if self.use_vllm or self.use_transformers_continuous_batching or images is not None or multimodal_fields:
+            return "backend", ("rl-lenbalance captures hidden states only on the plain transformers `generate` path "
+                               "(text-only); this generation ran as stock TRL, unpredicted.")
+        if (self.generation_config.num_beams or 1) > 1:  # the capture streams one row per prompt, not prompts × beams
+            return "beams", ("rl-lenbalance does not capture beam search (num_beams > 1); generation runs as stock "
+                             "TRL, unpredicted (training-side balancing still applies).")
+        if self._lenbalance_tool_turn:  # rows and turn counts differ per rank: no collective may run here
+            return "tool_turns", ("rl-lenbalance predicts the first turn only; the turns generated after tool results "
+                                  "run as stock TRL, unpredicted (training-side balancing still applies).")
+        return None
+
+    def _tool_call_loop(self, *args, **kwargs):
+        """Stock (GRPO's tools and environments); marks the turns it generates so that they run as stock."""
+        self._lenbalance_tool_turn = True
+        try:
+            return super()._tool_call_loop(*args, **kwargs)
+        finally:
+            self._lenbalance_tool_turn = False
 
     def _decode(self, prompts: list[list[int]], captured: CaptureResult, compact: bool, **kwargs) -> list[list[int]]:
         """Stock's plain-`generate` branch through rl-lenbalance's loop (`compact`: finished rows leave the batch)."""
@@ -251,7 +285,7 @@ class LenBalanceMixin:
         """Stock: shuffle rows randomly, split into equal chunks. Here: the same rows per optimizer step (stock's
         shuffle decides them), cut into length-sorted micro-batches dealt to ranks by padded cost (rows move between
         ranks), all-pad columns trimmed."""
-        if not self.model.training or not self.lenbalance_config.balance_training:
+        if not self._balancing_training():
             return super()._prepare_inputs(generation_batch)
         spg = self.args.steps_per_generation
         if self._step % (spg * self.num_iterations) == 0 or self._buffered_inputs is None:
@@ -262,7 +296,7 @@ class LenBalanceMixin:
             shuffle = torch.randperm(len(batch["advantages"]))  # stock's draw: later sampling stays identical
             batch, sizes = self._exchange_rows(batch, shuffle)
             bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
-            self._buffered_inputs = [_trim_padding(_take_rows(batch, list(range(a, b))))
+            self._buffered_inputs = [_trim_padding(_take_rows(batch, list(range(a, b))), self._left_padding_free)
                                      for a, b in zip(bounds, bounds[1:])]
             self._ledger_training(batch)
         return self._buffered_inputs[self._step % spg]
@@ -278,9 +312,21 @@ class LenBalanceMixin:
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Stock, with a per-row-mean loss weighted by its micro-batch's rows over stock's (uneven micro-batches)."""
         loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        if self.model.training and self.lenbalance_config.balance_training and self._row_mean_loss:
+        if self._balancing_training() and self._row_mean_loss:
             loss = loss * (len(inputs["advantages"]) / self._stock_rows_per_microbatch)
         return loss
+
+    def _balancing_training(self) -> bool:
+        """Whether this training micro-step uses rl-lenbalance's micro-batches (else stock's, as in eval)."""
+        if not self.model.training or not self.lenbalance_config.balance_training:
+            return False
+        spg, ga = self.args.steps_per_generation, self.args.gradient_accumulation_steps
+        if spg % ga:
+            self._warn_once("steps_per_generation", f"steps_per_generation={spg} is not a multiple of "
+                            f"gradient_accumulation_steps={ga}: optimizer steps span two generation batches, so no "
+                            "row can be regrouped without changing the update; training runs as stock TRL "
+                            "(generation is still captured and predicted).")
+        return spg % ga == 0
 
     def _exchange_rows(self, batch: dict, shuffle: torch.Tensor) -> tuple[dict, list[int]]:
         """This rank's rows of the plan in micro-batch order (gathered from every rank when balancing ranks), and
@@ -292,7 +338,7 @@ class LenBalanceMixin:
         window = torch.empty(rows, dtype=torch.long)
         window[shuffle] = torch.arange(rows) // (rows // spg * ga)  # the optimizer step of each row, as in stock
         columns = torch.stack([batch["completion_mask"].sum(1).cpu(), batch["prompt_mask"].sum(1).cpu(), window])
-        ranks = world if config.balance_ranks else 1
+        ranks = world if config.balance_ranks and self._left_padding_free else 1  # a move re-pads a row's prompt
         if ranks > 1:
             columns = self.accelerator.gather(columns.T.to(self.accelerator.device)).T.cpu()
         completion, prompt, window = columns.tolist()
@@ -386,12 +432,20 @@ def _take_rows(batch: dict, rows: list[int]) -> dict:
     return {k: v[index.to(v.device)] if isinstance(v, torch.Tensor) and v.ndim > 0 else v for k, v in batch.items()}
 
 
-def _trim_padding(batch: dict) -> dict:
-    """Drop prompt columns that are padding in every row (left) and completion columns likewise (right)."""
+def _absolute_positions(model) -> bool:
+    """True when the decoder adds learned absolute position embeddings (GPT-2's `wpe`, OPT's): TRL passes no
+    position ids, so a row's left padding shifts its positions and changes its outputs."""
+    tokens = model.get_input_embeddings()
+    return any(isinstance(m, torch.nn.Embedding) and m is not tokens for m in model.get_decoder().modules())
+
+
+def _trim_padding(batch: dict, prompt: bool = True) -> dict:
+    """Drop prompt columns that are padding in every row (left; only with `prompt`) and completion columns likewise
+    (right)."""
     prompt_keep = batch["prompt_mask"].any(0).nonzero()
     completion_keep = batch["completion_mask"].any(0).nonzero()
-    p0 = int(prompt_keep[0]) if len(prompt_keep) else batch["prompt_mask"].size(1)
-    c1 = int(completion_keep[-1]) + 1 if len(completion_keep) else 0
+    p0 = (int(prompt_keep[0]) if len(prompt_keep) else batch["prompt_mask"].size(1)) if prompt else 0
+    c1 = int(completion_keep[-1]) + 1 if len(completion_keep) else 1  # >= 1: TRL's `[:, -0:]` would keep everything
     width = batch["completion_ids"].size(1)
     out = {}
     for key, value in batch.items():
