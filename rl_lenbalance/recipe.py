@@ -137,8 +137,9 @@ def _describe(hint) -> str:
 
 
 def _checked(label: str, hint, value):
-    """`value` if it fits `hint` (a YAML 1.1 yes/no/on/off becomes a boolean for a boolean field), else RecipeError."""
-    if isinstance(value, str) and value.lower() in _YAML11_BOOLS and _accepts(hint, True) and not _accepts(hint, value):
+    """`value` if it fits `hint` (a YAML 1.1 yes/no/on/off becomes a boolean for a field that takes booleans, such
+    as `compaction: true | false | auto`), else RecipeError."""
+    if isinstance(value, str) and value.lower() in _YAML11_BOOLS and _accepts(hint, True):
         value = _YAML11_BOOLS[value.lower()]
     if not _accepts(hint, value):
         raise RecipeError(f"{label}={value!r} is not valid: expected {_describe(hint)}.")

@@ -52,6 +52,7 @@ def no_model_loading(monkeypatch):
     [
         (["lenbalance.balance_training=fals"], r"lenbalance.balance_training='fals' is not valid: expected a boolean"),
         (["lenbalance.compaction=1"], r"lenbalance.compaction=1 is not valid: expected a boolean"),
+        (["lenbalance.compaction=fals"], r"lenbalance.compaction='fals' is not valid; use true, false or 'auto'"),
         (["max_steps=abc"], r"max_steps='abc' is not valid: expected an integer"),
         (["lenbalance.generation_wave_size=big"], r"generation_wave_size='big' .*expected an integer or null"),
         (["save_strategy=nope"], r"save_strategy='nope' is not valid: expected one of 'no', 'steps'"),
