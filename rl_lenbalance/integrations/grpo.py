@@ -39,8 +39,7 @@ class LenBalanceMixin:
     lenbalance_config: LenBalanceConfig
 
     def _lenbalance_setup(self, config: LenBalanceConfig | None) -> None:
-        sampling = getattr(getattr(self, "generation_config", None), "do_sample", True) is not False
-        self.lenbalance_config = config = (config or LenBalanceConfig()).resolved(self.accelerator.device, sampling)
+        self.lenbalance_config = config = self._resolved(config or LenBalanceConfig())
         config.check_trainer_args(self.args)
         if config.balance_training and getattr(self, "aux_loss_enabled", False):  # TRL's own switch (MoE models)
             raise ValueError(
@@ -71,6 +70,11 @@ class LenBalanceMixin:
             resume_from_checkpoint = get_last_checkpoint(self.args.output_dir) or True
         self.lenbalance_resume_from = resume_from_checkpoint if isinstance(resume_from_checkpoint, str) else None
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _resolved(self, config: LenBalanceConfig) -> LenBalanceConfig:
+        """`config` with its `auto` settings decided for this trainer's device and sampling."""
+        sampling = getattr(getattr(self, "generation_config", None), "do_sample", True) is not False
+        return config.resolved(self.accelerator.device, sampling)
 
     # --- generation -------------------------------------------------------------------------------------------
 
@@ -479,7 +483,7 @@ class LenBalanceRLOOTrainer(_Wrapped, RLOOTrainer):
 def mix_in(trainer, config: LenBalanceConfig | None = None):
     """Turn an existing GRPOTrainer/RLOOTrainer into its rl-lenbalance version in place (no callback); returns it."""
     if isinstance(trainer, LenBalanceMixin):
-        if config is not None and config != trainer.lenbalance_config:
+        if config is not None and (config := trainer._resolved(config)) != trainer.lenbalance_config:
             running = vars(trainer.lenbalance_config)
             differ = ", ".join(f"{k}={v!r} (running: {running[k]!r})" for k, v in vars(config).items() if v != running[k])
             raise ValueError(
