@@ -18,12 +18,12 @@ import argparse
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, Qwen2Config, Qwen2ForCausalLM
 
-from rl_lenbalance.schedule import sorted_equal_chunks, token_budget_microbatches, waves_by_length
+from rl_lenbalance.schedule import waves_by_length
 
 SHAPES = {
     "qwen2.5-0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
@@ -32,6 +32,38 @@ SHAPES = {
                  intermediate_size=128, vocab_size=1000),
 }
 EOS, PAD = 2, 0
+
+
+def sorted_equal_chunks(lengths: Sequence[float], num_chunks: int) -> list[list[int]]:
+    """Cut the longest-first order into `num_chunks` consecutive chunks of equal row count."""
+    if num_chunks < 1:
+        raise ValueError(f"num_chunks must be at least 1, got {num_chunks}")
+    if len(lengths) % num_chunks:
+        raise ValueError(f"cannot split {len(lengths)} rows into {num_chunks} equal chunks: "
+                         f"{len(lengths)} is not divisible by {num_chunks}")
+    size = len(lengths) // num_chunks
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return [order[c * size:(c + 1) * size] for c in range(num_chunks)]
+
+
+def token_budget_microbatches(lengths: Sequence[float], max_tokens: int,
+                              max_rows: int | None = None) -> list[list[int]]:
+    """Greedily pack the longest-first order into micro-batches whose padded size (rows times the longest
+    row) stays within `max_tokens`, with at most `max_rows` rows each when given."""
+    if max_rows is not None and max_rows < 1:
+        raise ValueError(f"max_rows must be at least 1, got {max_rows}")
+    batches: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        if lengths[i] > max_tokens:
+            raise ValueError(f"a sequence of length {lengths[i]} exceeds the token budget max_tokens={max_tokens}; "
+                             f"raise max_tokens to at least {lengths[i]}")
+        batch = batches[-1] if batches else None
+        if (batch and (len(batch) + 1) * lengths[batch[0]] <= max_tokens
+                and (max_rows is None or len(batch) < max_rows)):
+            batch.append(i)
+        else:
+            batches.append([i])
+    return batches
 
 
 def grouped_lengths(num_prompts: int, group: int, median: float, cap: int, seed: int) -> tuple[list[int], list[float]]:

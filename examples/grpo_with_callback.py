@@ -4,12 +4,14 @@
 """
 
 import argparse
+import time
 
 from trl import GRPOConfig, GRPOTrainer
 
 from rl_lenbalance import LenBalanceCallback, LenBalanceConfig
 from rl_lenbalance.models import load_model
 from rl_lenbalance.tasks import REWARD_FUNCS, arithmetic_dataset
+from rl_lenbalance.train import print_summary, summarize
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--max-steps", type=int, default=2)
@@ -26,9 +28,6 @@ trainer = GRPOTrainer(
                     beta=0.0, loss_type="dapo", report_to="none", logging_steps=1),
 )
 trainer.add_callback(LenBalanceCallback(trainer, LenBalanceConfig()))
+start = time.perf_counter()
 trainer.train()
-totals = trainer.lenbalance_totals
-print(f"loss-forward padding: {1 - totals['train/real_tokens'] / totals['train/loss_tokens']:.1%} "
-      f"(stock TRL on the same batches: {1 - totals['train/real_tokens'] / totals['train/loss_tokens_stock']:.1%})")
-print(f"decode slots wasted: {1 - totals['gen/real_tokens'] / totals['gen/decode_slots']:.1%} "
-      f"(stock: {1 - totals['gen/real_tokens'] / totals['gen/decode_slots_stock']:.1%})")
+print_summary(summarize(trainer, time.perf_counter() - start))  # the same table `rl-lenbalance train` prints

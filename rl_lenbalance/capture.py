@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +18,7 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from .config import LenBalanceConfig
-from .predictor import PLPHead, StreamingPool, plp_features, pool_tokens, token_entropy
+from .predictor import StreamingPool, plp_features, pool_tokens, token_entropy
 from .timing import DeviceTimer
 
 ENTROPY_CHUNK_ROWS = 8  # prompt rows per lm_head pass at prefill (bounds the (rows, P, V) logits in memory)
@@ -60,6 +60,26 @@ def _decoder_layers(model: nn.Module) -> nn.ModuleList | None:
     """The decoder's blocks (`layers`, GPT-2's `h`, ...): its first ModuleList with one module per hidden layer."""
     count = getattr(model.config.get_text_config(), "num_hidden_layers", None)
     return next((m for m in model.get_decoder().modules() if isinstance(m, nn.ModuleList) and len(m) == count), None)
+
+
+@contextmanager
+def outputs_of(modules: Mapping[str, nn.Module], into: dict | None = None) -> Iterator[dict]:
+    """Each module's latest output (a decoder's: its last hidden state) by name, in `into` (or a new dict), while
+    inside the block; the hooks are removed on the way out."""
+    seen: dict = {} if into is None else into
+
+    def keeper(name: str):
+        def hook(_module, _inputs, output):
+            seen[name] = output[0] if isinstance(output, (tuple, ModelOutput)) else output
+
+        return hook
+
+    handles = [module.register_forward_hook(keeper(name)) for name, module in modules.items()]
+    try:
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def record_steps(max_length: int, every: int) -> list[int]:
@@ -123,15 +143,10 @@ class CaptureResult:
 class GenerationCapture:
     """Forward hooks on the final norm (and feature layer) and lm_head of a causal LM."""
 
-    def __init__(self, model: nn.Module, head: PLPHead, config: LenBalanceConfig, max_length: int) -> None:
+    def __init__(self, model: nn.Module, predict: Callable[[torch.Tensor], torch.Tensor], config: LenBalanceConfig,
+                 max_length: int) -> None:
         self.norm, self.feature_module, self.lm_head = resolve_module(model, config)
-        hidden = model.config.get_text_config().hidden_size
-        if head.config.hidden_size != hidden:
-            raise ValueError(
-                f"The length head expects hidden size {head.config.hidden_size} but the model has {hidden}; "
-                "point `lenbalance.predictor_path` at a predictor trained on this model."
-            )
-        self.head, self.config, self.max_length = head, config, max_length
+        self.predict, self.config, self.max_length = predict, config, max_length  # predict: PLP features -> remaining
         self.record_at = set(record_steps(max_length, config.record_every))
         self.device = next(model.parameters()).device
 
@@ -149,13 +164,6 @@ class GenerationCapture:
             state.update(prompt=resume.prompt, pool=resume.pool, rows=rows)
             result.prompt_features, result.rows, result.steps = resume.prompt, state["rows"], resume.steps
 
-        def keep(*names: str):
-            def hook(_module, _inputs, output):
-                for name in names:
-                    state[name] = output[0] if isinstance(output, (tuple, ModelOutput)) else output
-
-            return hook
-
         def on_logits(_module, _inputs, logits):
             result.timer.start()
             with torch.no_grad():
@@ -172,17 +180,12 @@ class GenerationCapture:
                         self._predict_and_record(state["pool"], state["prompt"], result)
             result.timer.stop()
 
-        if self.feature_module is self.norm:
-            handles = [self.norm.register_forward_hook(keep("norm", "feature"))]
-        else:
-            handles = [self.norm.register_forward_hook(keep("norm")),
-                       self.feature_module.register_forward_hook(keep("feature"))]
-        handles.append(self.lm_head.register_forward_hook(on_logits))
+        handle = self.lm_head.register_forward_hook(on_logits)
         try:
-            yield result
+            with outputs_of({"norm": self.norm, "feature": self.feature_module}, into=state):
+                yield result
         finally:
-            for handle in handles:
-                handle.remove()
+            handle.remove()
         if state["pool"] is not None:
             _follow_compaction(state, result)
             _fold(state)
@@ -227,7 +230,7 @@ class GenerationCapture:
         batch = len(result.prompt_features)
         if want_prediction:  # rows a compacting loop already dropped (finished) are NaN
             predicted = z.new_full((batch,), float("nan"))
-            predicted[result.rows] = self.head.predict(z.to(self.head.edges.device)).to(z.device, torch.float32)
+            predicted[result.rows] = self.predict(z)
             result.prediction_steps.append(step)
             result.predictions.append(predicted)
         if step in self.record_at:

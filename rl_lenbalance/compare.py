@@ -207,8 +207,8 @@ def summarize(name: str, trainer, warmup: int, settings: dict | None) -> dict:
         "nonfinite_grad_steps": sum(not math.isfinite(g) for g in grad_norms),
     }
     totals = getattr(trainer, "lenbalance_totals", None)
-    if totals and totals.get("gen/seconds"):
-        out["predictor_overhead_frac"] = totals["predictor/overhead_s"] / totals["gen/seconds"]
+    if totals is not None and totals.generate_s:
+        out["predictor_overhead_frac"] = totals.predictor_overhead_s / totals.generate_s
     return out
 
 

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from .predictor import POOLING_METHODS
+from .schedule import PARTITIONERS
 
-PARTITION_METHODS = ("best", "kk", "lpt")
 EXACT_LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "sapo", "cispo", "luspo", "vespo")  # row-mean or globally normalised
 ROW_MEAN_LOSSES = ("grpo", "dr_grpo", "sapo", "luspo")  # a micro-batch's loss is a mean over its rows
 AUTO = "auto"
@@ -90,7 +90,8 @@ class LenBalanceConfig:
     )
     partition_method: str = field(
         default="best",
-        metadata={"help": "How micro-batches are dealt to ranks: Karmarkar–Karp ('kk'), greedy LPT ('lpt'), or the "
+        metadata={"help": "How micro-batches and re-bucketed waves are dealt to ranks: a key of "
+                          "`rl_lenbalance.schedule.PARTITIONERS`: Karmarkar–Karp ('kk'), greedy LPT ('lpt'), or the "
                           "better balanced of the two ('best')."},
     )
     attention_alpha: float = field(
@@ -138,10 +139,10 @@ class LenBalanceConfig:
     def __post_init__(self) -> None:
         if self.pooling not in POOLING_METHODS:
             raise ValueError(f"lenbalance.pooling={self.pooling!r} is not valid; use one of {', '.join(POOLING_METHODS)}.")
-        if self.partition_method not in PARTITION_METHODS:
+        if self.partition_method not in PARTITIONERS:
             raise ValueError(
                 f"lenbalance.partition_method={self.partition_method!r} is not valid; use one of "
-                f"{', '.join(PARTITION_METHODS)}."
+                f"{', '.join(PARTITIONERS)}."
             )
         if self.predict_every < 0:
             raise ValueError(f"lenbalance.predict_every must be >= 0 (0: only at step 0), got {self.predict_every}.")

@@ -3,11 +3,14 @@ online training on the finished rollouts, fallback when it fails. TRL adapters c
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -15,9 +18,29 @@ from torch import nn
 from .capture import CaptureResult, GenerationCapture, StreamState, record_steps
 from .config import LenBalanceConfig
 from .predictor import HeadConfig, NaiveLengthBaseline, OnlineTrainer, PLPHead, feature_size, plp_features
+from .predictor.head import CONFIG_NAME, WEIGHTS_NAME
+
+STATE_NAME = "engine_state.pt"  # beside the head's files: its optimizer, replay buffer, baseline and health
+Gather = Callable[[torch.Tensor], torch.Tensor]  # this rank's rows -> every rank's rows, in rank order
 
 PLP_REPORT_STEP = 32  # the PLP error is reported after this many observed tokens (the paper's t = 32)
 
+
+def check_head(head: HeadConfig, config: LenBalanceConfig, hidden_size: int, max_length: int, path: str) -> None:
+    """Refuse a saved head whose contract differs from this run's: it would silently read other features."""
+    expected = {"hidden_size": hidden_size, "max_length": max_length, "pooling": config.pooling,
+                "feature_layer": config.feature_layer}
+    fixes = {"hidden_size": "point lenbalance.predictor_path at a head trained on this model",
+             "max_length": "set max_completion_length to the head's, or train a new head",
+             "pooling": "set lenbalance.pooling to the head's", "feature_layer": "set lenbalance.feature_layer to the head's"}
+    wrong = [name for name, value in expected.items() if getattr(head, name) != value]
+    if wrong:
+        raise ValueError(
+            f"The length head at lenbalance.predictor_path={path!r} was trained with "
+            + ", ".join(f"{name}={getattr(head, name)!r}" for name in wrong) + "; this run has "
+            + ", ".join(f"{name}={expected[name]!r}" for name in wrong) + ". Fix: "
+            + "; ".join(fixes[name] for name in wrong) + " (or unset lenbalance.predictor_path to train from scratch)."
+        )
 
 
 @dataclass
@@ -45,13 +68,14 @@ class LenBalanceEngine:
         device = next(model.parameters()).device
         with private_rng(seed):
             if config.predictor_path:
-                head = PLPHead.from_pretrained(config.predictor_path, expected_hidden_size=hidden)
+                head = PLPHead.from_pretrained(config.predictor_path)
+                check_head(head.config, config, hidden, max_length, config.predictor_path)
             else:
                 head = PLPHead(HeadConfig(hidden, max_length, config.num_bins, config.ce_weight, config.dropout,
                                           config.pooling, config.feature_layer))
         self.head = head.to(device).eval()
         self.config, self.max_length, self.seed = config, max_length, seed
-        self.capture = GenerationCapture(model, self.head, config, max_length)
+        self.capture = GenerationCapture(model, self.predict, config, max_length)
         self.trainer = OnlineTrainer(self.head, config.predictor_lr, config.replay_buffer_size,
                                      config.predictor_batch_size, config.predictor_steps_per_round, seed)
         self.baseline = NaiveLengthBaseline()
@@ -100,10 +124,28 @@ class LenBalanceEngine:
         return out
 
     @torch.no_grad()
+    def predict(self, features: torch.Tensor) -> torch.Tensor:
+        """The head's predicted remaining length (float32, on the features' device) of each row of PLP features."""
+        return self.head.predict(features.to(self.head.edges.device)).to(features.device, torch.float32)
+
     def predict_remaining(self, state: StreamState) -> torch.Tensor:
-        """PLP: the remaining length of each row of `state`, after the tokens it has seen."""
-        z = plp_features(state.prompt, state.pool, state.steps, self.max_length)
-        return self.head.predict(z.to(self.head.edges.device)).float().cpu()
+        """PLP: the remaining length of each row of `state`, after the tokens it has seen (on the CPU)."""
+        return self.predict(plp_features(state.prompt, state.pool, state.steps, self.max_length)).cpu()
+
+    def learn_round(self, waves: list[Wave], lengths: Mapping[int, int], own_ids: list[int],
+                    gather: Gather) -> tuple[dict[str, float], list[tuple[float, int]]]:
+        """The online update after a round: every rank's training pairs and lengths (`gather` concatenates the
+        ranks' rows in rank order; ranks may hold different counts, padded with -1), scored then learned.
+        Returns the metrics and the (predicted at t=0, actual) length of every rank's own rows (`own_ids`)."""
+        pairs = {k: gather(v) for k, v in self.training_pairs(waves, lengths).items()}
+        predicted0 = torch.full((len(own_ids),), float("nan"))
+        position = {row: i for i, row in enumerate(own_ids)}
+        for wave in waves:
+            if 0 in wave.capture.prediction_steps:  # a probe or plain wave: its rows are this rank's own
+                predicted0[[position[row] for row in wave.rows]] = wave.capture.predicted_total(0).float().cpu()
+        actual = gather(torch.tensor([lengths[row] for row in own_ids]))
+        table = list(zip(gather(predicted0).tolist(), actual.tolist(), strict=True))
+        return self.learn(pairs, actual), table
 
     def learn(self, pairs: dict[str, torch.Tensor], lengths: torch.Tensor) -> dict[str, float]:
         """Score the head on fresh rollouts (before it sees them), then train on them. `pairs` and `lengths` must
@@ -202,3 +244,30 @@ class LenBalanceEngine:
         self.baseline.update(state["baseline"])
         self.rounds, self.fallbacks = state["rounds"], state["fallbacks"]
         self.rounds_worse_than_naive, self.healthy = state["rounds_worse_than_naive"], state["healthy"]
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write the head (safetensors + JSON) and `state_dict()` into `directory`, atomically: into a temporary
+        sibling folder, then renamed, so an interrupted save leaves the old folder or none, never half of one."""
+        target = Path(directory)
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)  # a leftover of an interrupted save
+        try:
+            self.head.save_pretrained(tmp)
+            torch.save(self.state_dict(), tmp / STATE_NAME)
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def load(self, directory: str | os.PathLike) -> None:
+        """Restore what `save` wrote. An incomplete folder restores nothing and says so; a head saved with another
+        contract is refused (`check_head`); non-finite weights are re-initialised (`load_state_dict`)."""
+        missing = [name for name in (CONFIG_NAME, WEIGHTS_NAME, STATE_NAME) if not os.path.isfile(Path(directory, name))]
+        if missing:
+            warnings.warn(f"rl-lenbalance: {directory} is incomplete (no {', '.join(missing)}; an interrupted save?): "
+                          "the length predictor starts fresh.")
+            return
+        head = PLPHead.from_pretrained(directory)
+        check_head(head.config, self.config, self.head.config.hidden_size, self.max_length, str(directory))
+        self.head.load_state_dict(head.state_dict())
+        self.load_state_dict(torch.load(Path(directory, STATE_NAME), map_location="cpu", weights_only=True))

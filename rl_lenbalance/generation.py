@@ -79,6 +79,17 @@ def unsupported_options(generation_config: GenerationConfig) -> list[str]:
     ]
 
 
+def left_pad(prompts: list[list[int]], pad_token_id: int, device: torch.device | str = "cpu"
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask, position_ids) of unpadded prompts padded on the left, numbered as `generate`
+    numbers them (each row's first real token is position 0)."""
+    width = max(len(prompt) for prompt in prompts)
+    input_ids = torch.tensor([[pad_token_id] * (width - len(p)) + list(p) for p in prompts], device=device)
+    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+    return input_ids, attention_mask, position_ids
+
+
 def _logits_processor(config: GenerationConfig, attention_mask: torch.Tensor) -> LogitsProcessorList:
     """The processors `generate` builds for the SUPPORTED options, in its order (`_get_logits_processor`)."""
     processors = LogitsProcessorList()
@@ -140,12 +151,7 @@ def compacted_generate(
     width = max(len(prompt) for prompt in prompts)
 
     device = model.device
-    sequences = torch.full((len(prompts), width), pad_token_id, dtype=torch.long, device=device)
-    attention_mask = torch.zeros_like(sequences)
-    for row, prompt in enumerate(prompts):
-        sequences[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long, device=device)
-        attention_mask[row, width - len(prompt) :] = 1
-    position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+    sequences, attention_mask, position_ids = left_pad(prompts, pad_token_id, device)
     eos = config.eos_token_id if config.eos_token_id is not None else []
     eos_ids = torch.tensor([eos] if isinstance(eos, int) else eos, dtype=torch.long, device=device)
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import ledger
 from .wandb_offline import OfflineRun, find_runs, read_run
 
 PREFIX = "train/lenbalance/"  # transformers' WandbCallback puts the trainer's logs under "train/"
@@ -119,22 +120,29 @@ def _finite(value: Any) -> bool:
 
 
 def loss_tokens_saved(run: OfflineRun) -> tuple[list[float], list[float]]:
-    """Per step, the loss-forward padding tokens stock TRL would compute minus those computed here, estimated from
-    the padding fractions and TRL's cumulative `train/num_tokens` (real prompt + completion tokens) x num_iterations."""
+    """Per step, the loss-forward padding tokens stock TRL would compute minus those computed here (`_loss_tokens`)."""
+    steps, _, computed, stock = _loss_tokens(run)
+    return steps, [b - a for a, b in zip(computed, stock)]
+
+
+def _loss_tokens(run: OfflineRun) -> tuple[list[float], list[float], list[float], list[float]]:
+    """(steps, real, computed, stock-computed) loss-forward tokens per step, estimated from the padding fractions and
+    TRL's cumulative `train/num_tokens` (real prompt + completion tokens) x num_iterations."""
     pad_steps, pad = series(run, f"{PREFIX}train/pad_frac")
     stock_by_step = dict(zip(*series(run, f"{PREFIX}train/pad_frac_stock")))
-    token_steps, seen = series(run, "train/num_tokens")
-    seen_by_step = dict(zip(token_steps, seen))
+    seen_by_step = dict(zip(*series(run, "train/num_tokens")))
     iterations = run.config.get("num_iterations", 1) or 1
-    steps, saved, previous = [], [], 0.0
+    steps, real, computed, stock, previous = [], [], [], [], 0.0
     for step, frac in zip(pad_steps, pad):
         if step not in seen_by_step or step not in stock_by_step:
             continue
-        real = (seen_by_step[step] - previous) * iterations
+        tokens = (seen_by_step[step] - previous) * iterations
         previous = seen_by_step[step]
         steps.append(step)
-        saved.append(real / (1 - stock_by_step[step]) - real / (1 - frac))
-    return steps, saved
+        real.append(tokens)
+        computed.append(tokens / (1 - frac))
+        stock.append(tokens / (1 - stock_by_step[step]))
+    return steps, real, computed, stock
 
 
 def _cumulative(values: list[float]) -> list[float]:
@@ -299,51 +307,44 @@ def _scatter(ax, tables: dict[int, list[tuple[float, float]]]) -> None:
 
 
 def totals(run: OfflineRun, summary: dict[str, Any]) -> list[tuple[str, str, str]]:
-    """(metric, rl-lenbalance, stock TRL) rows of the run's totals. Ratios over the whole run come from
-    `lenbalance_summary.json` when the run wrote one, else from the logged per-step counts."""
-    pct = "{:.1%}".format
+    """(metric, rl-lenbalance, stock TRL) rows of the run's totals: the `rl-lenbalance train` table, from the run's
+    `lenbalance_summary.json` when it wrote one, else from its logged metrics (`logged_summary`)."""
+    return ledger.summary_rows(summary or logged_summary(run))
 
-    def last(key: str) -> float | None:
+
+def logged_summary(run: OfflineRun) -> dict[str, float]:
+    """What `ledger.summary` holds, rebuilt from the logged per-round metrics of a run that wrote no summary (still
+    running, or trained without `rl-lenbalance train`). Loss-phase tokens are estimated as in `loss_tokens_saved`."""
+
+    def last(key: str) -> float:
         values = series(run, PREFIX + key)[1]
-        return values[-1] if values else None
+        return values[-1] if values else math.nan
 
     def total(key: str) -> float:
         return sum(series(run, PREFIX + key)[1])
 
-    rows: list[tuple[str, str, str]] = []
+    def wasted(real: float, computed: float) -> float:
+        return 1.0 - real / computed if computed else math.nan
+
     steps = series(run, STEP)[1]
-    wall = summary.get("wall_s")
-    rows.append(("steps" + (" / wall time" if wall else ""),
-                 f"{int(max(steps)) if steps else 0}" + (f" / {wall:.0f} s" if wall else ""), ""))
-    real, slots, slots_stock = total("gen/real_tokens"), total("gen/decode_slots"), total("gen/decode_slots_stock")
-    if slots and slots_stock:
-        rows.append(("decode slots wasted on padding", pct(1 - real / slots), pct(1 - real / slots_stock)))
-        rows.append(("decode slots (tokens)", f"{slots:,.0f}", f"{slots_stock:,.0f}"))
-    if _finite(summary.get("loss_pad_frac")) and _finite(summary.get("loss_pad_frac_stock")):
-        rows.append(("loss-forward tokens that are padding", pct(summary["loss_pad_frac"]),
-                     pct(summary["loss_pad_frac_stock"])))
-    elif last("train/pad_frac") is not None and last("train/pad_frac_stock") is not None:
-        rows.append(("loss-forward tokens that are padding, last step", pct(last("train/pad_frac")),
-                     pct(last("train/pad_frac_stock"))))
-    saved = loss_tokens_saved(run)[1]
-    if saved:
-        rows.append(("padded loss-forward tokens saved (est.)", f"{sum(saved):,.0f}", ""))
-    for label, key, naive in (("predictor MAE, prompt only (t=0), last round", "mae_static", "mae_naive_static"),
-                              ("predictor MAE, PLP after 32 tokens, last round", "mae_plp32", "mae_naive_plp32")):
-        mae, base = last(f"predictor/{key}"), last(f"predictor/{naive}")
-        if mae is not None:
-            rows.append((label, f"{mae:.1f} tok", f"naive {base:.1f} tok" if base is not None else ""))
-    overhead = summary.get("predictor_overhead_frac")
-    if not _finite(overhead):
-        overhead = last("predictor/overhead_frac")
-    if overhead is not None:
-        rows.append(("predictor overhead (% of generation time)", pct(overhead), ""))
-    for label, key in (("predictor fallbacks", "predictor/fallbacks"),
-                       ("predictor skipped updates", "predictor/skipped_updates")):
-        value = last(key)
-        if value is not None:
-            rows.append((label, f"{value:.0f}", ""))
-    return rows
+    generated = total("gen/real_tokens")
+    _, loss_real, computed, stock = _loss_tokens(run)
+    return {
+        "steps": max(steps) if steps else 0,
+        "decode_slot_waste": wasted(generated, total("gen/decode_slots")),
+        "decode_slot_waste_stock": wasted(generated, total("gen/decode_slots_stock")),
+        "decode_steps": total("gen/decode_steps") or math.nan,
+        "decode_steps_stock": total("gen/decode_steps_stock") or math.nan,
+        "reprefill_tokens": total("gen/reprefill_tokens"),
+        "loss_pad_frac": wasted(sum(loss_real), sum(computed)),
+        "loss_pad_frac_stock": wasted(sum(loss_real), sum(stock)),
+        "mae_static": last("predictor/mae_static"),
+        "mae_plp32": last("predictor/mae_plp32"),
+        "mae_naive_static": last("predictor/mae_naive_static"),
+        "mae_naive_plp32": last("predictor/mae_naive_plp32"),
+        "predictor_overhead_frac": last("predictor/overhead_frac"),
+        "fallbacks": last("predictor/fallbacks"),
+    }
 
 
 def render_html(title: str, folder: Path, png: bytes, rows: list[tuple[str, str, str]]) -> str:

@@ -15,6 +15,7 @@ import time
 import warnings
 from pathlib import Path
 
+from . import ledger
 from .recipe import Recipe, RecipeError, load_recipe, parse_yaml
 
 
@@ -34,37 +35,10 @@ def build_trainer(recipe: Recipe, trainer_class: type | None = None):
 
 
 def summarize(trainer, wall_s: float) -> dict[str, float]:
-    """The run's totals: time, predictor error against the naive baseline, padding computed vs stock TRL."""
-    totals = trainer.lenbalance_totals
-    history = [row for row in trainer.state.log_history if any(k.startswith("lenbalance/") for k in row)]
-
-    def last(key: str) -> float:
-        values = [row[f"lenbalance/{key}"] for row in history if f"lenbalance/{key}" in row]
-        return values[-1] if values else float("nan")
-
-    def ratio(a: str, b: str) -> float:
-        return 1.0 - totals[b] / totals[a] if totals[a] else float("nan")
-
-    return {
-        "steps": trainer.state.global_step,
-        "wall_s": wall_s,
-        "generation_s": totals["gen/seconds"],
-        "generation_phase_s": totals["time/generation_s"],
-        "loss_phase_s": totals["time/loss_phase_s"],
-        "mae_static": last("predictor/mae_static"),
-        "mae_plp32": last("predictor/mae_plp32"),
-        "mae_naive_static": last("predictor/mae_naive_static"),
-        "mae_naive_plp32": last("predictor/mae_naive_plp32"),
-        "decode_slot_waste": ratio("gen/decode_slots", "gen/real_tokens"),
-        "decode_slot_waste_stock": ratio("gen/decode_slots_stock", "gen/real_tokens"),
-        "decode_steps": totals["gen/decode_steps"],
-        "decode_steps_stock": totals["gen/decode_steps_stock"],
-        "reprefill_tokens": totals["gen/reprefill_tokens"],
-        "loss_pad_frac": ratio("train/loss_tokens", "train/real_tokens"),
-        "loss_pad_frac_stock": ratio("train/loss_tokens_stock", "train/real_tokens"),
-        "predictor_overhead_frac": totals["predictor/overhead_s"] / totals["gen/seconds"] if totals["gen/seconds"] else float("nan"),
-        "fallbacks": trainer.lenbalance.fallbacks,
-    }
+    """The run's summary (see `ledger.summary`): time, predictor error against the naive baseline, padding computed
+    vs stock TRL."""
+    logged = [row for row in trainer.state.log_history if any(k.startswith("lenbalance/") for k in row)]
+    return ledger.summary(trainer.lenbalance_totals, logged, trainer.state.global_step, wall_s, trainer.lenbalance.fallbacks)
 
 
 def print_summary(summary: dict[str, float]) -> None:
@@ -72,27 +46,10 @@ def print_summary(summary: dict[str, float]) -> None:
     from rich.table import Table
 
     table = Table(title="rl-lenbalance: what this run saved")
-    table.add_column("metric")
-    table.add_column("rl-lenbalance", justify="right")
-    table.add_column("stock TRL (same batch)", justify="right")
-    pct = "{:.1%}".format
-    table.add_row("steps / wall time", f"{summary['steps']} / {summary['wall_s']:.0f} s", "")
-    compare = "`rl-lenbalance compare`"
-    table.add_row("seconds generating (rollouts, rewards), this rank", f"{summary['generation_phase_s']:.1f} s", compare)
-    table.add_row("seconds in the loss phase (forward, backward), this rank", f"{summary['loss_phase_s']:.1f} s",
-                  compare)
-    table.add_row("decode slots wasted on padding", pct(summary["decode_slot_waste"]), pct(summary["decode_slot_waste_stock"]))
-    table.add_row("decode steps, slowest rank (summed over rounds)", f"{summary['decode_steps']:.0f}",
-                  f"{summary['decode_steps_stock']:.0f}")
-    if summary["reprefill_tokens"]:
-        table.add_row("tokens re-prefilled by re-bucketing", f"{summary['reprefill_tokens']:.0f}", "0")
-    table.add_row("loss-forward tokens that are padding", pct(summary["loss_pad_frac"]), pct(summary["loss_pad_frac_stock"]))
-    table.add_row("predictor MAE, prompt only (t=0), last round", f"{summary['mae_static']:.1f} tok",
-                  f"naive {summary['mae_naive_static']:.1f} tok")
-    table.add_row("predictor MAE, PLP after 32 tokens, last round", f"{summary['mae_plp32']:.1f} tok",
-                  f"naive {summary['mae_naive_plp32']:.1f} tok")
-    table.add_row("predictor overhead (% of generation time)", pct(summary["predictor_overhead_frac"]), "")
-    table.add_row("predictor fallbacks", str(summary["fallbacks"]), "")
+    for column, justify in (("metric", "left"), ("rl-lenbalance", "right"), ("stock TRL (same batch)", "right")):
+        table.add_column(column, justify=justify)
+    for row in ledger.summary_rows(summary):
+        table.add_row(*row)
     Console().print(table)
 
 

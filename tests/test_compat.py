@@ -126,7 +126,7 @@ def test_capture_reads_lm_heads_input_on_every_family(family_model_dir, family):
     for feature_layer in (-1, 1):
         config = LenBalanceConfig(pooling="last", feature_layer=feature_layer)
         head = PLPHead(HeadConfig(model.config.get_text_config().hidden_size, max_length=4, pooling="last"))
-        capture = GenerationCapture(model, head, config, max_length=4)
+        capture = GenerationCapture(model, head.predict, config, max_length=4)
         with capture.capture(prompts) as result:
             model.generate(**batch, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
         assert result.steps == 3 and result.prediction_steps[0] == 0  # streamed to the end, predicted at step 0
@@ -143,7 +143,7 @@ def test_a_model_whose_decoder_layers_cannot_be_found_names_feature_layer(family
     model.config.n_layer = 3  # no block list of that length
     head = PLPHead(HeadConfig(64, max_length=4))
     with pytest.raises(ValueError, match="lenbalance.feature_layer=1: .*decoder layers of GPT2LMHeadModel"):
-        GenerationCapture(model, head, LenBalanceConfig(feature_layer=1), max_length=4)
+        GenerationCapture(model, head.predict, LenBalanceConfig(feature_layer=1), max_length=4)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "nemotron_h"])

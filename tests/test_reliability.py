@@ -191,25 +191,24 @@ def test_a_second_callback_with_another_config_is_refused(lenbalance_trainer):
 
 
 def test_checkpoint_folders_are_written_whole_and_checked_when_read(lenbalance_trainer, tmp_path):
-    callback = next(c for c in lenbalance_trainer.callback_handler.callbacks if isinstance(c, LenBalanceCallback))
     engine = lenbalance_trainer.lenbalance
     pairs = random_pairs(feature_size(engine.head.config.hidden_size))
     engine.learn(pairs, pairs["y0"])
     folder = tmp_path / "checkpoint-1" / "lenbalance"
-    callback.save(str(folder))
-    callback.save(str(folder))  # over an existing folder
+    engine.save(folder)
+    engine.save(folder)  # over an existing folder
     assert sorted(p.name for p in folder.parent.iterdir()) == ["lenbalance"]  # no temporary folder left behind
 
     (folder / "engine_state.pt").unlink()  # as an interrupted save of an older version left it
     with pytest.warns(UserWarning, match="incomplete.*engine_state.pt.*starts fresh"):
-        callback.load(str(folder))
+        engine.load(folder)
 
-    callback.save(str(folder))
+    engine.save(folder)
     weights = load_file(folder / "predictor.safetensors")
     weights["bin_values"][0] = float("nan")
     save_file(weights, folder / "predictor.safetensors")
     with pytest.warns(UserWarning, match="non-finite values.*re-initialising"):
-        callback.load(str(folder))
+        engine.load(folder)
     assert engine.head_is_finite() and engine.rounds == 1  # the counters and the replay buffer are still restored
     assert engine.trainer.buffer.size == len(pairs["y"])
 

@@ -31,8 +31,8 @@ def test_rloo_trains_with_waves_rebucketing_and_balanced_microbatches(eos_tiny_m
     logged = [row for row in trainer.state.log_history if "lenbalance/predictor/mae_static" in row]
     assert len(logged) == 3 and "lenbalance/train/pad_frac" in logged[-1]
     totals = trainer.lenbalance_totals
-    assert totals["train/loss_tokens"] <= totals["train/loss_tokens_stock"]
-    assert totals["gen/reprefill_tokens"] > 0  # rounds 2 and 3 were re-bucketed
+    assert totals.loss_tokens <= totals.loss_tokens_stock
+    assert totals.reprefill_tokens > 0  # rounds 2 and 3 were re-bucketed
     assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
 
 

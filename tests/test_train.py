@@ -67,7 +67,6 @@ def test_overrides_parse_yaml_scalars_and_section_keys():
 def test_every_recipe_parses(recipe):
     """GPU recipes ask for bf16, which TrainingArguments refuses to validate without a GPU unless use_cpu is set."""
     parsed = load_recipe(recipe, {"use_cpu": True})
-    assert parsed.training.generation_batch_size % parsed.training.num_generations == 0
     assert parsed.training.output_dir.endswith(recipe.stem) or recipe.stem == "quickstart"
 
 

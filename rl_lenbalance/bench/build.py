@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from torch import nn
-from transformers.utils import ModelOutput
 
-from ..capture import GenerationCapture, resolve_module
+from ..capture import GenerationCapture, outputs_of, resolve_module
 from ..config import LenBalanceConfig
+from ..generation import left_pad
 from ..models import load_model
 from ..predictor import POOLING_METHODS, HeadConfig, PLPHead, pool_tokens, token_entropy
 from .config import SPLITS, STEPS, BuildConfig
@@ -40,33 +38,8 @@ def split_prompts(count: int, fractions: tuple[float, float, float], seed: int) 
     return split
 
 
-def left_pad(ids: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(map(len, ids))
-    input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids])
-    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
-    return input_ids, mask
-
-
 def right_pad(ids: list[list[int]], width: int) -> torch.Tensor:
     return torch.tensor([x[:width] + [-1] * (width - len(x[:width])) for x in ids], dtype=torch.int32)
-
-
-@contextmanager
-def outputs_of(modules: dict[str, nn.Module]) -> Iterator[dict[str, torch.Tensor]]:
-    """Each module's latest output (its hidden states) while inside the block."""
-    seen: dict[str, torch.Tensor] = {}
-
-    def keeper(name: str):
-        def hook(_module, _inputs, output):
-            seen[name] = output[0] if isinstance(output, (tuple, ModelOutput)) else output  # a decoder: last hidden
-        return hook
-
-    handles = [module.register_forward_hook(keeper(name)) for name, module in modules.items()]
-    try:
-        yield seen
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @torch.no_grad()
@@ -75,8 +48,7 @@ def prompt_features(model, prompt_ids: list[list[int]], pad: int, feature: nn.Mo
     """(P, len(POOLING_METHODS), H) prompt features under every pooling, and (P, H) TRAIL prompt means."""
     pooled, trail_mean = [], []
     for i in range(0, len(prompt_ids), PROMPT_CHUNK):
-        input_ids, mask = left_pad(prompt_ids[i : i + PROMPT_CHUNK], pad)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate numbers left-padded rows
+        input_ids, mask, positions = left_pad(prompt_ids[i : i + PROMPT_CHUNK], pad)
         with outputs_of({"feature": feature, "trail": trail}) as seen:
             logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions).logits
         entropy, mask = token_entropy(logits), mask.bool()
@@ -97,7 +69,7 @@ def completion_length(tokens: list[int], eos: set[int], cap: int) -> int:
 def generate_batch(model, tokenizer, capture: GenerationCapture, trail: nn.Module, ids: list[list[int]],
                    max_new_tokens: int, sampling: dict) -> dict:
     """One generate call: lengths, completion ids, PLP features z_t and TRAIL states at STEPS, and timings."""
-    input_ids, mask = left_pad(ids, tokenizer.pad_token_id)
+    input_ids, mask, _ = left_pad(ids, tokenizer.pad_token_id)
     calls = {"n": 0}
     trail_at = torch.zeros(len(ids), len(STEPS), model.config.hidden_size)
 
@@ -146,7 +118,7 @@ def build_scenario(model, tokenizer, encoder: ProxyEncoder, scenario: str, confi
     hidden = model.config.hidden_size
     # The head only makes the in-loop cost real (it runs every step, as in training); its predictions are unused.
     head = PLPHead(HeadConfig(hidden, config.max_new_tokens, feature_layer=config.feature_layer)).eval()
-    capture = GenerationCapture(model, head, lb_config, config.max_new_tokens)
+    capture = GenerationCapture(model, head.predict, lb_config, config.max_new_tokens)
     batches = []
     for i in range(0, len(rows), config.batch_size):
         batch = rows[i : i + config.batch_size]

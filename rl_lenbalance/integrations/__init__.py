@@ -1,6 +1,5 @@
 """Adapters for TRL trainers."""
 
-from .callback import LenBalanceCallback, wrap_trainer
-from .grpo import LenBalanceGRPOTrainer, LenBalanceMixin, LenBalanceRLOOTrainer
+from .trl import LenBalanceCallback, LenBalanceGRPOTrainer, LenBalanceMixin, LenBalanceRLOOTrainer, wrap_trainer
 
 __all__ = ["LenBalanceCallback", "LenBalanceGRPOTrainer", "LenBalanceMixin", "LenBalanceRLOOTrainer", "wrap_trainer"]

@@ -132,8 +132,8 @@ class PLPHead(nn.Module):
         save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, directory / WEIGHTS_NAME)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, expected_hidden_size: int | None = None) -> "PLPHead":
-        """Load a head saved by `save_pretrained`; refuse one built for a different hidden size."""
+    def from_pretrained(cls, directory: str | Path) -> "PLPHead":
+        """Load a head saved by `save_pretrained` (`engine.check_head` checks it against a run's settings)."""
         directory = Path(directory)
         if not (directory / CONFIG_NAME).is_file():
             inside = directory / "lenbalance"  # a trainer checkpoint keeps its predictor in this subfolder
@@ -141,13 +141,6 @@ class PLPHead(nn.Module):
                     if (inside / CONFIG_NAME).is_file()
                     else " Point it at a folder written by `PLPHead.save_pretrained` (e.g. checkpoint-N/lenbalance).")
             raise FileNotFoundError(f"No saved predictor in {directory} (no {CONFIG_NAME}).{hint}")
-        config = HeadConfig(**json.loads((directory / CONFIG_NAME).read_text()))
-        if expected_hidden_size is not None and config.hidden_size != expected_hidden_size:
-            raise ValueError(
-                f"Predictor checkpoint {directory} was trained on hidden size {config.hidden_size}, but the policy "
-                f"model has hidden size {expected_hidden_size}. Point `lenbalance.predictor_path` at a predictor "
-                "trained on this model, or leave it unset to train one from scratch."
-            )
-        head = cls(config)
+        head = cls(HeadConfig(**json.loads((directory / CONFIG_NAME).read_text())))
         head.load_state_dict(load_file(directory / WEIGHTS_NAME))
         return head

@@ -1,34 +1,32 @@
-"""Pure scheduling functions: balanced partitions across ranks and length-sorted batching."""
+"""Pure scheduling functions: balanced partitions across ranks, length-sorted waves and micro-batches, re-bucketing,
+the training plan of a generation batch, and row selection / padding trimming of a batch.
 
-from .batching import padded_tokens, real_tokens, sorted_equal_chunks, token_budget_microbatches, waves_by_length
-from .partition import (
-    PARTITIONERS,
-    best_partition,
-    imbalance,
-    karmarkar_karp,
-    lpt_partition,
-    partition_groups,
-    sequence_costs,
-)
+A new partitioning policy is one function `(costs, num_parts, equal_size) -> parts` added to `PARTITIONERS`; its key
+becomes a valid `lenbalance.partition_method`.
+"""
+
+from .batch import take_rows, trim_padding
+from .batching import padded_tokens, waves_by_length
+from .exchange import TrainingPlan, optimizer_steps, plan_training
+from .partition import PARTITIONERS, best_partition, imbalance, karmarkar_karp, lpt_partition
 from .plan import padded_cost, plan_microbatches
-from .rebucket import rebucket, rows_moved, wave_cost
+from .rebucket import rebucket, wave_cost
 
 __all__ = [
     "PARTITIONERS",
+    "TrainingPlan",
     "best_partition",
     "imbalance",
     "karmarkar_karp",
     "lpt_partition",
+    "optimizer_steps",
     "padded_cost",
     "padded_tokens",
     "plan_microbatches",
-    "partition_groups",
-    "real_tokens",
+    "plan_training",
     "rebucket",
-    "rows_moved",
-    "sequence_costs",
-    "sorted_equal_chunks",
-    "token_budget_microbatches",
+    "take_rows",
+    "trim_padding",
     "wave_cost",
     "waves_by_length",
 ]

@@ -1,4 +1,4 @@
-"""Balanced partitions of sequences into parts (ranks) by cost: Karmarkar-Karp, LPT, and GRPO-group-aware."""
+"""Balanced partitions of items into parts (ranks) by cost: Karmarkar-Karp, LPT, and the better of the two."""
 
 from __future__ import annotations
 
@@ -8,11 +8,6 @@ from collections.abc import Callable, Sequence
 
 Partitioner = Callable[[Sequence[float], int, bool], list[list[int]]]
 _Part = tuple[float, list[int]]  # (load, item indices)
-
-
-def sequence_costs(lengths: Sequence[int | float], attention_alpha: float = 0.0) -> list[float]:
-    """Compute cost of each sequence: linear in its length plus `attention_alpha` times its length squared."""
-    return [float(n) + attention_alpha * float(n) ** 2 for n in lengths]
 
 
 def _check_parts(num_items: int, num_parts: int, equal_size: bool) -> None:
@@ -78,25 +73,6 @@ def best_partition(costs: Sequence[float], num_parts: int, equal_size: bool = Tr
 
 
 PARTITIONERS: dict[str, Partitioner] = {"kk": karmarkar_karp, "lpt": lpt_partition, "best": best_partition}
-
-
-def partition_groups(costs: Sequence[float], group_size: int, num_parts: int, method: str = "kk") -> list[list[int]]:
-    """Partition items so that each block of `group_size` consecutive items (a GRPO group) stays on one part.
-
-    Groups are balanced by summed cost with an equal group count per part, then expanded to item indices.
-    """
-    if method not in PARTITIONERS:
-        raise ValueError(f"unknown partition method {method!r}; valid methods: {', '.join(sorted(PARTITIONERS))}")
-    if group_size < 1:
-        raise ValueError(f"group_size must be at least 1, got {group_size}")
-    if len(costs) % group_size:
-        raise ValueError(f"{len(costs)} items do not form whole groups of {group_size}")
-    num_groups = len(costs) // group_size
-    if num_parts < 1 or num_groups % num_parts:
-        raise ValueError(f"cannot split {num_groups} groups into {num_parts} parts with equal group counts")
-    group_costs = [sum(costs[g * group_size:(g + 1) * group_size]) for g in range(num_groups)]
-    group_parts = PARTITIONERS[method](group_costs, num_parts, True)
-    return [[g * group_size + j for g in part for j in range(group_size)] for part in group_parts]
 
 
 def imbalance(costs: Sequence[float], parts: Sequence[Sequence[int]]) -> float:

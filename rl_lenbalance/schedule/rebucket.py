@@ -69,8 +69,3 @@ def _closest_ranks(parts: RankWaves, origin: Sequence[int]) -> RankWaves:
     for part, rank in zip(part_of, rank_of, strict=True):
         out[rank] = parts[part]
     return out
-
-
-def rows_moved(plan: RankWaves, origin: Sequence[int]) -> int:
-    """Rows a plan sends away from the rank that probed them."""
-    return sum(origin[i] != rank for rank, waves in enumerate(plan) for wave in waves for i in wave)

@@ -42,10 +42,15 @@ class Replay:
 
 
 class RecordMicrobatches:
-    def _exchange_rows(self, batch, shuffle):
-        batch, sizes = super()._exchange_rows(batch, shuffle)
-        self.microbatch_rows = getattr(self, "microbatch_rows", []) + [sizes]
-        return batch, sizes
+    """Records the rows of every micro-batch rl-lenbalance builds (one list per generation batch)."""
+
+    def _prepare_inputs(self, generation_batch):
+        before = self._buffered_inputs
+        inputs = super()._prepare_inputs(generation_batch)
+        if self._buffered_inputs is not before:
+            self.microbatch_rows = getattr(self, "microbatch_rows", []) + [
+                [len(b["advantages"]) for b in self._buffered_inputs]]
+        return inputs
 
 
 class StockReplay(Replay, GRPOTrainer):

@@ -1,0 +1,348 @@
+"""TRL adapter: GRPOTrainer and RLOOTrainer (they share the generation and `_prepare_inputs` structure).
+
+Each override changes one stock method in one place and delegates the work to the framework-free parts:
+- `_generate_single_turn`: `rollout.run_rollout` over TRL's own generation (bound once in `_backend`), then the
+  engine's online update and the generation ledger;
+- `_prepare_inputs`: inside each optimizer step (its rows still chosen by stock's shuffle), TRL's equal split becomes
+  `schedule.plan_training`'s length-sorted micro-batches dealt to ranks, all-pad columns trimmed;
+- `compute_loss`: a per-row-mean loss is weighted by its micro-batch's share of rows, so the update is stock's;
+- `training_step`, `_generate_and_score_completions`, `log`: stock, timed or counted for the summary.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from accelerate.utils import gather_object, pad_across_processes
+from transformers.trainer_utils import get_last_checkpoint
+from trl import GRPOTrainer, RLOOTrainer
+from trl.models import unwrap_model_for_generation
+
+from ..capture import CaptureResult
+from ..config import ROW_MEAN_LOSSES, LenBalanceConfig
+from ..engine import LenBalanceEngine
+from ..generation import compacted_generate, left_pad, unsupported_options
+from ..ledger import RunTotals, TrainingLedger, gather_ledgers, round_metrics, training_metrics
+from ..rollout import Backend, RolloutSettings, run_rollout
+from ..schedule import TrainingPlan, optimizer_steps, plan_training, take_rows, trim_padding
+from .callback import EngineCallback
+
+
+class LenBalanceMixin:
+    """Mixed in front of a TRL trainer class by `LenBalanceGRPOTrainer` or `wrap_trainer`."""
+
+    lenbalance: LenBalanceEngine
+    lenbalance_config: LenBalanceConfig
+
+    def _lenbalance_setup(self, config: LenBalanceConfig | None) -> None:
+        self.lenbalance_config = config = self._resolved(config or LenBalanceConfig())
+        config.check_trainer_args(self.args)
+        if config.balance_training and getattr(self, "aux_loss_enabled", False):  # TRL's own switch (MoE models)
+            raise ValueError(
+                f"router_aux_loss_coef={self.router_aux_loss_coef}: TRL adds each micro-batch's MoE router "
+                "load-balancing loss, which depends on which rows share the micro-batch, so regrouping rows would "
+                "change what is learned. Set router_aux_loss_coef=0.0 in the trainer config, or set "
+                "lenbalance.balance_training=False."
+            )
+        model = self.accelerator.unwrap_model(self.model)
+        self.lenbalance = LenBalanceEngine(model, config, self.max_completion_length, seed=self.args.seed)
+        self.lenbalance_totals = RunTotals()  # summed over the run, for the summary table
+        self.lenbalance_last_lengths: list[tuple[float, int]] = []  # (predicted at t=0, actual) of the last round
+        self.lenbalance_resume_from: str | None = None  # the checkpoint `train` resumes; the callback restores from it
+        self._lenbalance_warned: set[str] = set()
+        self._lenbalance_tool_turn = False  # True inside TRL's tool loop (later turns of tools / environments)
+        self._left_padding_free = not _absolute_positions(model)  # a row's outputs ignore its left padding
+        if not self._left_padding_free and config.balance_training:
+            self._warn_once("positions", f"{type(model).__name__} adds absolute position embeddings, so a row's left "
+                            "padding changes its outputs: rl-lenbalance keeps stock's prompt padding and every row on "
+                            "its rank (micro-batches are still length-sorted and their completions trimmed).")
+        # a micro-batch's loss is a mean over its rows (RLOO has no loss_type: its loss is a mean over sequences)
+        self._row_mean_loss = getattr(self, "loss_type", None) in ROW_MEAN_LOSSES or not hasattr(self, "loss_type")
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        """Stock `train`, remembering which checkpoint it resumes (True: the last one in output_dir)."""
+        if resume_from_checkpoint is True:  # none found: stock raises its own error for True
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir) or True
+        self.lenbalance_resume_from = resume_from_checkpoint if isinstance(resume_from_checkpoint, str) else None
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _resolved(self, config: LenBalanceConfig) -> LenBalanceConfig:
+        """`config` with its `auto` settings decided for this trainer's device and sampling."""
+        sampling = getattr(getattr(self, "generation_config", None), "do_sample", True) is not False
+        return config.resolved(self.accelerator.device, sampling)
+
+    # --- generation -------------------------------------------------------------------------------------------
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, *args, **kwargs):
+        """Stock: one `generate` over the rank's rows. Here: the rollout (the same call(s) under capture hooks, maybe
+        in waves and re-bucketed), then the predictor's online update; completions in stock's order."""
+        stock = self._stock_generation_note(images, multimodal_fields)
+        if stock:
+            self._warn_once(*stock)
+            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, *args, **kwargs)
+        engine, device = self.lenbalance, self.accelerator.device
+        completions, stats = run_rollout(prompt_ids, self._backend(args, kwargs), engine, self._rollout_settings())
+        metrics, self.lenbalance_last_lengths = engine.learn_round(stats.waves, stats.lengths, stats.own_ids,
+                                                                   self._gather_rows)
+        ranks = gather_ledgers(stats.ledger(completions), self.accelerator.gather, device)
+        self.lenbalance_totals.add_generation(ranks, metrics["predictor/train_s"])
+        self._log_lenbalance(metrics | round_metrics(ranks, metrics))
+        return (completions, None) if isinstance(self, GRPOTrainer) else completions
+
+    def _rollout_settings(self) -> RolloutSettings:
+        """This round's rollout as the config asks, less what the generation config or the head's health rule out."""
+        config, engine = self.lenbalance_config, self.lenbalance
+        return RolloutSettings(
+            eos_token_ids=self.eos_token_ids, max_completion_length=self.max_completion_length,
+            compact=config.compaction and not self._loop_blocked("compaction"),
+            rebucket=config.rebucket and engine.healthy and engine.rounds > 0 and not self._loop_blocked("rebucket"),
+            wave_size=config.generation_wave_size, probe_tokens=config.probe_tokens,
+            partition_method=config.partition_method,
+        )
+
+    def _backend(self, stock_args: tuple, stock_kwargs: dict) -> Backend:
+        """TRL's generation, bound once: stock's own call when nothing needs rl-lenbalance's decode loop."""
+
+        def decode(prompts: list[list[int]], captured: CaptureResult, *, compact: bool,
+                   prefixes: list[list[int]] | None = None, max_steps: int | None = None) -> list[list[int]]:
+            if not compact and prefixes is None and max_steps is None:
+                ids = super(LenBalanceMixin, self)._generate_single_turn(prompts, None, {}, *stock_args, **stock_kwargs)
+                return ids[0] if isinstance(ids, tuple) else ids  # GRPO adds logprobs (None on this path)
+            with self._generation_model() as model:
+                return compacted_generate(model, prompts, self.generation_config, self._tokenizer.pad_token_id,
+                                          on_compact=captured.compact, min_finished=1 if compact else len(prompts) + 1,
+                                          prefixes=prefixes, max_steps=max_steps)
+
+        def prefill(prompts: list[list[int]]) -> None:
+            input_ids, attention_mask, position_ids = left_pad(prompts, self._tokenizer.pad_token_id,
+                                                               self.accelerator.device)
+            with self._generation_model() as model:
+                model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=1)
+
+        return Backend(decode, prefill, gather_object, self.accelerator.process_index, self.accelerator.num_processes)
+
+    @contextmanager
+    def _generation_model(self) -> Iterator[torch.nn.Module]:
+        """The unwrapped policy exactly as stock's plain-`generate` branch prepares it (gathered ZeRO-3 weights,
+        gradient checkpointing off and then back on with the trainer's own kwargs, no grad)."""
+        with (
+            unwrap_model_for_generation(
+                self.model_wrapped, self.accelerator, gather_deepspeed3_params=self.args.ds3_gather_for_generation,
+                generation_kwargs=self.generation_kwargs,
+                gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
+            ) as model,
+            torch.no_grad(),
+            self._dist.summon_full_params(self.model_wrapped, recurse=False),
+        ):
+            yield model
+
+    def _gather_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Every rank's rows in rank order (ranks with fewer rows are padded with -1), on the CPU."""
+        return self.accelerator.gather(pad_across_processes(rows.to(self.accelerator.device), dim=0, pad_index=-1)).cpu()
+
+    def _stock_generation_note(self, images, multimodal_fields) -> tuple[str, str] | None:
+        """(key, one-time note) when this generation must run as stock TRL, unpredicted; None when it is captured."""
+        if self.use_vllm or self.use_transformers_continuous_batching or images is not None or multimodal_fields:
+            return "backend", ("rl-lenbalance captures hidden states only on the plain transformers `generate` path "
+                               "(text-only); this generation ran as stock TRL, unpredicted.")
+        if (self.generation_config.num_beams or 1) > 1:  # the capture streams one row per prompt, not prompts × beams
+            return "beams", ("rl-lenbalance does not capture beam search (num_beams > 1); generation runs as stock "
+                             "TRL, unpredicted (training-side balancing still applies).")
+        if self._lenbalance_tool_turn:  # rows and turn counts differ per rank: no collective may run here
+            return "tool_turns", ("rl-lenbalance predicts the first turn only; the turns generated after tool results "
+                                  "run as stock TRL, unpredicted (training-side balancing still applies).")
+        return None
+
+    def _tool_call_loop(self, *args, **kwargs):
+        """Stock (GRPO's tools and environments); marks the turns it generates so that they run as stock."""
+        self._lenbalance_tool_turn = True
+        try:
+            return super()._tool_call_loop(*args, **kwargs)
+        finally:
+            self._lenbalance_tool_turn = False
+
+    def _loop_blocked(self, setting: str) -> bool:
+        """True (with a one-time warning) when the generation config asks for something rl-lenbalance's decode loop
+        (needed by compaction and re-bucketing) can't do."""
+        unsupported = unsupported_options(self.generation_config)
+        if unsupported:
+            self._warn_once(setting, f"lenbalance.{setting} is on, but the generation config sets {unsupported}, "
+                            f"which rl-lenbalance's decode loop does not implement; {setting} is off.")
+        return bool(unsupported)
+
+    # --- training-side balancing ------------------------------------------------------------------------------
+
+    def _prepare_inputs(self, generation_batch):
+        """Stock: shuffle rows randomly, split into equal chunks. Here: the same rows per optimizer step (stock's
+        shuffle decides them), cut into length-sorted micro-batches dealt to ranks by padded cost (rows move between
+        ranks), all-pad columns trimmed."""
+        if not self._balancing_training():
+            return super()._prepare_inputs(generation_batch)
+        spg = self.args.steps_per_generation
+        if self._step % (spg * self.num_iterations) == 0 or self._buffered_inputs is None:
+            batch = self._generate_and_score_completions(generation_batch)
+            if "pixel_values" in batch:
+                raise ValueError("rl-lenbalance does not balance multimodal batches yet; set "
+                                 "lenbalance.balance_training=False.")
+            shuffle = torch.randperm(len(batch["advantages"]))  # stock's draw: later sampling stays identical
+            plan = self._training_plan(batch, shuffle)
+            trained = self._exchange_rows(batch, plan)
+            bounds = [sum(plan.sizes[:i]) for i in range(len(plan.sizes) + 1)]
+            self._buffered_inputs = [trim_padding(take_rows(trained, list(range(a, b))), self._left_padding_free)
+                                     for a, b in zip(bounds, bounds[1:])]
+            stock_width = batch["prompt_ids"].size(1) + batch["completion_ids"].size(1)  # stock pads every row to it
+            ledger = TrainingLedger(
+                loss_tokens=sum(b["prompt_ids"].numel() + b["completion_ids"].numel() for b in self._buffered_inputs),
+                loss_tokens_stock=len(trained["advantages"]) * stock_width,
+                real_tokens=float((trained["prompt_mask"].sum() + trained["completion_mask"].sum()).item()),
+                rows_moved_in=plan.moved_in,
+            )
+            ranks = gather_ledgers(ledger, self.accelerator.gather, self.accelerator.device)
+            self.lenbalance_totals.add_training(ranks, self.num_iterations)
+            self._log_lenbalance(training_metrics(ranks))
+        return self._buffered_inputs[self._step % spg]
+
+    def _training_plan(self, batch: dict, shuffle: torch.Tensor) -> TrainingPlan:
+        """`schedule.plan_training` over this rank's rows, or every rank's when rows may move between ranks."""
+        config, args = self.lenbalance_config, self.args
+        steps = optimizer_steps(shuffle.tolist(), args.steps_per_generation, args.gradient_accumulation_steps)
+        columns = torch.stack([batch["completion_mask"].sum(1).cpu(), batch["prompt_mask"].sum(1).cpu(),
+                               torch.tensor(steps)])
+        ranks = self.accelerator.num_processes if config.balance_ranks and self._left_padding_free else 1
+        if ranks > 1:  # a move re-pads a row's prompt: only models that ignore left padding may move rows
+            columns = self.accelerator.gather(columns.T.to(self.accelerator.device)).T.cpu()
+        completion, prompt, steps = columns.tolist()
+        return plan_training(completion, prompt, steps, ranks, self.accelerator.process_index if ranks > 1 else 0,
+                             args.gradient_accumulation_steps, config.attention_alpha, config.partition_method,
+                             config.uneven_microbatches)
+
+    def _exchange_rows(self, batch: dict, plan: TrainingPlan) -> dict:
+        """The rows `plan` gives this rank, in its order: taken from this rank's batch, or gathered from every
+        rank's (re-padded to the widest rank) when some row changes rank."""
+        if not plan.exchange:
+            return take_rows(batch, [row - plan.offset for row in plan.rows])
+        moved, index = {}, torch.tensor(plan.rows)
+        for key, value in batch.items():
+            if isinstance(value, torch.Tensor) and value.ndim > 0:
+                if value.ndim > 1:
+                    pad = self.processing_class.pad_token_id if key.endswith("_ids") else 0
+                    value = pad_across_processes(value, dim=1, pad_index=pad, pad_first=key.startswith("prompt"))
+                value = self.accelerator.gather(value)[index.to(value.device)]
+            moved[key] = value
+        return moved
+
+    def _balancing_training(self) -> bool:
+        """Whether this training micro-step uses rl-lenbalance's micro-batches (else stock's, as in eval)."""
+        if not self.model.training or not self.lenbalance_config.balance_training:
+            return False
+        spg, ga = self.args.steps_per_generation, self.args.gradient_accumulation_steps
+        if spg % ga:
+            self._warn_once("steps_per_generation", f"steps_per_generation={spg} is not a multiple of "
+                            f"gradient_accumulation_steps={ga}: optimizer steps span two generation batches, so no "
+                            "row can be regrouped without changing the update; training runs as stock TRL "
+                            "(generation is still captured and predicted).")
+        return spg % ga == 0
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Stock, with a per-row-mean loss weighted by its micro-batch's rows over stock's (uneven micro-batches)."""
+        loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if self._balancing_training() and self._row_mean_loss:
+            loss = loss * (len(inputs["advantages"]) / self.args.per_device_train_batch_size)
+        return loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """Stock; the seconds it spends outside generation are the loss phase's (in the run totals)."""
+        totals = self.lenbalance_totals
+        start, generated = time.perf_counter(), totals.generation_phase_s
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        totals.loss_phase_s += time.perf_counter() - start - (totals.generation_phase_s - generated)
+        return loss
+
+    def _generate_and_score_completions(self, inputs):
+        """Stock, timed: generation, rewards and advantages, as a user's step sees them (in the run totals)."""
+        start = time.perf_counter()
+        batch = super()._generate_and_score_completions(inputs)
+        self.lenbalance_totals.generation_phase_s += time.perf_counter() - start
+        return batch
+
+    # --- logging ------------------------------------------------------------------------------------------------
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Stock, plus the count of logged optimizer steps whose `grad_norm` was not finite (a divergence alarm)."""
+        if "grad_norm" in logs:
+            self.lenbalance_totals.nonfinite_grad_steps += not math.isfinite(logs["grad_norm"])
+            logs["lenbalance/train/nonfinite_grad_steps"] = float(self.lenbalance_totals.nonfinite_grad_steps)
+        super().log(logs, start_time)
+
+    def _log_lenbalance(self, metrics: dict[str, float]) -> None:
+        """Append to TRL's own metric store (already reduced over ranks): every `report_to` receives them."""
+        for name, value in metrics.items():
+            self._metrics["train"][f"lenbalance/{name}"].append(float(value))
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._lenbalance_warned:
+            self._lenbalance_warned.add(key)
+            warnings.warn(message)
+
+
+def _absolute_positions(model) -> bool:
+    """True when the decoder adds learned absolute position embeddings (GPT-2's `wpe`, OPT's): TRL passes no
+    position ids, so a row's left padding shifts its positions and changes its outputs."""
+    tokens = model.get_input_embeddings()
+    return any(isinstance(m, torch.nn.Embedding) and m is not tokens for m in model.get_decoder().modules())
+
+
+class LenBalanceCallback(EngineCallback):
+    """The one line a user adds to a stock trainer: `trainer.add_callback(LenBalanceCallback(trainer, config))`.
+    It turns the GRPOTrainer/RLOOTrainer into its rl-lenbalance version in place (like TRL's
+    `LogCompletionsCallback`, it needs the trainer), keeps the predictor in checkpoints, and shapes the wandb run."""
+
+    def __init__(self, trainer, config: LenBalanceConfig | None = None) -> None:
+        super().__init__(mix_in(trainer, config))
+
+
+class _Wrapped(LenBalanceMixin):
+    """The swap-in trainers' constructor: the TRL trainer's own, then rl-lenbalance's setup and callback."""
+
+    def __init__(self, *args, lenbalance_config: LenBalanceConfig | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._lenbalance_setup(lenbalance_config)
+        self.add_callback(LenBalanceCallback(self))
+
+
+class LenBalanceGRPOTrainer(_Wrapped, GRPOTrainer):
+    """`GRPOTrainer` with rl-lenbalance: pass `lenbalance_config=` (or nothing, for the defaults)."""
+
+
+class LenBalanceRLOOTrainer(_Wrapped, RLOOTrainer):
+    """`RLOOTrainer` with rl-lenbalance: pass `lenbalance_config=` (or nothing, for the defaults)."""
+
+
+def mix_in(trainer, config: LenBalanceConfig | None = None):
+    """Turn an existing GRPOTrainer/RLOOTrainer into its rl-lenbalance version in place (no callback); returns it."""
+    if isinstance(trainer, LenBalanceMixin):
+        if config is not None and (config := trainer._resolved(config)) != trainer.lenbalance_config:
+            running = vars(trainer.lenbalance_config)
+            differ = ", ".join(f"{k}={v!r} (running: {running[k]!r})" for k, v in vars(config).items() if v != running[k])
+            raise ValueError(
+                f"This {type(trainer).__name__} already runs rl-lenbalance; a second LenBalanceCallback/wrap_trainer "
+                f"with a different config ({differ}) would be ignored. Pass the config once (lenbalance_config= or the "
+                "first LenBalanceCallback)."
+            )
+        return trainer
+    if not hasattr(trainer, "_generate_single_turn") or not hasattr(trainer, "_buffered_inputs"):
+        raise TypeError(f"rl-lenbalance supports TRL's GRPOTrainer and RLOOTrainer, not {type(trainer).__name__}.")
+    trainer.__class__ = type(f"LenBalance{type(trainer).__name__}", (LenBalanceMixin, type(trainer)), {})
+    trainer._lenbalance_setup(config)
+    return trainer
+
+
+def wrap_trainer(trainer, config: LenBalanceConfig | None = None):
+    """rl-lenbalance for an existing GRPOTrainer/RLOOTrainer: adds a `LenBalanceCallback`; returns the trainer."""
+    trainer.add_callback(LenBalanceCallback(trainer, config))
+    return trainer

@@ -1,0 +1,180 @@
+"""One rollout round, framework-free: generation waves, the probe, re-bucketing across ranks and continuation.
+
+    generate → capture → predict → schedule → (train) → online update
+
+`run_rollout` decodes a rank's prompts through a `Backend` (how to run the policy and reach the other ranks; a
+trainer adapter binds it) under the engine's capture hooks, and returns the completions in the prompts' order with
+the round's `RolloutStats`. Every scheduling decision comes from `schedule/`; the predictions from the engine.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from .capture import CaptureResult, StreamState
+from .engine import LenBalanceEngine, Wave
+from .ledger import GenerationLedger
+from .schedule import padded_tokens, rebucket, waves_by_length
+
+
+class Decode(Protocol):
+    """Generate completions for unpadded `prompts` under `captured`'s hooks, exactly as the trainer would.
+
+    `compact`: finished rows may leave the batch. `prefixes`: tokens each row already generated (a continuation).
+    `max_steps`: stop after this many tokens (a probe). Returns each row's generated ids, eos included.
+    """
+
+    def __call__(self, prompts: list[list[int]], captured: CaptureResult, *, compact: bool,
+                 prefixes: list[list[int]] | None = None, max_steps: int | None = None) -> list[list[int]]: ...
+
+
+@dataclass
+class Backend:
+    """How a rollout runs the policy and reaches the other ranks."""
+
+    decode: Decode
+    prefill: Callable[[list[list[int]]], None]  # one forward over the prompts, under the capture hooks
+    gather: Callable[[list], list]  # every rank's list, concatenated in rank order (`lambda x: x` on one rank)
+    rank: int = 0
+    world: int = 1
+
+
+@dataclass
+class RolloutSettings:
+    """What this round does (the adapter decides from the config, the generation config and the engine's health)."""
+
+    eos_token_ids: Sequence[int]
+    max_completion_length: int
+    compact: bool = False  # finished rows leave the batch
+    rebucket: bool = False  # after a probe of `probe_tokens`, regroup every rank's running rows by predicted length
+    wave_size: int | None = None  # rows per generate call (None: all at once)
+    probe_tokens: int = 32
+    partition_method: str = "best"
+
+
+@dataclass
+class RolloutStats:
+    """What a round did, for the online update and the ledger."""
+
+    waves: list[Wave] = field(default_factory=list)
+    lengths: dict[int, int] = field(default_factory=dict)  # final length of every row id in `waves`
+    own_ids: list[int] = field(default_factory=list)  # this rank's row ids, in the prompts' order
+    rows_moved_in: int = 0
+    reprefill_tokens: int = 0
+    prefill_seconds: float = 0.0  # prompt-length prediction before the waves
+    seconds: float = 0.0
+
+    def ledger(self, completions: list[list[int]]) -> GenerationLedger:
+        """This rank's ledger of the round (`completions`: its own rows)."""
+        lengths = [len(c) for c in completions]
+        return GenerationLedger(
+            decode_slots=sum(w.capture.slots for w in self.waves),
+            decode_slots_stock=padded_tokens(lengths, [range(len(lengths))]),
+            decode_steps=sum(w.capture.forwards for w in self.waves), decode_steps_stock=max(lengths, default=0),
+            real_tokens=sum(lengths), seconds=self.seconds,
+            hook_seconds=sum(w.capture.seconds for w in self.waves) + self.prefill_seconds,
+            reprefill_tokens=self.reprefill_tokens, rows_moved_in=self.rows_moved_in,
+        )
+
+
+def run_rollout(prompts: list[list[int]], backend: Backend, engine: LenBalanceEngine,
+                settings: RolloutSettings) -> tuple[list[list[int]], RolloutStats]:
+    """Decode one completion per prompt (this rank's rows) in waves; with `settings.rebucket`, the waves stop after
+    a probe and every rank's running rows are regrouped and continued. Completions come back in `prompts`' order."""
+    start = time.perf_counter()
+    offset = backend.rank * len(prompts)  # row ids are unique across ranks
+    stats = RolloutStats(own_ids=[offset + i for i in range(len(prompts))])
+    completions: list[list[int]] = [[] for _ in prompts]
+    running: list[dict] = []
+    probe = settings.probe_tokens + 1 if settings.rebucket else None  # decode steps before regrouping
+    for rows in _plan_waves(prompts, backend, engine, settings.wave_size, stats):
+        wave_prompts = [prompts[i] for i in rows]
+        with engine.capture.capture(wave_prompts) as captured:
+            ids = backend.decode(wave_prompts, captured, compact=settings.compact, max_steps=probe)
+        stats.waves.append(Wave([offset + i for i in rows], captured))
+        for row, completion in zip(rows, ids, strict=True):
+            completions[row] = completion
+        if settings.rebucket:
+            running += _running_rows([offset + i for i in rows], wave_prompts, ids, captured, engine, settings)
+    stats.lengths = {offset + row: len(c) for row, c in enumerate(completions)}
+    if settings.rebucket:
+        for row, completion in _continue(running, len(prompts), backend, engine, settings, stats).items():
+            stats.lengths[row] = len(completion)
+            if 0 <= row - offset < len(prompts):
+                completions[row - offset] = completion
+    stats.seconds = time.perf_counter() - start
+    return completions, stats
+
+
+def _plan_waves(prompts: list[list[int]], backend: Backend, engine: LenBalanceEngine, wave_size: int | None,
+                stats: RolloutStats) -> list[list[int]]:
+    """Rows of each generate call: all at once (stock), or waves longest-predicted first (stock order while the
+    head is untrained or unhealthy)."""
+    rows = list(range(len(prompts)))
+    if wave_size is None or wave_size >= len(rows):
+        return [rows]
+    if not engine.healthy or engine.rounds == 0:
+        return [rows[i : i + wave_size] for i in range(0, len(rows), wave_size)]
+    start = time.perf_counter()
+    predicted = _predict_prompt_lengths(prompts, backend, engine)
+    stats.prefill_seconds = time.perf_counter() - start
+    return waves_by_length(predicted, wave_size)
+
+
+def _predict_prompt_lengths(prompts: list[list[int]], backend: Backend, engine: LenBalanceEngine) -> list[float]:
+    """EGTP prompt-only length of each row, from one prefill over the distinct prompts."""
+    distinct = [list(p) for p in dict.fromkeys(tuple(p) for p in prompts)]
+    with engine.capture.capture(distinct) as captured:
+        backend.prefill(distinct)
+    by_prompt = dict(zip(map(tuple, distinct), captured.predicted_total(0).tolist(), strict=True))
+    return [by_prompt[tuple(p)] for p in prompts]
+
+
+def _running_rows(ids: list[int], prompts: list[list[int]], completions: list[list[int]], captured: CaptureResult,
+                  engine: LenBalanceEngine, settings: RolloutSettings) -> list[dict]:
+    """The rows a probe left running, each with what any wave on any rank needs to continue it."""
+    running = [j for j, c in enumerate(completions)
+               if c[-1] not in settings.eos_token_ids and len(c) < settings.max_completion_length]
+    if not running:
+        return []
+    position = {row: p for p, row in enumerate(captured.rows.tolist())}
+    state = captured.state.rows([position[j] for j in running])
+    remaining = engine.predict_remaining(state)
+    if not torch.isfinite(remaining).all():
+        warnings.warn("rl-lenbalance: the length head predicted non-finite lengths; those rows are re-bucketed as if "
+                      "they had the maximum length left.")
+        longest = float(settings.max_completion_length)
+        remaining = remaining.nan_to_num(longest, posinf=longest)
+    return [dict(id=ids[j], prompt=prompts[j], prefix=completions[j], state=state.rows([n]),
+                 remaining=float(remaining[n])) for n, j in enumerate(running)]
+
+
+def _continue(running: list[dict], batch_size: int, backend: Backend, engine: LenBalanceEngine,
+              settings: RolloutSettings, stats: RolloutStats) -> dict[int, list[int]]:
+    """Regroup every rank's running rows into waves by predicted remaining length, dealt to ranks; decode them to
+    the end (their waves join `stats.waves`); return every continued row's completion (all ranks'), by row id."""
+    everyone = backend.gather(running) if backend.world > 1 else running
+    origin = [row["id"] // batch_size for row in everyone]
+    plan = rebucket([row["remaining"] for row in everyone], origin, backend.world, settings.wave_size or batch_size,
+                    settings.compact, settings.partition_method)
+    mine = plan[backend.rank]
+    done: dict[int, list[int]] = {}
+    for wave in mine:
+        group = [everyone[i] for i in wave]
+        prompts = [row["prompt"] for row in group]
+        resume = StreamState.cat([row["state"] for row in group], engine.capture.device)
+        with engine.capture.capture(prompts, resume=resume) as captured:
+            ids = backend.decode(prompts, captured, compact=settings.compact, prefixes=[row["prefix"] for row in group])
+        stats.waves.append(Wave([row["id"] for row in group], captured))
+        done.update({row["id"]: completion for row, completion in zip(group, ids, strict=True)})
+    stats.reprefill_tokens = sum(len(everyone[i]["prompt"]) + len(everyone[i]["prefix"]) for w in mine for i in w)
+    stats.rows_moved_in = sum(origin[i] != backend.rank for w in mine for i in w)
+    if backend.world == 1:
+        return done
+    return {row: completion for part in backend.gather([done]) for row, completion in part.items()}
