@@ -8,9 +8,9 @@ Memory stays O(1) per sequence in the generated length (at most `record_every` p
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from collections.abc import Callable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +18,7 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from .config import LenBalanceConfig
+from .generation import left_pad
 from .predictor import StreamingPool, plp_features, pool_tokens, token_entropy
 from .timing import DeviceTimer
 
@@ -190,6 +191,48 @@ class GenerationCapture:
             _follow_compaction(state, result)
             _fold(state)
             result.state = StreamState(state["prompt"], state["pool"], result.steps)
+
+    @torch.no_grad()
+    def replay(self, prompts: list[list[int]], completions: list[list[int]],
+               forward: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]) -> CaptureResult:
+        """The features the hooks would have recorded, and the step-0 predictions, had the policy generated
+        `completions` itself: one teacher-forced `forward(input_ids, attention_mask, position_ids)` per chunk of
+        rows over the left-padded prompt followed by the right-padded completion. Generated token j is the input
+        at position P + j - 1 of every row, as in the decode step that streamed it. For backends whose own passes
+        cannot be hooked (continuous batching, vLLM)."""
+        width = max((len(c) for c in completions), default=0)
+        recorded: dict[int, list[torch.Tensor]] = {step: [] for step in sorted(self.record_at) if step < width}
+        predicted: list[torch.Tensor] = []
+        for start in range(0, len(prompts), ENTROPY_CHUNK_ROWS):
+            rows = range(start, min(start + ENTROPY_CHUNK_ROWS, len(prompts)))
+            input_ids, mask, positions = left_pad([prompts[r] for r in rows], 0, self.device)
+            width_p = input_ids.size(1)
+            generated = torch.zeros(len(rows), width, dtype=torch.long, device=self.device)
+            generated_mask = torch.zeros_like(generated)
+            for k, r in enumerate(rows):
+                generated[k, : len(completions[r])] = torch.tensor(completions[r], device=self.device)
+                generated_mask[k, : len(completions[r])] = 1
+            full_mask = torch.cat([mask, generated_mask], 1)
+            full_positions = torch.cat([positions, positions[:, -1:] + generated_mask.cumsum(1)], 1)
+            with outputs_of({"norm": self.norm, "feature": self.feature_module}) as seen:
+                forward(torch.cat([input_ids, generated], 1), full_mask, full_positions)
+            hidden, feature = seen["norm"], seen["feature"]
+            entropy = token_entropy(F.linear(hidden, self.lm_head.weight, self.lm_head.bias))
+            prompt = pool_tokens(feature[:, :width_p], entropy[:, :width_p], mask.bool(), self.config.pooling)
+            pool, seen_steps = StreamingPool(len(rows), feature.size(-1), device=feature.device), 0
+            for step in recorded:
+                if step > seen_steps:
+                    pool.extend(feature[:, width_p + seen_steps : width_p + step],
+                                entropy[:, width_p + seen_steps : width_p + step])
+                    seen_steps = step
+                z = plp_features(prompt, pool if step else None, step, self.max_length)
+                recorded[step].append(z.to(torch.float16))
+                if step == 0:
+                    predicted.append(self.predict(z))
+        result = CaptureResult(recorded={step: torch.cat(z) for step, z in recorded.items()})
+        if predicted:
+            result.prediction_steps, result.predictions = [0], [torch.cat(predicted)]
+        return result
 
     def _prefill(self, state: dict, prompts: list[list[int]], result: CaptureResult) -> None:
         """Pool each distinct prompt once (a GRPO group repeats its prompt G times) and start the streams."""

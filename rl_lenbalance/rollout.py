@@ -19,8 +19,9 @@ import torch
 
 from .capture import CaptureResult, StreamState
 from .engine import LenBalanceEngine, Wave
+from .generation import left_pad
 from .ledger import GenerationLedger
-from .schedule import padded_tokens, rebucket, waves_by_length
+from .schedule import admission_order, balance_rows, padded_tokens, rebucket, waves_by_length
 
 
 class Decode(Protocol):
@@ -34,15 +35,20 @@ class Decode(Protocol):
                  prefixes: list[list[int]] | None = None, max_steps: int | None = None) -> list[list[int]]: ...
 
 
+Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]  # (input_ids, attention_mask, position_ids)
+Submit = Callable[[list[list[int]]], tuple[list[list[int]], list | None]]  # prompts -> completions, logprobs
+
+
 @dataclass
 class Backend:
     """How a rollout runs the policy and reaches the other ranks."""
 
     decode: Decode
-    prefill: Callable[[list[list[int]]], None]  # one forward over the prompts, under the capture hooks
+    forward: Forward  # one no-grad forward of the policy, read by the live hooks (prompt prefill, replay)
     gather: Callable[[list], list]  # every rank's list, concatenated in rank order (`lambda x: x` on one rank)
     rank: int = 0
     world: int = 1
+    submit: Submit | None = None  # a backend that schedules requests itself (continuous batching, vLLM)
 
 
 @dataclass
@@ -56,6 +62,9 @@ class RolloutSettings:
     wave_size: int | None = None  # rows per generate call (None: all at once)
     probe_tokens: int = 32
     partition_method: str = "best"
+    admit_by_prediction: bool = False  # `run_admitted`: order (and balance) requests by predicted length
+    group_size: int = 1  # `run_admitted`: rows submitted and moved together (a backend generating a group at once)
+    balance_ranks: bool = False  # `run_admitted`: deal rows to ranks by predicted work before generating
 
 
 @dataclass
@@ -67,16 +76,18 @@ class RolloutStats:
     own_ids: list[int] = field(default_factory=list)  # this rank's row ids, in the prompts' order
     rows_moved_in: int = 0
     reprefill_tokens: int = 0
-    prefill_seconds: float = 0.0  # prompt-length prediction before the waves
+    prefill_seconds: float = 0.0  # prompt-length prediction before the waves, and replayed features
+    admitted: list[int] = field(default_factory=list)  # `run_admitted`: lengths of the rows generated here
     seconds: float = 0.0
 
     def ledger(self, completions: list[list[int]]) -> GenerationLedger:
         """This rank's ledger of the round (`completions`: its own rows)."""
         lengths = [len(c) for c in completions]
         return GenerationLedger(
-            decode_slots=sum(w.capture.slots for w in self.waves),
-            decode_slots_stock=padded_tokens(lengths, [range(len(lengths))]),
-            decode_steps=sum(w.capture.forwards for w in self.waves), decode_steps_stock=max(lengths, default=0),
+            decode_slots=sum(w.capture.slots for w in self.waves) + sum(self.admitted),  # a scheduler pads nothing
+            decode_slots_stock=sum(lengths) if self.admitted else padded_tokens(lengths, [range(len(lengths))]),
+            decode_steps=sum(w.capture.forwards for w in self.waves) + max(self.admitted, default=0),
+            decode_steps_stock=max(lengths, default=0),
             real_tokens=sum(lengths), seconds=self.seconds,
             hook_seconds=sum(w.capture.seconds for w in self.waves) + self.prefill_seconds,
             reprefill_tokens=self.reprefill_tokens, rows_moved_in=self.rows_moved_in,
@@ -112,6 +123,44 @@ def run_rollout(prompts: list[list[int]], backend: Backend, engine: LenBalanceEn
     return completions, stats
 
 
+def run_admitted(prompts: list[list[int]], backend: Backend, engine: LenBalanceEngine, settings: RolloutSettings
+                 ) -> tuple[list[list[int]], list | None, RolloutStats]:
+    """One round through a backend that schedules requests itself (`backend.submit`): with
+    `settings.admit_by_prediction`, predict each prompt's length (one prefill over the distinct prompts), deal rows
+    to ranks by predicted work (`balance_ranks`) and submit each rank's rows longest first; completions and the
+    backend's logprobs come back to the rows they belong to. The head learns from features replayed by one forward
+    over prompt + completion (`GenerationCapture.replay`), since the backend's own passes cannot be hooked."""
+    start = time.perf_counter()
+    offset = backend.rank * len(prompts)
+    stats = RolloutStats(own_ids=[offset + i for i in range(len(prompts))])
+    rows = [(offset + i, prompt) for i, prompt in enumerate(prompts)]
+    order = list(range(len(rows)))
+    if settings.admit_by_prediction:
+        predicted = _predict_prompt_lengths(prompts, backend, engine)
+        if settings.balance_ranks and backend.world > 1:
+            everyone = backend.gather([(row, prompt, p) for (row, prompt), p in zip(rows, predicted, strict=True)])
+            plan = balance_rows([p for _, _, p in everyone], backend.world, settings.group_size,
+                                settings.partition_method)
+            rows, predicted = [everyone[i][:2] for i in plan[backend.rank]], [everyone[i][2] for i in plan[backend.rank]]
+            stats.rows_moved_in = sum(row // len(prompts) != backend.rank for row, _ in rows)
+        order = admission_order(predicted, settings.group_size)
+        stats.prefill_seconds = time.perf_counter() - start
+    submitted = [rows[i] for i in order]
+    ids, logprobs = backend.submit([prompt for _, prompt in submitted])
+    stats.admitted = [len(c) for c in ids]
+    done = {row: (c, None if logprobs is None else logprobs[n]) for n, ((row, _), c) in enumerate(zip(submitted, ids))}
+    if settings.balance_ranks and backend.world > 1:
+        done = {row: out for part in backend.gather([done]) for row, out in part.items()}
+    completions = [done[row][0] for row in stats.own_ids]
+    own_logprobs = None if logprobs is None else [done[row][1] for row in stats.own_ids]
+    replay_start = time.perf_counter()
+    stats.waves = [Wave(stats.own_ids, engine.capture.replay(prompts, completions, backend.forward))]
+    stats.prefill_seconds += time.perf_counter() - replay_start
+    stats.lengths = {row: len(c) for row, c in zip(stats.own_ids, completions, strict=True)}
+    stats.seconds = time.perf_counter() - start
+    return completions, own_logprobs, stats
+
+
 def _plan_waves(prompts: list[list[int]], backend: Backend, engine: LenBalanceEngine, wave_size: int | None,
                 stats: RolloutStats) -> list[list[int]]:
     """Rows of each generate call: all at once (stock), or waves longest-predicted first (stock order while the
@@ -131,7 +180,7 @@ def _predict_prompt_lengths(prompts: list[list[int]], backend: Backend, engine: 
     """EGTP prompt-only length of each row, from one prefill over the distinct prompts."""
     distinct = [list(p) for p in dict.fromkeys(tuple(p) for p in prompts)]
     with engine.capture.capture(distinct) as captured:
-        backend.prefill(distinct)
+        backend.forward(*left_pad(distinct, 0, engine.capture.device))  # pad id: masked, any will do
     by_prompt = dict(zip(map(tuple, distinct), captured.predicted_total(0).tolist(), strict=True))
     return [by_prompt[tuple(p)] for p in prompts]
 

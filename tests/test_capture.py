@@ -176,3 +176,37 @@ def test_a_row_split_over_two_waves_yields_the_training_pairs_of_one(model_and_t
     assert split == whole and len(whole) == 3 + 3
     assert all(y in (60 - step, 20 - step) and y > 0 for step, y in whole)  # z encodes the step it was taken at
     assert out["y0"].tolist() == [60, 20, -1] and out["y32"].tolist() == [-1, -1, 28]
+
+
+@pytest.mark.parametrize("feature_layer", [-1, 1])
+def test_replayed_features_equal_what_the_generation_hooks_record(eos_tiny_model_dir, feature_layer):
+    """Backends whose passes cannot be hooked (continuous batching, vLLM) learn from one teacher-forced forward."""
+    from transformers import GenerationConfig
+
+    from rl_lenbalance.generation import compacted_generate
+
+    model = AutoModelForCausalLM.from_pretrained(eos_tiny_model_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(eos_tiny_model_dir)
+    config = LenBalanceConfig(record_every=4, feature_layer=feature_layer, pooling="egtp")
+    head = PLPHead(HeadConfig(model.config.hidden_size, max_length=24, feature_layer=feature_layer))
+    capture = GenerationCapture(model, head.predict, config, max_length=24)
+    prompts = [tokenizer(t)["input_ids"] for t in ["Hi", "Tell me a long story please", "2+2?", "Why not?"]]
+    generation = GenerationConfig(max_new_tokens=24, do_sample=True, eos_token_id=tokenizer.eos_token_id,
+                                  pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    with capture.capture(prompts) as hooked:
+        completions = compacted_generate(model, prompts, generation, tokenizer.pad_token_id,
+                                         min_finished=len(prompts) + 1)
+    assert len({len(c) for c in completions}) > 1  # rows of different lengths: padding is in play
+
+    def forward(input_ids, attention_mask, position_ids):
+        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=1)
+
+    replayed = capture.replay(prompts, completions, forward)
+    torch.testing.assert_close(replayed.predictions[0], hooked.predictions[0], rtol=1e-3, atol=1e-2)
+    compared = 0
+    for step, z in replayed.recorded.items():
+        rows = [r for r, c in enumerate(completions) if step < len(c)]  # a training pair exists only there
+        torch.testing.assert_close(z[rows].float(), hooked.recorded[step][rows].float(), rtol=2e-3, atol=2e-3)
+        compared += len(rows)
+    assert compared > len(prompts)  # several steps of several rows

@@ -1,8 +1,9 @@
 """TRL adapter: GRPOTrainer and RLOOTrainer (they share the generation and `_prepare_inputs` structure).
 
 Each override changes one stock method in one place and delegates the work to the framework-free parts:
-- `_generate_single_turn`: `rollout.run_rollout` over TRL's own generation (bound once in `_backend`), then the
-  engine's online update and the generation ledger;
+- `_generate_single_turn`: `rollout.run_rollout` over TRL's own generation (bound once in `_backend`), or
+  `rollout.run_admitted` around TRL's continuous batching / vLLM call, then the engine's online update and the
+  generation ledger;
 - `_prepare_inputs`: inside each optimizer step (its rows still chosen by stock's shuffle), TRL's equal split becomes
   `schedule.plan_training`'s length-sorted micro-batches dealt to ranks, all-pad columns trimmed;
 - `compute_loss`: a per-row-mean loss is weighted by its micro-batch's share of rows, so the update is stock's;
@@ -25,10 +26,10 @@ from trl.models import unwrap_model_for_generation
 
 from ..capture import CaptureResult
 from ..config import ROW_MEAN_LOSSES, LenBalanceConfig
-from ..engine import LenBalanceEngine
-from ..generation import compacted_generate, left_pad, unsupported_options
+from ..engine import LenBalanceEngine, private_rng
+from ..generation import compacted_generate, unsupported_options
 from ..ledger import RunTotals, TrainingLedger, gather_ledgers, round_metrics, training_metrics
-from ..rollout import Backend, RolloutSettings, run_rollout
+from ..rollout import Backend, RolloutSettings, run_admitted, run_rollout
 from ..schedule import TrainingPlan, optimizer_steps, plan_training, take_rows, trim_padding
 from .callback import EngineCallback
 
@@ -85,14 +86,17 @@ class LenBalanceMixin:
         if stock:
             self._warn_once(*stock)
             return super()._generate_single_turn(prompt_ids, images, multimodal_fields, *args, **kwargs)
-        engine, device = self.lenbalance, self.accelerator.device
-        completions, stats = run_rollout(prompt_ids, self._backend(args, kwargs), engine, self._rollout_settings())
+        engine, device, backend = self.lenbalance, self.accelerator.device, self._backend(args, kwargs)
+        if self.use_vllm or self.use_transformers_continuous_batching:  # the backend schedules requests itself
+            completions, logprobs, stats = run_admitted(prompt_ids, backend, engine, self._admission(len(prompt_ids)))
+        else:
+            (completions, stats), logprobs = run_rollout(prompt_ids, backend, engine, self._rollout_settings()), None
         metrics, self.lenbalance_last_lengths = engine.learn_round(stats.waves, stats.lengths, stats.own_ids,
                                                                    self._gather_rows)
         ranks = gather_ledgers(stats.ledger(completions), self.accelerator.gather, device)
         self.lenbalance_totals.add_generation(ranks, metrics["predictor/train_s"])
         self._log_lenbalance(metrics | round_metrics(ranks, metrics))
-        return (completions, None) if isinstance(self, GRPOTrainer) else completions
+        return (completions, logprobs) if isinstance(self, GRPOTrainer) else completions
 
     def _rollout_settings(self) -> RolloutSettings:
         """This round's rollout as the config asks, less what the generation config or the head's health rule out."""
@@ -103,6 +107,20 @@ class LenBalanceMixin:
             rebucket=config.rebucket and engine.healthy and engine.rounds > 0 and not self._loop_blocked("rebucket"),
             wave_size=config.generation_wave_size, probe_tokens=config.probe_tokens,
             partition_method=config.partition_method,
+        )
+
+    def _admission(self, rows: int) -> RolloutSettings:
+        """Admission for continuous batching and vLLM. vLLM's server generates a whole group from one request (its
+        rows must stay together, and it serves every rank at once: nothing to balance); a tensor-parallel vLLM
+        group generates its ranks' rows together, so only rows can be reordered there."""
+        config, engine = self.lenbalance_config, self.lenbalance
+        server = self.use_vllm and getattr(self.vllm_generation, "mode", None) == "server"
+        group = self.num_generations if server or rows % self.num_generations == 0 else 1
+        return RolloutSettings(
+            eos_token_ids=self.eos_token_ids, max_completion_length=self.max_completion_length,
+            partition_method=config.partition_method, group_size=group,
+            admit_by_prediction=engine.healthy and engine.rounds > 0 and rows % group == 0,
+            balance_ranks=config.balance_ranks and not server and getattr(self, "vllm_tensor_parallel_size", 1) == 1,
         )
 
     def _backend(self, stock_args: tuple, stock_kwargs: dict) -> Backend:
@@ -118,13 +136,16 @@ class LenBalanceMixin:
                                           on_compact=captured.compact, min_finished=1 if compact else len(prompts) + 1,
                                           prefixes=prefixes, max_steps=max_steps)
 
-        def prefill(prompts: list[list[int]]) -> None:
-            input_ids, attention_mask, position_ids = left_pad(prompts, self._tokenizer.pad_token_id,
-                                                               self.accelerator.device)
-            with self._generation_model() as model:
+        def forward(input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> None:
+            with self._generation_model() as model, private_rng(self.args.seed + self.state.global_step):
                 model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=1)
 
-        return Backend(decode, prefill, gather_object, self.accelerator.process_index, self.accelerator.num_processes)
+        def submit(prompts: list[list[int]]) -> tuple[list[list[int]], list | None]:
+            out = super(LenBalanceMixin, self)._generate_single_turn(prompts, None, {}, *stock_args, **stock_kwargs)
+            return out if isinstance(out, tuple) else (out, None)  # GRPO: (ids, logprobs); RLOO: ids
+
+        return Backend(decode, forward, gather_object, self.accelerator.process_index, self.accelerator.num_processes,
+                       submit)
 
     @contextmanager
     def _generation_model(self) -> Iterator[torch.nn.Module]:
@@ -147,9 +168,9 @@ class LenBalanceMixin:
 
     def _stock_generation_note(self, images, multimodal_fields) -> tuple[str, str] | None:
         """(key, one-time note) when this generation must run as stock TRL, unpredicted; None when it is captured."""
-        if self.use_vllm or self.use_transformers_continuous_batching or images is not None or multimodal_fields:
-            return "backend", ("rl-lenbalance captures hidden states only on the plain transformers `generate` path "
-                               "(text-only); this generation ran as stock TRL, unpredicted.")
+        if images is not None or multimodal_fields:
+            return "multimodal", ("rl-lenbalance predicts text-only generation; this generation (with images) ran "
+                                  "as stock TRL, unpredicted (training-side balancing still applies).")
         if (self.generation_config.num_beams or 1) > 1:  # the capture streams one row per prompt, not prompts × beams
             return "beams", ("rl-lenbalance does not capture beam search (num_beams > 1); generation runs as stock "
                              "TRL, unpredicted (training-side balancing still applies).")

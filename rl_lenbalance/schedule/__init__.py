@@ -5,8 +5,9 @@ A new partitioning policy is one function `(costs, num_parts, equal_size) -> par
 becomes a valid `lenbalance.partition_method`.
 """
 
+from .admission import admission_order, balance_rows
 from .batch import take_rows, trim_padding
-from .batching import padded_tokens, waves_by_length
+from .waves import padded_tokens, waves_by_length
 from .exchange import TrainingPlan, optimizer_steps, plan_training
 from .partition import PARTITIONERS, best_partition, imbalance, karmarkar_karp, lpt_partition
 from .plan import padded_cost, plan_microbatches
@@ -15,6 +16,8 @@ from .rebucket import rebucket, wave_cost
 __all__ = [
     "PARTITIONERS",
     "TrainingPlan",
+    "admission_order",
+    "balance_rows",
     "best_partition",
     "imbalance",
     "karmarkar_karp",

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from scipy.optimize import linear_sum_assignment
 
-from .batching import waves_by_length
+from .waves import waves_by_length
 from .partition import PARTITIONERS
 
 RankWaves = list[list[list[int]]]  # rank -> wave -> row indices
@@ -52,7 +52,7 @@ def rebucket(
         waves = waves_of(list(range(len(remaining))))
         parts = PARTITIONERS[method]([wave_cost(remaining, w, False) for w in waves], num_ranks, equal_size=False)
         moved = [[waves[w] for w in part] for part in parts]
-    moved = _closest_ranks(moved, origin)
+    moved = closest_ranks(moved, origin)
 
     def score(plan: RankWaves) -> tuple[float, float]:
         per_rank = [sum(wave_cost(remaining, wave, compacted) for wave in rank) for rank in plan]
@@ -61,8 +61,8 @@ def rebucket(
     return min([in_place, moved], key=score)
 
 
-def _closest_ranks(parts: RankWaves, origin: Sequence[int]) -> RankWaves:
-    """Hand the parts to ranks so that the most rows stay where they were probed (an optimal assignment)."""
+def closest_ranks(parts: RankWaves, origin: Sequence[int]) -> RankWaves:
+    """Hand the parts (one per rank) to ranks so that the most rows stay where they were probed (an optimal assignment)."""
     held = [[sum(origin[i] == rank for wave in part for i in wave) for rank in range(len(parts))] for part in parts]
     part_of, rank_of = linear_sum_assignment(held, maximize=True)
     out: RankWaves = [[] for _ in parts]

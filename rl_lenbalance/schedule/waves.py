@@ -1,4 +1,4 @@
-"""Length-sorted generation waves, and the tokens a padded batch computes."""
+"""Generation waves: rows cut longest-first, and the decode slots a padded wave spends."""
 
 from __future__ import annotations
 

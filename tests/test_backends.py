@@ -1,0 +1,145 @@
+"""Backends that schedule requests themselves: vLLM (a stand-in with TRL's interface: vLLM cannot be installed here)
+and transformers continuous batching (real, on CPU). Requests are submitted longest-predicted first, completions come
+back to their rows, the head learns from replayed features, and what is learned is stock's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from trl import GRPOTrainer
+
+from rl_lenbalance import LenBalanceConfig, LenBalanceGRPOTrainer
+from rl_lenbalance.schedule import admission_order, balance_rows
+
+from test_grpo import make_args, make_trainer
+
+
+class StandInVLLM:
+    """What GRPOTrainer calls on its `vllm_generation` (`mode`, `sync_weights`, `generate`), returning replayed
+    completions: a pure function of the prompt, of which copy of it this is in the call, and of the call's index,
+    as vLLM's server (one request per group, `n` completions) or colocate mode (one request per row) would."""
+
+    def __init__(self, mode: str, eos: int) -> None:
+        self.mode, self.eos, self.submitted = mode, eos, []
+
+    def sync_weights(self) -> None:
+        pass
+
+    def generate(self, prompts, images, num_generations, profiler):
+        self.submitted.append([tuple(p) for p in prompts])
+        requests = prompts[::num_generations] if self.mode == "server" else prompts
+        n = num_generations if self.mode == "server" else 1
+        seen: dict[tuple, int] = {}
+        completions = []
+        for prompt in requests:
+            for _ in range(n):
+                k = seen[tuple(prompt)] = seen.get(tuple(prompt), -1) + 1
+                g = torch.Generator().manual_seed(sum(prompt) * 31 + 7919 * k + 104729 * len(self.submitted))
+                length = int(torch.randint(1, 30, (1,), generator=g))
+                completions.append(torch.randint(10, 500, (length,), generator=g).tolist() + [self.eos])
+        logprobs = [[[-0.5] for _ in c] for c in completions]
+        return prompts, completions, logprobs, None
+
+
+def _with_stand_in(trainer, mode: str):
+    trainer.use_vllm, trainer._last_loaded_step = True, -1  # as `use_vllm=True` would set them, without vLLM
+    trainer.vllm_importance_sampling_correction = False
+    trainer.vllm_generation = StandInVLLM(mode, trainer.eos_token_ids[0])
+    return trainer
+
+
+@pytest.mark.parametrize("mode", ["colocate", "server"])
+def test_vllm_requests_go_longest_predicted_first_and_the_update_is_stocks(eos_tiny_model_dir, tmp_path, mode):
+    args = make_args(tmp_path, max_steps=3, per_device_train_batch_size=8, gradient_accumulation_steps=2,
+                     learning_rate=1e-2, optim="sgd", max_grad_norm=0.0)
+    initial = make_trainer(GRPOTrainer, eos_tiny_model_dir, args).model
+    torch.manual_seed(0)
+    stock = _with_stand_in(make_trainer(GRPOTrainer, eos_tiny_model_dir, args), mode)
+    stock.train()
+    torch.manual_seed(0)
+    ours = _with_stand_in(make_trainer(LenBalanceGRPOTrainer, eos_tiny_model_dir, args,
+                                       lenbalance_config=LenBalanceConfig(uneven_microbatches=False)), mode)
+    ours.train()
+
+    submitted = list(zip(stock.vllm_generation.submitted, ours.vllm_generation.submitted, strict=True))
+    assert all(sorted(mine) == sorted(theirs) for theirs, mine in submitted)  # the same requests
+    assert submitted[0][0] == submitted[0][1]  # round 1: the head has seen nothing, stock's order
+    assert any(theirs != mine for theirs, mine in submitted[1:])  # then longest predicted first
+    if mode == "server":  # each group's rows stay together: the server makes a group from one request
+        for _, mine in submitted:
+            assert all(len(set(mine[g : g + args.num_generations])) == 1 for g in range(0, len(mine), 4))
+    moved = max((p - ours.model.get_parameter(n)).abs().max().item() for n, p in initial.named_parameters())
+    assert moved > 1e-3  # training moved the weights; the runs below agree far more closely than that
+    for name, value in stock.model.named_parameters():  # completions came back to their rows: the same update
+        torch.testing.assert_close(ours.model.get_parameter(name), value, rtol=1e-4, atol=2e-5)  # float32 sums
+    logged = [row for row in ours.state.log_history if "lenbalance/predictor/mae_static" in row]
+    assert len(logged) == 3 and ours.lenbalance.trainer.buffer.size > 0  # replayed features trained the head
+    assert all(row["lenbalance/gen/real_tokens"] > 0 for row in logged)
+
+
+def test_a_round_through_a_scheduling_backend_submits_longest_predicted_first(eos_tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rl_lenbalance.engine import LenBalanceEngine
+    from rl_lenbalance.rollout import Backend, RolloutSettings, _predict_prompt_lengths, run_admitted
+
+    model = AutoModelForCausalLM.from_pretrained(eos_tiny_model_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(eos_tiny_model_dir)
+    prompts = [tokenizer(t)["input_ids"] for t in ["Hi", "Tell me a story", "2+2?", "Why?"] for _ in range(2)]
+    stand_in = StandInVLLM("colocate", tokenizer.eos_token_id)
+
+    def forward(input_ids, attention_mask, position_ids):
+        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=1)
+
+    def submit(batch):
+        return stand_in.generate(batch, None, 1, None)[1], None
+
+    backend = Backend(decode=None, forward=forward, gather=lambda items: items, submit=submit)
+    engine = LenBalanceEngine(model, LenBalanceConfig(), max_length=32)
+    with torch.no_grad():
+        predicted = _predict_prompt_lengths(prompts, backend, engine)
+    settings = RolloutSettings([tokenizer.eos_token_id], 32, admit_by_prediction=True)
+    completions, logprobs, stats = run_admitted(prompts, backend, engine, settings)
+    order = admission_order(predicted)
+    assert stand_in.submitted[0] == [tuple(prompts[i]) for i in order] and order != sorted(order)
+    replay = StandInVLLM("colocate", tokenizer.eos_token_id).generate([prompts[i] for i in order], None, 1, None)[1]
+    assert [completions[i] for i in order] == replay  # each completion came back to the row that asked for it
+    assert logprobs is None and stats.lengths == {i: len(c) for i, c in enumerate(completions)}
+    assert sorted(stats.waves[0].capture.recorded) == [0, 8, 16, 24][: len(stats.waves[0].capture.recorded)]
+
+
+def test_admission_orders_blocks_and_balances_equal_shares():
+    assert admission_order([3, 9, 9, 1]) == [1, 2, 0, 3]
+    assert admission_order([3, 3, 9, 9, 1, 1], group_size=2) == [2, 3, 0, 1, 4, 5]
+    with pytest.raises(ValueError, match="whole blocks"):
+        admission_order([1, 2, 3], group_size=2)
+    predicted = [90, 80, 70, 60, 1, 2, 3, 4]  # rank 0 holds every long row
+    plan = balance_rows(predicted, num_ranks=2)
+    assert sorted(len(rows) for rows in plan) == [4, 4] and sorted(sum(plan, [])) == list(range(8))
+    assert max(sum(predicted[i] for i in rows) for rows in plan) < 300  # in place: 300 on rank 0
+    assert balance_rows(predicted, num_ranks=2, group_size=4) == [[0, 1, 2, 3], [4, 5, 6, 7]]  # groups stay whole
+    assert balance_rows([5, 5, 5, 5], num_ranks=2) == [[0, 1], [2, 3]]  # nothing to gain: nothing moves
+
+
+@pytest.mark.slow
+def test_continuous_batching_is_predicted_and_greedy_completions_are_stocks(eos_tiny_model_dir, tmp_path):
+    args = make_args(tmp_path, max_steps=2, use_transformers_continuous_batching=True, temperature=0.0,
+                     max_completion_length=16, per_device_train_batch_size=4, gradient_accumulation_steps=1,
+                     num_generations=4)
+    generated = {}
+    for cls in (GRPOTrainer, LenBalanceGRPOTrainer):
+        trainer = make_trainer(cls, eos_tiny_model_dir, args)
+        original = trainer._generate_and_score_completions
+        rounds = []
+
+        def record(inputs, original=original, rounds=rounds):
+            batch = original(inputs)
+            rounds.append(batch["completion_ids"].tolist())
+            return batch
+
+        trainer._generate_and_score_completions = record
+        trainer.train()
+        generated[cls] = rounds
+    assert generated[GRPOTrainer] == generated[LenBalanceGRPOTrainer]
+    logged = [row for row in trainer.state.log_history if "lenbalance/predictor/mae_static" in row]
+    assert logged and trainer.lenbalance.rounds == 2 and trainer.lenbalance.trainer.buffer.size > 0
