@@ -7,6 +7,8 @@
 # step, up to 512 tokens; stock vs the defaults, ~5 min; step 3 profiled; SMOLLM2_VARIANTS="stock lenbalance
 # lenbalance_uneven" adds a variant, ~2.5 min more). A third call, `SECTIONS=qwen bash ... run` (nothing carried),
 # runs the compute-bound shape (Qwen2.5-0.5B configuration, random weights, long-tailed lengths up to 2048).
+# Issue 15: `SECTIONS=cb bash ... run` after call 2 (warm machine, model in place): continuous batching with 32
+# request slots for a rank's 256 rows, stock submission order vs longest predicted first, ~6 min.
 # The 30-step NaN soak (SECTIONS=soak: stock and the defaults, ~17 min) needs a session of its own.
 set -u
 export HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false WANDB_MODE=disabled
@@ -39,6 +41,9 @@ run)
       timeout ${QWEN_TIMEOUT:-200} python3 step_time.py --model /tmp/qwen05 --steps 3 --batch 16 --grad-acc 4 \
         --max-length 2048 --variants stock lenbalance --setting compute_bound_qwen2.5-0.5b_random \
         --out $OUT/step_time_qwen0.5b_random_$card.json >> $OUT/log.txt 2>&1;;
+    cb) timeout ${CB_TIMEOUT:-420} python3 step_time.py --steps 6 --batch 32 --grad-acc 8 --max-length 512 \
+        --cb-slots ${CB_SLOTS:-32} --variants stock lenbalance --setting issue15_continuous_batching_32_slots \
+        --out $OUT/step_time_cb_smollm2_$card.json >> $OUT/log.txt 2>&1;;
     soak) timeout ${SOAK_TIMEOUT:-590} python3 step_time.py --steps 30 --batch 32 --grad-acc 8 --max-length 512 \
         --variants stock lenbalance --setting nan_soak_smollm2_bf16 --out $OUT/soak_smollm2_$card.json \
         >> $OUT/log.txt 2>&1;;

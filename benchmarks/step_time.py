@@ -91,6 +91,9 @@ def main() -> None:
     parser.add_argument("--learning-rate", type=float, default=1e-6)
     parser.add_argument("--variants", nargs="+", default=["stock", "lenbalance", "lenbalance_uneven",
                                                            "lenbalance_generation_only"], choices=list(VARIANTS))
+    parser.add_argument("--cb-slots", type=int, default=0,
+                        help="Generate with transformers continuous batching, at most this many requests at once "
+                        "(fewer than the rank's rows: admission order matters). 0: plain generate.")
     parser.add_argument("--setting", default=None, help="A name for the setting, recorded in the output.")
     parser.add_argument("--profile-step", type=int, default=0,
                         help="Profile this optimizer step of every variant (torch.profiler) into OUT.profile_VARIANT.txt.")
@@ -104,12 +107,14 @@ def main() -> None:
         torch.manual_seed(0)
         model, tokenizer = load_model(source, dtype=torch.bfloat16 if cuda else torch.float32)
         config = GRPOConfig(
-            output_dir=tempfile.mkdtemp(prefix="rl_lenbalance_bench_"), use_cpu=not cuda, bf16=cuda,
+            output_dir=tempfile.mkdtemp(prefix="rl_lenbalance_bench_"), use_cpu=not cuda,
+            bf16=cuda and not args.cb_slots,  # amp's fp32 output wrapper breaks TRL's continuous batching (bf16 weights)
             max_steps=args.steps, seed=0, per_device_train_batch_size=args.batch,
             gradient_accumulation_steps=args.grad_acc, num_generations=args.generations,
             max_completion_length=args.max_length, temperature=1.0, top_k=0, beta=0.0, loss_type="dapo",
             learning_rate=args.learning_rate, report_to="none", save_strategy="no", logging_steps=1,
-            disable_tqdm=True,
+            disable_tqdm=True, use_transformers_continuous_batching=args.cb_slots > 0,
+            transformers_continuous_batching_config={"max_requests_per_batch": args.cb_slots} if args.cb_slots else None,
         )
         kwargs = dict(model=model, processing_class=tokenizer, reward_funcs=REWARD_FUNCS, args=config,
                       train_dataset=dataset)
@@ -125,7 +130,7 @@ def main() -> None:
     print_comparison(results)
     trainer_settings = {k: v for k, v in vars(args).items() if k not in ("out", "variants")}
     for result in results:
-        result["trainer_settings"] = trainer_settings | {"device": "cuda" if cuda else "cpu", "bf16": cuda}
+        result["trainer_settings"] = trainer_settings | {"device": "cuda" if cuda else "cpu", "bf16": cuda and not args.cb_slots}
         print(json.dumps({k: v for k, v in result.items() if not k.endswith("_per_step")}), flush=True)
     save_report(args.out, results)
 

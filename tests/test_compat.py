@@ -196,24 +196,33 @@ def test_moe_router_aux_loss_is_refused_clearly_and_exact_without_it(family_mode
     assert_same_update(stock, ours)
 
 
-def test_vllm_continuous_batching_and_images_generate_as_stock_with_a_note(tiny_model_dir, tmp_path, monkeypatch):
-    """Neither vLLM (not installed here) nor continuous batching (empty completions on CPU) runs offline: check that
-    such generations (and multimodal ones) reach stock's `_generate_single_turn` with every argument, with one note."""
+def test_vllm_and_continuous_batching_are_admitted_and_images_generate_as_stock_with_a_note(tiny_model_dir, tmp_path,
+                                                                                            monkeypatch):
+    """vLLM and continuous batching reach stock's `_generate_single_turn` with every argument (through
+    `run_admitted`, which learns from the completions); multimodal generations run as stock with one note."""
     calls = []
-    monkeypatch.setattr(GRPOTrainer, "_generate_single_turn", lambda self, *a, **k: calls.append((a, k)) or ([], None))
+
+    def stock(self, *args, **kwargs):
+        calls.append((args, kwargs))
+        return [[7, 8, self.eos_token_ids[0]] for _ in args[0]], None
+
+    monkeypatch.setattr(GRPOTrainer, "_generate_single_turn", stock)
     trainer = LenBalanceGRPOTrainer(
         model=AutoModelForCausalLM.from_pretrained(tiny_model_dir), reward_funcs=reward,
         processing_class=AutoTokenizer.from_pretrained(tiny_model_dir, padding_side="left"),
         args=GRPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", per_device_train_batch_size=4,
                         num_generations=4, max_completion_length=8),
         train_dataset=Dataset.from_list([{"prompt": "Hi"}] * 4))
+    for attribute in ("use_vllm", "use_transformers_continuous_batching"):
+        setattr(trainer, attribute, True)
+        ids, logprobs = trainer._generate_single_turn([[1, 2]], None, {}, 4, has_tool_images=False)
+        assert calls[-1] == (([[1, 2]], None, {}, 4), {"has_tool_images": False})
+        assert ids == [[7, 8, trainer.eos_token_ids[0]]] and logprobs is None
+        setattr(trainer, attribute, False)
+    assert trainer.lenbalance.rounds == 2  # each round's completions reached the predictor
     with pytest.warns(UserWarning, match="ran as stock TRL") as record:
-        for attribute, images in (("use_vllm", None), ("use_transformers_continuous_batching", None), (None, [["x"]])):
-            if attribute:
-                setattr(trainer, attribute, True)
-            trainer._generate_single_turn([[1, 2]], images, {}, 4, has_tool_images=False)
-            assert calls[-1] == (([[1, 2]], images, {}, 4), {"has_tool_images": False})
-            if attribute:
-                setattr(trainer, attribute, False)
+        for _ in range(2):
+            trainer._generate_single_turn([[1, 2]], [["x"]], {}, 4, has_tool_images=False)
+            assert calls[-1] == (([[1, 2]], [["x"]], {}, 4), {"has_tool_images": False})
     assert sum("rl-lenbalance" in str(w.message) for w in record) == 1  # once per run
-    assert len(calls) == 3 and trainer.lenbalance.rounds == 0
+    assert len(calls) == 4 and trainer.lenbalance.rounds == 2
