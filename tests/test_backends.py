@@ -42,7 +42,7 @@ class StandInVLLM:
 
 
 def _with_stand_in(trainer, mode: str):
-    trainer.use_vllm, trainer._last_loaded_step = True, -1  # as `use_vllm=True` would set them, without vLLM
+    trainer.use_vllm, trainer.vllm_mode, trainer._last_loaded_step = True, mode, -1  # as `use_vllm=True` sets them
     trainer.vllm_importance_sampling_correction = False
     trainer.vllm_generation = StandInVLLM(mode, trainer.eos_token_ids[0])
     return trainer

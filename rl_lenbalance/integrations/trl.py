@@ -114,7 +114,7 @@ class LenBalanceMixin:
         rows must stay together, and it serves every rank at once: nothing to balance); a tensor-parallel vLLM
         group generates its ranks' rows together, so only rows can be reordered there."""
         config, engine = self.lenbalance_config, self.lenbalance
-        server = self.use_vllm and getattr(self.vllm_generation, "mode", None) == "server"
+        server = self.use_vllm and self.vllm_mode == "server"
         group = self.num_generations if server or rows % self.num_generations == 0 else 1
         return RolloutSettings(
             eos_token_ids=self.eos_token_ids, max_completion_length=self.max_completion_length,
