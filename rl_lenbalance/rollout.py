@@ -135,9 +135,10 @@ def run_admitted(prompts: list[list[int]], backend: Backend, engine: LenBalanceE
     stats = RolloutStats(own_ids=[offset + i for i in range(len(prompts))])
     rows = [(offset + i, prompt) for i, prompt in enumerate(prompts)]
     order = list(range(len(rows)))
+    balanced = settings.admit_by_prediction and settings.balance_ranks and backend.world > 1  # rows may move
     if settings.admit_by_prediction:
         predicted = _predict_prompt_lengths(prompts, backend, engine)
-        if settings.balance_ranks and backend.world > 1:
+        if balanced:
             everyone = backend.gather([(row, prompt, p) for (row, prompt), p in zip(rows, predicted, strict=True)])
             plan = balance_rows([p for _, _, p in everyone], backend.world, settings.group_size,
                                 settings.partition_method)
@@ -149,7 +150,7 @@ def run_admitted(prompts: list[list[int]], backend: Backend, engine: LenBalanceE
     ids, logprobs = backend.submit([prompt for _, prompt in submitted])
     stats.admitted = [len(c) for c in ids]
     done = {row: (c, None if logprobs is None else logprobs[n]) for n, ((row, _), c) in enumerate(zip(submitted, ids))}
-    if settings.balance_ranks and backend.world > 1:
+    if balanced:
         done = {row: out for part in backend.gather([done]) for row, out in part.items()}
     completions = [done[row][0] for row in stats.own_ids]
     own_logprobs = None if logprobs is None else [done[row][1] for row in stats.own_ids]
