@@ -242,7 +242,7 @@ def test_a_rollout_in_waves_with_rebucketing_returns_what_one_generate_call_retu
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     from rl_lenbalance.engine import LenBalanceEngine
-    from rl_lenbalance.generation import compacted_generate, left_pad
+    from rl_lenbalance.generation import compacted_generate
     from rl_lenbalance.rollout import Backend, RolloutSettings, run_rollout
 
     model = AutoModelForCausalLM.from_pretrained(eos_tiny_model_dir, dtype=torch.float32).eval()
@@ -256,14 +256,13 @@ def test_a_rollout_in_waves_with_rebucketing_returns_what_one_generate_call_retu
                                   min_finished=1 if compact else len(batch) + 1, prefixes=prefixes,
                                   max_steps=max_steps)
 
-    def prefill(batch):
-        ids, mask, positions = left_pad(batch, tokenizer.pad_token_id)
+    def forward(input_ids, attention_mask, position_ids):
         with torch.no_grad():
-            model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1)
+            model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=1)
 
     expected = compacted_generate(model, prompts, generation, tokenizer.pad_token_id, min_finished=len(prompts) + 1)
     engine = LenBalanceEngine(model, LenBalanceConfig(), max_length=24)
-    backend = Backend(decode, prefill, gather=lambda items: items)
+    backend = Backend(decode, forward, gather=lambda items: items)
     for round_ in range(2):  # round 0: stock-order waves; round 1: predicted-length waves, probe, re-bucketing
         settings = RolloutSettings([tokenizer.eos_token_id], 24, compact=True, rebucket=round_ > 0, wave_size=3,
                                    probe_tokens=4)
