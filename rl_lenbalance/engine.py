@@ -225,9 +225,10 @@ class LenBalanceEngine:
                 "baseline": list(self.baseline.lengths), "rounds": self.rounds, "fallbacks": self.fallbacks,
                 "rounds_worse_than_naive": self.rounds_worse_than_naive, "healthy": self.healthy}
 
-    def load_state_dict(self, state: dict) -> None:
-        """Restore `state_dict()` into an engine whose head already holds the saved weights. A head holding NaN/inf
-        is re-initialised, and an optimizer state holding NaN/inf dropped, each with a warning."""
+    def load_state_dict(self, state: dict, optimizer: bool = True) -> None:
+        """Restore `state_dict()` into an engine whose head already holds the saved weights (without `optimizer`,
+        the head was not restored: its optimizer state is left fresh). A head holding NaN/inf is re-initialised,
+        and an optimizer state holding NaN/inf dropped, each with a warning."""
         if not self.head_is_finite():
             warnings.warn("rl-lenbalance: the restored length predictor holds non-finite values (NaN/inf) in its "
                           "weights or bin values; re-initialising the head (its optimizer state is dropped).")
@@ -235,7 +236,7 @@ class LenBalanceEngine:
         elif not all(torch.isfinite(t).all() for s in state["optimizer"]["state"].values() for t in s.values()):
             warnings.warn("rl-lenbalance: the restored predictor optimizer state holds non-finite values (NaN/inf); "
                           "the head keeps its weights and its optimizer starts fresh.")
-        else:
+        elif optimizer:
             self.trainer.optimizer.load_state_dict(state["optimizer"])
         self.trainer.buffer.load_state_dict(state["buffer"])
         self.trainer.generator.set_state(state["generator"])
@@ -260,14 +261,31 @@ class LenBalanceEngine:
             shutil.rmtree(tmp, ignore_errors=True)
 
     def load(self, directory: str | os.PathLike) -> None:
-        """Restore what `save` wrote. An incomplete folder restores nothing and says so; a head saved with another
-        contract is refused (`check_head`); non-finite weights are re-initialised (`load_state_dict`)."""
+        """Restore what `save` wrote, keeping whatever is readable. An incomplete folder restores nothing; a file that
+        cannot be read (a disk or copy fault) is skipped with a warning naming it and what starts fresh; a head saved
+        with another contract is refused (`check_head`); non-finite weights are re-initialised (`load_state_dict`)."""
         missing = [name for name in (CONFIG_NAME, WEIGHTS_NAME, STATE_NAME) if not os.path.isfile(Path(directory, name))]
         if missing:
             warnings.warn(f"rl-lenbalance: {directory} is incomplete (no {', '.join(missing)}; an interrupted save?): "
                           "the length predictor starts fresh.")
             return
-        head = PLPHead.from_pretrained(directory)
-        check_head(head.config, self.config, self.head.config.hidden_size, self.max_length, str(directory))
-        self.head.load_state_dict(head.state_dict())
-        self.load_state_dict(torch.load(Path(directory, STATE_NAME), map_location="cpu", weights_only=True))
+        head = _read(directory, f"{CONFIG_NAME} / {WEIGHTS_NAME}", PLPHead.from_pretrained,
+                     "the head's weights start fresh (its optimizer state too)")
+        if head is not None:
+            check_head(head.config, self.config, self.head.config.hidden_size, self.max_length, str(directory))
+            self.head.load_state_dict(head.state_dict())
+        state = _read(Path(directory, STATE_NAME), STATE_NAME,
+                      lambda path: torch.load(path, map_location="cpu", weights_only=True),
+                      "the head's optimizer, replay buffer, naive baseline and health counters start fresh"
+                      + (" (the head keeps its saved weights)" if head is not None else ""))
+        if state is not None:
+            self.load_state_dict(state, optimizer=head is not None)
+
+
+def _read(path: str | os.PathLike, what: str, reader: Callable, lost: str):
+    """`reader(path)`, or None with a warning when the saved file(s) cannot be read (truncated, corrupt)."""
+    try:
+        return reader(path)
+    except Exception as error:  # noqa: BLE001 - any unreadable file: resume without it rather than not at all
+        warnings.warn(f"rl-lenbalance: cannot read {what} in {path} ({type(error).__name__}: {error}); {lost}.")
+        return None

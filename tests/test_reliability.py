@@ -213,6 +213,50 @@ def test_checkpoint_folders_are_written_whole_and_checked_when_read(lenbalance_t
     assert engine.trainer.buffer.size == len(pairs["y"])
 
 
+def _truncate(path: Path) -> None:
+    """Cut a file to half its size, as a disk or copy fault leaves it."""
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def test_a_corrupt_engine_state_resumes_with_the_saved_head_and_the_rest_fresh(lenbalance_trainer, eos_tiny_model_dir,
+                                                                                tmp_path):
+    engine = lenbalance_trainer.lenbalance
+    pairs = random_pairs(feature_size(engine.head.config.hidden_size))
+    engine.learn(pairs, pairs["y0"])
+    checkpoint = tmp_path / "checkpoint-1"
+    engine.save(checkpoint / "lenbalance")
+    saved = {k: v.clone() for k, v in engine.head.state_dict().items()}
+    _truncate(checkpoint / "lenbalance" / "engine_state.pt")
+    resumed = make_trainer(LenBalanceGRPOTrainer, eos_tiny_model_dir, lenbalance_trainer.args)
+    callback = next(c for c in resumed.callback_handler.callbacks if isinstance(c, LenBalanceCallback))
+    resumed.lenbalance_resume_from = str(checkpoint)
+    with pytest.warns(UserWarning, match=r"cannot read engine_state.pt in .*checkpoint-1/lenbalance/engine_state.pt "
+                                         r".*replay buffer.* start fresh \(the head keeps its saved weights\)"):
+        callback.on_train_begin(resumed.args, SimpleNamespace(global_step=1), None)
+    assert_same(resumed.lenbalance.head.state_dict(), saved)  # what survived is kept
+    assert resumed.lenbalance.rounds == 0 and resumed.lenbalance.trainer.buffer.size == 0  # the rest starts fresh
+
+
+@pytest.mark.parametrize("damage", ["weights", "config"])
+def test_a_corrupt_head_is_started_fresh_and_the_engine_state_kept(engine, tmp_path, damage):
+    pairs = random_pairs(feature_size(engine.head.config.hidden_size))
+    engine.learn(pairs, pairs["y0"])
+    folder = tmp_path / "lenbalance"
+    engine.save(folder)
+    if damage == "weights":
+        _truncate(folder / "predictor.safetensors")
+    else:
+        (folder / "predictor_config.json").write_text('{"hidden_size": 16,')  # does not parse
+    fresh = copy.deepcopy(engine)
+    fresh._reinitialise()
+    fresh.rounds = 0
+    with pytest.warns(UserWarning, match=r"cannot read predictor_config.json / predictor.safetensors .*the head's "
+                                         r"weights start fresh"):
+        fresh.load(folder)
+    assert fresh.rounds == 1 and fresh.trainer.buffer.size == len(pairs["y"])  # the readable state is restored
+    assert not torch.equal(fresh.head.net[0].weight, engine.head.net[0].weight)  # the head did not survive
+
+
 def test_resuming_from_a_checkpoint_without_lenbalance_warns(lenbalance_trainer):
     callback = next(c for c in lenbalance_trainer.callback_handler.callbacks if isinstance(c, LenBalanceCallback))
     lenbalance_trainer.lenbalance_resume_from = "/somewhere/checkpoint-4"
@@ -302,3 +346,18 @@ report_to: none
     assert restored["step"] == 1 and summary["steps"] == 2
     assert_same(state, restored["state"])
     assert_same(head, restored["head"])
+
+
+def test_a_class_level_wrapper_of_a_stock_method_does_not_recurse_through_the_callback(eos_tiny_model_dir, tmp_path):
+    """TRL's own `test_prepare_input_called_with_correct_data` wraps `GRPOTrainer.training_step` with a call back
+    into the trainer; with the callback's in-place class swap, `super()` reaches that wrapper, which re-enters the
+    override: the stock method must run then (no RecursionError), once per micro-step, with the generation batch."""
+    from unittest.mock import patch
+
+    trainer = make_trainer(GRPOTrainer, eos_tiny_model_dir, make_args(tmp_path, max_steps=1))
+    trainer.add_callback(LenBalanceCallback(trainer))
+    with patch.object(GRPOTrainer, "training_step", wraps=trainer.training_step) as wrapped:
+        trainer.train()
+    assert wrapped.call_count == trainer.args.gradient_accumulation_steps
+    assert all(isinstance(call.args[1], list) for call in wrapped.call_args_list)  # the raw generation batch
+    assert trainer.lenbalance_totals.loss_phase_s > 0  # the override ran too (it times the loss phase)

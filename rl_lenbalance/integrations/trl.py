@@ -12,6 +12,7 @@ Each override changes one stock method in one place and delegates the work to th
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import warnings
@@ -34,11 +35,40 @@ from ..schedule import TrainingPlan, optimizer_steps, plan_training, take_rows, 
 from .callback import EngineCallback
 
 
+def _stock_when_reentered(method):
+    """Run the stock method when the override is re-entered on the same trainer. A script may wrap the stock method
+    at class level with a call back into the trainer (`patch.object(GRPOTrainer, "training_step",
+    wraps=trainer.training_step)`, as TRL's own tests do); `super()` then reaches the wrapper, which calls this
+    override again, and would recurse forever."""
+    name = method.__name__
+
+    @functools.wraps(method)
+    def guarded(self, *args, **kwargs):
+        active = self.__dict__.setdefault("_lenbalance_active", set())
+        if name in active:
+            return type(self)._lenbalance_stock[name](self, *args, **kwargs)
+        active.add(name)
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            active.discard(name)
+
+    return guarded
+
+
 class LenBalanceMixin:
     """Mixed in front of a TRL trainer class by `LenBalanceGRPOTrainer` or `wrap_trainer`."""
 
     lenbalance: LenBalanceEngine
     lenbalance_config: LenBalanceConfig
+    _lenbalance_stock: dict  # the TRL trainer's own methods that the mixin overrides, as they were at class creation
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        stock = cls.__mro__[cls.__mro__.index(LenBalanceMixin) + 1:]
+        overridden = [name for name, value in vars(LenBalanceMixin).items() if hasattr(value, "__wrapped__")]
+        cls._lenbalance_stock = {name: getattr(base, name) for base in reversed(stock) for name in overridden
+                                 if name in vars(base)}
 
     def _lenbalance_setup(self, config: LenBalanceConfig | None) -> None:
         self.lenbalance_config = config = self._resolved(config or LenBalanceConfig())
@@ -65,6 +95,7 @@ class LenBalanceMixin:
         # a micro-batch's loss is a mean over its rows (RLOO has no loss_type: its loss is a mean over sequences)
         self._row_mean_loss = getattr(self, "loss_type", None) in ROW_MEAN_LOSSES or not hasattr(self, "loss_type")
 
+    @_stock_when_reentered
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         """Stock `train`, remembering which checkpoint it resumes (True: the last one in output_dir)."""
         if resume_from_checkpoint is True:  # none found: stock raises its own error for True
@@ -79,6 +110,7 @@ class LenBalanceMixin:
 
     # --- generation -------------------------------------------------------------------------------------------
 
+    @_stock_when_reentered
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, *args, **kwargs):
         """Stock: one `generate` over the rank's rows. Here: the rollout (the same call(s) under capture hooks, maybe
         in waves and re-bucketed), then the predictor's online update; completions in stock's order."""
@@ -179,6 +211,7 @@ class LenBalanceMixin:
                                   "run as stock TRL, unpredicted (training-side balancing still applies).")
         return None
 
+    @_stock_when_reentered
     def _tool_call_loop(self, *args, **kwargs):
         """Stock (GRPO's tools and environments); marks the turns it generates so that they run as stock."""
         self._lenbalance_tool_turn = True
@@ -198,6 +231,7 @@ class LenBalanceMixin:
 
     # --- training-side balancing ------------------------------------------------------------------------------
 
+    @_stock_when_reentered
     def _prepare_inputs(self, generation_batch):
         """Stock: shuffle rows randomly, split into equal chunks. Here: the same rows per optimizer step (stock's
         shuffle decides them), cut into length-sorted micro-batches dealt to ranks by padded cost (rows move between
@@ -269,6 +303,7 @@ class LenBalanceMixin:
                             "(generation is still captured and predicted).")
         return spg % ga == 0
 
+    @_stock_when_reentered
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Stock, with a per-row-mean loss weighted by its micro-batch's rows over stock's (uneven micro-batches)."""
         loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -276,6 +311,7 @@ class LenBalanceMixin:
             loss = loss * (len(inputs["advantages"]) / self.args.per_device_train_batch_size)
         return loss
 
+    @_stock_when_reentered
     def training_step(self, model, inputs, num_items_in_batch=None):
         """Stock; the seconds it spends outside generation are the loss phase's (in the run totals)."""
         totals = self.lenbalance_totals
@@ -284,6 +320,7 @@ class LenBalanceMixin:
         totals.loss_phase_s += time.perf_counter() - start - (totals.generation_phase_s - generated)
         return loss
 
+    @_stock_when_reentered
     def _generate_and_score_completions(self, inputs):
         """Stock, timed: generation, rewards and advantages, as a user's step sees them (in the run totals)."""
         start = time.perf_counter()
@@ -293,6 +330,7 @@ class LenBalanceMixin:
 
     # --- logging ------------------------------------------------------------------------------------------------
 
+    @_stock_when_reentered
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Stock, plus the count of logged optimizer steps whose `grad_norm` was not finite (a divergence alarm)."""
         if "grad_norm" in logs:
