@@ -144,6 +144,9 @@ class LenBalanceConfig:
                 f"lenbalance.partition_method={self.partition_method!r} is not valid; use one of "
                 f"{', '.join(PARTITIONERS)}."
             )
+        if self.feature_layer < -1:
+            raise ValueError(f"lenbalance.feature_layer={self.feature_layer} is not valid: use -1 (the final hidden "
+                             "state) or a decoder layer index 0, 1, ... (counted from the first layer).")
         if self.predict_every < 0:
             raise ValueError(f"lenbalance.predict_every must be >= 0 (0: only at step 0), got {self.predict_every}.")
         for name in ("num_bins", "probe_tokens", "record_every", "samples_per_sequence",

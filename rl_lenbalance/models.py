@@ -147,7 +147,8 @@ def _hub_offline() -> bool:
         return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
 
 
-def _resolve(name_or_path: str | os.PathLike | None, cache_dir) -> tuple[str, bool]:
+def resolve_model(name_or_path: str | os.PathLike | None,
+                  cache_dir: str | os.PathLike | None = None) -> tuple[str, bool]:
     """(what to pass to from_pretrained, whether it is a local folder)."""
     if name_or_path is None or str(name_or_path) == EMBEDDED_MODEL:
         return str(embedded_model_dir(cache_dir)), True
@@ -178,7 +179,7 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    source, local = _resolve(name_or_path, cache_dir)
+    source, local = resolve_model(name_or_path, cache_dir)
     dtype = _as_dtype(dtype)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, padding_side="left")

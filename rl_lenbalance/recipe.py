@@ -181,6 +181,51 @@ def _read(path: str | Path) -> dict:
     return values
 
 
+def _check_training(training) -> None:
+    """Trainer values that stock TRL or transformers would refuse only after the model has loaded (or, for
+    `max_steps=0`, not at all: it runs one step at learning rate 0)."""
+    rules = (
+        ("max_completion_length", training.max_completion_length >= 1, ">= 1 (the tokens each completion may have)"),
+        ("per_device_train_batch_size", training.per_device_train_batch_size >= 1, ">= 1"),
+        ("gradient_accumulation_steps", training.gradient_accumulation_steps >= 1, ">= 1"),
+        ("temperature", training.temperature > 0, "> 0 (TRL divides the logits by it; 1.0 samples the model as is)"),
+        ("max_steps", training.max_steps != 0 and training.max_steps >= -1,
+         ">= 1, or -1 to train num_train_epochs epochs (0 would train nothing)"),
+    )
+    for name, valid, expected in rules:
+        if not valid:
+            raise RecipeError(f"{name}={getattr(training, name)!r} is not valid: use {expected}.")
+
+
+def preflight(recipe: Recipe) -> None:
+    """Check what needs only the model's config and the saved predictor's JSON, before any weights load: the model
+    path, `lenbalance.feature_layer` against the model's layers, and `lenbalance.predictor_path`'s head against
+    this run (the same `check_head` the engine applies)."""
+    from transformers import AutoConfig
+
+    from .engine import check_head
+    from .models import resolve_model
+    from .predictor import read_head_config
+
+    name, lenbalance = recipe.model.name_or_path, recipe.lenbalance
+    try:
+        source, _ = resolve_model(name)
+        text = AutoConfig.from_pretrained(source).get_text_config()
+    except (OSError, ValueError) as error:
+        raise RecipeError(f"model.name_or_path={name!r} cannot be loaded: {error}") from error
+    layers = getattr(text, "num_hidden_layers", None)
+    if layers is not None and lenbalance.feature_layer >= layers:
+        raise RecipeError(f"lenbalance.feature_layer={lenbalance.feature_layer}, but {name!r} has {layers} decoder "
+                          f"layers: use 0..{layers - 1}, or -1 for the final hidden state.")
+    if lenbalance.predictor_path:
+        try:
+            head = read_head_config(lenbalance.predictor_path)
+            check_head(head, lenbalance, text.hidden_size, recipe.training.max_completion_length,
+                       lenbalance.predictor_path)
+        except (OSError, ValueError, TypeError) as error:
+            raise RecipeError(f"lenbalance.predictor_path: {error}") from error
+
+
 def load_recipe(path: str | Path, overrides: dict | None = None) -> Recipe:
     """Read a recipe YAML (with `overrides` merged into its top level) into validated dataclasses."""
     from trl import GRPOConfig
@@ -194,6 +239,7 @@ def load_recipe(path: str | Path, overrides: dict | None = None) -> Recipe:
     lenbalance = _parse("lenbalance", "lenbalance.", LenBalanceConfig, values.pop("lenbalance", None) or {})
     resume = _checked("resume_from_checkpoint", bool | str | None, values.pop("resume_from_checkpoint", None))
     training = _parse("top-level (GRPOConfig)", "", GRPOConfig, values, extra=SECTIONS)
+    _check_training(training)
     try:
         lenbalance.check_trainer_args(training)  # settings that contradict the trainer's fail here, before any loading
     except ValueError as error:

@@ -13,19 +13,25 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import yaml
+
 from . import ledger
-from .recipe import Recipe, RecipeError, load_recipe, parse_yaml
+from .recipe import Recipe, RecipeError, load_recipe, parse_yaml, preflight
 
 
 def build_trainer(recipe: Recipe, trainer_class: type | None = None):
-    """Model, task and trainer as the recipe says: `LenBalanceGRPOTrainer` by default; `trainer_class` may be any
+    """Model, task and trainer as the recipe says (`recipe.preflight` first: settings that need only the model's
+    config fail before its weights load): `LenBalanceGRPOTrainer` by default; `trainer_class` may be any
     GRPOTrainer subclass (stock TRL's for a comparison), which gets `lenbalance_config` only if it takes one."""
     from .integrations import LenBalanceGRPOTrainer, LenBalanceMixin
     from .models import load_model
     from .tasks import REWARD_FUNCS, arithmetic_dataset
 
+    preflight(recipe)
     trainer_class = trainer_class or LenBalanceGRPOTrainer
     model, tokenizer = load_model(recipe.model.name_or_path, dtype=recipe.model.dtype)
     dataset = arithmetic_dataset(recipe.task.num_prompts, recipe.task.seed)
@@ -60,15 +66,35 @@ def run(recipe_path: str, overrides: dict | None = None) -> dict[str, float]:
     os.environ.setdefault("WANDB_DIR", recipe.training.output_dir)
     _check_writable(recipe.training.output_dir)
     checkpoint = resume_checkpoint(recipe)
-    trainer = build_trainer(recipe)
-    start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=checkpoint)
+    with warnings_on_their_own_line():
+        trainer = build_trainer(recipe)
+        start = time.perf_counter()
+        trainer.train(resume_from_checkpoint=checkpoint)
     summary = summarize(trainer, time.perf_counter() - start)
     _finish_wandb()
     if trainer.accelerator.is_main_process:
         print_summary(summary)
         Path(recipe.training.output_dir, "lenbalance_summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+@contextmanager
+def warnings_on_their_own_line() -> Iterator[None]:
+    """Print warnings through tqdm, which clears the progress bar first: a warning gets a line of its own instead
+    of landing at the end of the bar's line, where it is easy to miss."""
+    from tqdm.auto import tqdm
+
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        text = warnings.formatwarning(message, category, filename, lineno, line)
+        tqdm.write(text.rstrip("\n"), file=file or sys.stderr)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
 
 
 def _check_writable(output_dir: str) -> None:
@@ -137,7 +163,11 @@ def parse_overrides(items: list[str]) -> dict:
         target = overrides
         for section in sections:
             target = target.setdefault(section, {})
-        target[name] = parse_yaml(value)
+        try:
+            target[name] = parse_yaml(value)
+        except yaml.YAMLError as error:
+            raise RecipeError(f"--set {item!r}: the value is not valid YAML ({error.problem or error}); quote it or "
+                              "close its brackets, e.g. report_to=[wandb] or run_name='a: b'.") from error
     return overrides
 
 

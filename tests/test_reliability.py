@@ -3,6 +3,7 @@ values type-checked before anything loads, and the messages of first-run mistake
 
 import copy
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -63,6 +64,11 @@ def no_model_loading(monkeypatch):
         (["loss_type=bnp"], r"loss_type='bnp' is not a TRL loss type. Did you mean 'bnpo'"),
         (["task.num_prompts=0"], r"task.num_prompts=0 is fewer than one generation batch needs"),
         (["lenbalance.rebucket=true", "max_completion_length=2"], r"raise max_completion_length to at least 3"),
+        (["max_completion_length=0"], r"max_completion_length=0 is not valid: use >= 1"),
+        (["per_device_train_batch_size=0"], r"per_device_train_batch_size=0 is not valid: use >= 1"),
+        (["temperature=0"], r"temperature=0(\.0)? is not valid: use > 0"),
+        (["max_steps=0"], r"max_steps=0 is not valid: use >= 1, or -1 to train num_train_epochs epochs"),
+        (["lenbalance.feature_layer=-2"], r"lenbalance.feature_layer=-2 is not valid: use -1 .* or a decoder layer"),
     ],
 )
 def test_bad_recipe_values_are_refused_naming_key_value_and_type(sets, match):
@@ -97,6 +103,46 @@ def test_the_cli_reports_recipe_errors_without_a_traceback_or_loading_anything(c
         cli_main(["train", str(QUICKSTART), "--set", "max_steps=abc"])
     assert exit_info.value.code == 2
     assert "rl-lenbalance: error: max_steps='abc' is not valid: expected an integer." in capsys.readouterr().err
+
+
+def test_a_set_value_that_is_not_yaml_is_a_clear_error():
+    with pytest.raises(RecipeError, match=r"--set 'report_to=\[wandb': the value is not valid YAML.*close its brackets"):
+        parse_overrides(["report_to=[wandb"])
+
+
+@pytest.fixture
+def no_weights_loading(monkeypatch):
+    """Fail the test if the run gets as far as loading the model's weights (reading its config is allowed)."""
+    from rl_lenbalance import models
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model's weights were loaded before the error was found")
+
+    monkeypatch.setattr(models, "load_model", refuse)
+
+
+def _cli_error(capsys, sets: list[str]) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["train", str(QUICKSTART), "--set", *sets])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err, err
+    (line,) = [line for line in err.splitlines() if line.startswith("rl-lenbalance: error:")]
+    return line
+
+
+def test_model_dependent_settings_fail_in_one_line_before_the_weights_load(capsys, tmp_path, no_weights_loading,
+                                                                          embedded_dir):
+    PLPHead(HeadConfig(576, 32)).save_pretrained(tmp_path / "checkpoint-3" / "lenbalance")  # max_length 32
+    out = f"output_dir={tmp_path / 'out'}"
+    cases = {
+        "lenbalance.feature_layer=99": r"feature_layer=99, but .* has 30 decoder layers: use 0..29, or -1",
+        f"lenbalance.predictor_path={tmp_path / 'checkpoint-3'}": r"predictor_path: .*point it at .*checkpoint-3/lenb",
+        f"lenbalance.predictor_path={tmp_path / 'checkpoint-3' / 'lenbalance'}":
+            r"trained with max_length=32; this run has max_length=\d+. Fix: set max_completion_length to the head's",
+        f"model.name_or_path={tmp_path / 'no-such-model'}": r"model.name_or_path=.*no-such-model' cannot be loaded",
+    }
+    for setting, match in cases.items():
+        assert re.search(match, _cli_error(capsys, [out, setting])), setting
 
 
 def test_a_read_only_output_dir_fails_before_the_model_loads(tmp_path, no_model_loading):
@@ -361,3 +407,18 @@ def test_a_class_level_wrapper_of_a_stock_method_does_not_recurse_through_the_ca
     assert wrapped.call_count == trainer.args.gradient_accumulation_steps
     assert all(isinstance(call.args[1], list) for call in wrapped.call_args_list)  # the raw generation batch
     assert trainer.lenbalance_totals.loss_phase_s > 0  # the override ran too (it times the loss phase)
+
+
+def test_the_cli_prints_warnings_on_a_line_of_their_own(capsys):
+    """A warning raised while a progress bar is drawn starts a line of its own, not the end of the bar's line."""
+    from tqdm.auto import tqdm
+
+    with train_module.warnings_on_their_own_line(), warnings.catch_warnings():
+        warnings.simplefilter("always")
+        bar = tqdm(total=4, desc="training", file=sys.stderr)
+        bar.update(1)
+        warnings.warn("steps_per_generation=3 is not a multiple of gradient_accumulation_steps=2")
+        bar.close()
+    lines = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    shown = [line for line in lines if "steps_per_generation=3" in line]  # the message, and its source line
+    assert shown and all("training" not in line and "%|" not in line for line in shown), lines  # no bar beside it

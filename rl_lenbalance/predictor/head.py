@@ -134,13 +134,19 @@ class PLPHead(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> "PLPHead":
         """Load a head saved by `save_pretrained` (`engine.check_head` checks it against a run's settings)."""
-        directory = Path(directory)
-        if not (directory / CONFIG_NAME).is_file():
-            inside = directory / "lenbalance"  # a trainer checkpoint keeps its predictor in this subfolder
-            hint = (f" It looks like a trainer checkpoint: point it at {inside} instead."
-                    if (inside / CONFIG_NAME).is_file()
-                    else " Point it at a folder written by `PLPHead.save_pretrained` (e.g. checkpoint-N/lenbalance).")
-            raise FileNotFoundError(f"No saved predictor in {directory} (no {CONFIG_NAME}).{hint}")
-        head = cls(HeadConfig(**json.loads((directory / CONFIG_NAME).read_text())))
-        head.load_state_dict(load_file(directory / WEIGHTS_NAME))
+        head = cls(read_head_config(directory))
+        head.load_state_dict(load_file(Path(directory) / WEIGHTS_NAME))
         return head
+
+
+def read_head_config(directory: str | Path) -> HeadConfig:
+    """The `HeadConfig` of a head saved in `directory` (only its JSON is read: cheap enough to check a run's
+    settings before any model loads)."""
+    directory = Path(directory)
+    if not (directory / CONFIG_NAME).is_file():
+        inside = directory / "lenbalance"  # a trainer checkpoint keeps its predictor in this subfolder
+        hint = (f" It looks like a trainer checkpoint: point it at {inside} instead."
+                if (inside / CONFIG_NAME).is_file()
+                else " Point it at a folder written by `PLPHead.save_pretrained` (e.g. checkpoint-N/lenbalance).")
+        raise FileNotFoundError(f"No saved predictor in {directory} (no {CONFIG_NAME}).{hint}")
+    return HeadConfig(**json.loads((directory / CONFIG_NAME).read_text()))
