@@ -8,16 +8,13 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from .predictor import POOLING_METHODS
-from .schedule import PARTITIONERS
+from .schedule import PARTITIONERS, STRATEGIES
 
-EXACT_LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "sapo", "cispo", "luspo", "vespo")  # row-mean or globally normalised
-ROW_MEAN_LOSSES = ("grpo", "dr_grpo", "sapo", "luspo")  # a micro-batch's loss is a mean over its rows
 AUTO = "auto"
 # What `auto` means on each device type: the choice measured fastest there that keeps stock's completions.
 AUTO_CHOICES = {
     "compaction": {"cpu": True, "cuda": False},  # a finished row costs compute on a CPU, ~nothing on a GPU;
     # with sampling it is off everywhere: a smaller batch draws other random numbers (same distribution, other tokens)
-    "uneven_microbatches": {"cpu": False, "cuda": False},  # not yet measured faster than equal micro-batches
 }
 TRL_LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo")  # TRL 1.16's loss_type values
 
@@ -71,22 +68,35 @@ class LenBalanceConfig:
     balance_training: bool = field(
         default=True,
         metadata={
-            "help": "Replace TRL's random shuffle with length-sorted micro-batches and trim all-pad columns "
-            "(exact: same loss and gradients)."
+            "help": "Let rl-lenbalance plan the loss phase's micro-batches (`training_plan`); False: TRL's own "
+            "`_prepare_inputs`, untouched."
         },
+    )
+    training_plan: str = field(
+        default=AUTO,
+        metadata={
+            "help": "How each optimizer step's rows become micro-batches: 'auto' (measure every strategy that is exact "
+            "under the trainer's settings on the run's own steps, keep the fastest, never one slower than stock's) "
+            f"or one of {', '.join(STRATEGIES)} (see `rl_lenbalance.schedule.STRATEGIES`). A strategy that is not "
+            "exact under the trainer's settings falls back to 'stock_trimmed' with a one-time note."
+        },
+    )
+    autotune_samples: int = field(
+        default=3, metadata={"help": "'auto': timed passes of each candidate strategy before the first choice."}
+    )
+    autotune_every: int = field(
+        default=20,
+        metadata={"help": "'auto': after the first choice, every this many passes over a generation batch one other "
+                          "candidate runs once, so a drift in lengths can change the choice (0: never re-check)."},
+    )
+    autotune_margin: float = field(
+        default=0.03,
+        metadata={"help": "'auto': a strategy replaces stock only if it is faster by more than this fraction (and by "
+                          "more than the measured noise)."},
     )
     balance_ranks: bool = field(
         default=True,
         metadata={"help": "Move rows between data-parallel ranks so each rank gets an equal share of tokens."},
-    )
-    uneven_microbatches: bool | str = field(
-        default=AUTO,
-        metadata={
-            "help": "Let a rank's micro-batches hold different numbers of rows (long rows in small ones, short rows "
-            "in large ones, none padded beyond stock's largest); row-mean losses are reweighted so the update is "
-            "stock's. False: equal rows per micro-batch, as stock. 'auto': the choice measured fastest on the "
-            "trainer's device (today False everywhere: uneven micro-batches have not yet won a measurement)."
-        },
     )
     partition_method: str = field(
         default="best",
@@ -157,6 +167,12 @@ class LenBalanceConfig:
             raise ValueError(f"lenbalance.num_bins must be >= 2, got {self.num_bins}.")
         if not 0.0 <= self.ce_weight <= 1.0:
             raise ValueError(f"lenbalance.ce_weight (λ) must lie in [0, 1], got {self.ce_weight}.")
+        if self.training_plan != AUTO and self.training_plan not in STRATEGIES:
+            raise ValueError(f"lenbalance.training_plan={self.training_plan!r} is not valid; use 'auto' or one of "
+                             f"{', '.join(STRATEGIES)}.")
+        if self.autotune_samples < 1 or self.autotune_every < 0 or self.autotune_margin < 0:
+            raise ValueError("lenbalance.autotune_samples must be >= 1, autotune_every >= 0 and autotune_margin >= 0, "
+                             f"got {self.autotune_samples}, {self.autotune_every} and {self.autotune_margin}.")
         for name in AUTO_CHOICES:
             if getattr(self, name) not in (True, False, AUTO):
                 raise ValueError(f"lenbalance.{name}={getattr(self, name)!r} is not valid; use true, false or 'auto'.")
@@ -194,19 +210,3 @@ class LenBalanceConfig:
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise ValueError(f"loss_type={loss_type!r} is not a TRL loss type.{hint} Use one of "
                              f"{', '.join(TRL_LOSS_TYPES)}.")
-        if not self.balance_training:
-            return
-        if loss_type is not None and loss_type not in EXACT_LOSS_TYPES:
-            raise ValueError(
-                f"loss_type={loss_type!r} normalises by each micro-batch's own token count, so regrouping rows would "
-                f"change what is learned. Use loss_type='dapo' (the same objective, normalised globally), or set "
-                "lenbalance.balance_training=False."
-            )
-        per_microbatch = [
-            name for name, off in (("top_entropy_quantile", 1.0), ("entropy_coef", 0.0)) if getattr(args, name, off) != off
-        ] + (["use_adaptive_entropy"] if getattr(args, "use_adaptive_entropy", False) else [])
-        if per_microbatch:
-            raise ValueError(
-                f"{', '.join(per_microbatch)} make TRL compute statistics per micro-batch, so regrouping rows would "
-                "change what is learned; reset them to their defaults or set lenbalance.balance_training=False."
-            )

@@ -62,7 +62,7 @@ def test_vllm_requests_go_longest_predicted_first_and_the_update_is_stocks(eos_t
     initial = build(GRPOTrainer).model
     stock = build(GRPOTrainer)
     stock.train()
-    ours = build(LenBalanceGRPOTrainer, lenbalance_config=LenBalanceConfig(uneven_microbatches=False))
+    ours = build(LenBalanceGRPOTrainer, lenbalance_config=LenBalanceConfig(training_plan="sorted"))
     ours.train()
 
     submitted = list(zip(stock.vllm_generation.submitted, ours.vllm_generation.submitted, strict=True))

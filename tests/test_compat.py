@@ -184,15 +184,18 @@ def test_exact_losses_match_stock_on_and_off_policy(eos_tiny_model_dir, tmp_path
     assert_same_update(stock, ours)
 
 
-def test_moe_router_aux_loss_is_refused_clearly_and_exact_without_it(family_model_dir, tmp_path):
+def test_moe_router_aux_loss_trains_stock_micro_batches_and_is_exact(family_model_dir, tmp_path):
     """Qwen3-MoE declares router_aux_loss_coef=0.001, so TRL adds each micro-batch's load-balancing loss: regrouping
-    rows changes it. With router_aux_loss_coef=0 the balanced update is stock's."""
+    rows would change it, so rl-lenbalance keeps stock's micro-batches (padding columns cut) with a note, where it
+    once refused. With router_aux_loss_coef=0 rows are regrouped. Both updates are stock's."""
     model_dir, run = family_model_dir("qwen3_moe"), dict(max_steps=1, model_kwargs={"experts_implementation": "eager"})
-    with pytest.raises(ValueError, match=r"router_aux_loss_coef=0.001.*router_aux_loss_coef=0.0.*balance_training=False"):
-        train(LenBalanceGRPOTrainer, model_dir, tmp_path, **run)
-    train(LenBalanceGRPOTrainer, model_dir, tmp_path, lenbalance=LenBalanceConfig(balance_training=False), **run)
+    with pytest.warns(UserWarning, match=r"router_aux_loss_coef != 0.*keeps stock's micro-batches"):
+        ours = train(LenBalanceGRPOTrainer, model_dir, tmp_path, **run)
+    assert ours._autotune.candidates == ["stock", "stock_trimmed"]
+    assert_same_update(train(GRPOTrainer, model_dir, tmp_path, **run), ours)
     stock = train(GRPOTrainer, model_dir, tmp_path, router_aux_loss_coef=0.0, **run)
     ours = train(LenBalanceGRPOTrainer, model_dir, tmp_path, router_aux_loss_coef=0.0, **run)
+    assert "sorted" in ours._autotune.candidates
     assert_same_update(stock, ours)
 
 

@@ -210,10 +210,12 @@ def test_auto_settings_resolve_per_device_and_bad_values_are_refused():
     from rl_lenbalance.config import LenBalanceConfig
 
     config = LenBalanceConfig()
-    assert config.compaction == config.uneven_microbatches == "auto"
+    assert config.compaction == config.training_plan == "auto"
     cpu, cuda = config.resolved("cpu", sampling=False), config.resolved("cuda", sampling=False)
-    assert (cpu.compaction, cpu.uneven_microbatches) == (True, False)
-    assert (cuda.compaction, cuda.uneven_microbatches) == (False, False)
+    assert (cpu.compaction, cuda.compaction) == (True, False)
+    assert cpu.training_plan == cuda.training_plan == "auto"  # decided by measurement in the run, not per device
+    with pytest.raises(ValueError, match="lenbalance.training_plan='sortd' is not valid; use 'auto' or one of stock"):
+        LenBalanceConfig(training_plan="sortd")
     assert config.resolved("cpu", sampling=True).compaction is False  # it would change which tokens are drawn
     assert LenBalanceConfig(compaction=False).resolved("cpu").compaction is False  # an explicit choice stays
     with pytest.raises(ValueError, match="lenbalance.compaction='fals'.*true, false or 'auto'"):

@@ -4,10 +4,12 @@ Each override changes one stock method in one place and delegates the work to th
 - `_generate_single_turn`: `rollout.run_rollout` over TRL's own generation (bound once in `_backend`), or
   `rollout.run_admitted` around TRL's continuous batching / vLLM call, then the engine's online update and the
   generation ledger;
-- `_prepare_inputs`: inside each optimizer step (its rows still chosen by stock's shuffle), TRL's equal split becomes
-  `schedule.plan_training`'s length-sorted micro-batches dealt to ranks, all-pad columns trimmed;
+- `_prepare_inputs`: inside each optimizer step (its rows still chosen by stock's shuffle), each pass over the
+  generation batch is cut into micro-batches by one exact strategy of `schedule.STRATEGIES`, which
+  `schedule.Autotuner` picks from the passes' measured seconds;
 - `compute_loss`: a per-row-mean loss is weighted by its micro-batch's share of rows, so the update is stock's;
-- `training_step`, `_generate_and_score_completions`, `log`: stock, timed or counted for the summary.
+- `training_step`: stock, timed (the last micro-step of a pass stops the pass's clock);
+- `_generate_and_score_completions`, `log`: stock, timed or counted for the summary.
 """
 
 from __future__ import annotations
@@ -18,21 +20,39 @@ import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 from accelerate.utils import gather_object, pad_across_processes
+from tqdm.auto import tqdm
 from transformers.trainer_utils import get_last_checkpoint
 from trl import GRPOTrainer, RLOOTrainer
 from trl.models import unwrap_model_for_generation
+from trl.trainer.utils import (shuffle_sequence_dict, split_pixel_values_by_grid, split_tensor_dict,
+                              unsplit_pixel_values_by_grid)
 
 from ..capture import CaptureResult
-from ..config import ROW_MEAN_LOSSES, LenBalanceConfig
+from ..config import AUTO, LenBalanceConfig
 from ..engine import LenBalanceEngine, private_rng
 from ..generation import compacted_generate, unsupported_options
 from ..ledger import RunTotals, TrainingLedger, gather_ledgers, round_metrics, training_metrics
 from ..rollout import Backend, RolloutSettings, run_admitted, run_rollout
-from ..schedule import TrainingPlan, optimizer_steps, plan_training, take_rows, trim_padding
+from ..schedule import (ROW_MEAN_LOSSES, STRATEGIES, Autotuner, Strategy, TrainingPlan, exact_strategies,
+                        optimizer_steps, plan_training, regrouping_blockers, stock_plan, take_rows, trim_padding)
 from .callback import EngineCallback
+
+
+@dataclass
+class LossPass:
+    """A generation batch in the loss phase: its rows, stock's shuffle of them, and the current pass over it (one of
+    `num_iterations`), cut into micro-batches by one strategy and timed from its first micro-step to its last."""
+
+    batch: dict | None  # None: TRL's own micro-batches (multimodal rows), not planned nor timed
+    shuffle: torch.Tensor | None
+    microbatches: list[dict] = field(default_factory=list)
+    strategy: str = ""
+    real_tokens: float = 0.0  # every rank's prompt + completion tokens: the work every strategy does
+    started: float = 0.0
 
 
 def _stock_when_reentered(method):
@@ -73,19 +93,17 @@ class LenBalanceMixin:
     def _lenbalance_setup(self, config: LenBalanceConfig | None) -> None:
         self.lenbalance_config = config = self._resolved(config or LenBalanceConfig())
         config.check_trainer_args(self.args)
-        if config.balance_training and getattr(self, "aux_loss_enabled", False):  # TRL's own switch (MoE models)
-            raise ValueError(
-                f"router_aux_loss_coef={self.router_aux_loss_coef}: TRL adds each micro-batch's MoE router "
-                "load-balancing loss, which depends on which rows share the micro-batch, so regrouping rows would "
-                "change what is learned. Set router_aux_loss_coef=0.0 in the trainer config, or set "
-                "lenbalance.balance_training=False."
-            )
+        self._lenbalance_warned: set[str] = set()
         model = self.accelerator.unwrap_model(self.model)
         self.lenbalance = LenBalanceEngine(model, config, self.max_completion_length, seed=self.args.seed)
+        candidates = self._plan_candidates(config)
+        first = next(name for name in ("sorted", "stock_trimmed", "stock") if name in candidates + ["stock"])
+        self._autotune = Autotuner(candidates, first, samples=config.autotune_samples, margin=config.autotune_margin,
+                                   recheck_every=config.autotune_every)
+        self._lenbalance_pass: LossPass | None = None  # the generation batch being trained, and its current pass
         self.lenbalance_totals = RunTotals()  # summed over the run, for the summary table
         self.lenbalance_last_lengths: list[tuple[float, int]] = []  # (predicted at t=0, actual) of the last round
         self.lenbalance_resume_from: str | None = None  # the checkpoint `train` resumes; the callback restores from it
-        self._lenbalance_warned: set[str] = set()
         self._lenbalance_tool_turn = False  # True inside TRL's tool loop (later turns of tools / environments)
         self._left_padding_free = not _absolute_positions(model)  # a row's outputs ignore its left padding
         if not self._left_padding_free and config.balance_training:
@@ -94,6 +112,27 @@ class LenBalanceMixin:
                             "its rank (micro-batches are still length-sorted and their completions trimmed).")
         # a micro-batch's loss is a mean over its rows (RLOO has no loss_type: its loss is a mean over sequences)
         self._row_mean_loss = getattr(self, "loss_type", None) in ROW_MEAN_LOSSES or not hasattr(self, "loss_type")
+
+    def _plan_candidates(self, config: LenBalanceConfig) -> list[str]:
+        """The loss-phase strategies the autotuner may use: every exact one for 'auto', else the one asked for (or
+        'stock_trimmed' with a one-time note when it would change what is learned here)."""
+        args = self.args
+        blockers = regrouping_blockers(
+            getattr(self, "loss_type", None), getattr(args, "entropy_coef", 0.0) or 0.0,
+            bool(getattr(args, "use_adaptive_entropy", False)), getattr(args, "top_entropy_quantile", 1.0),
+            router_aux_loss=bool(getattr(self, "aux_loss_enabled", False)))  # TRL's own switch (MoE models)
+        exact = exact_strategies(blockers)
+        if config.training_plan == AUTO:
+            if blockers:
+                self._warn_once("plan", f"{'; '.join(blockers)}: regrouping rows would change what is learned, so "
+                                "rl-lenbalance keeps stock's micro-batches (only all-padding columns are cut).")
+            return exact
+        if config.training_plan not in exact:
+            self._warn_once("plan", f"lenbalance.training_plan={config.training_plan!r} regroups rows, which would "
+                            f"change what is learned with {'; '.join(blockers)}; using 'stock_trimmed' (stock's "
+                            "micro-batches, all-padding columns cut), which is exact.")
+            return ["stock_trimmed"]
+        return [config.training_plan]
 
     @_stock_when_reentered
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
@@ -233,36 +272,82 @@ class LenBalanceMixin:
 
     @_stock_when_reentered
     def _prepare_inputs(self, generation_batch):
-        """Stock: shuffle rows randomly, split into equal chunks. Here: the same rows per optimizer step (stock's
-        shuffle decides them), cut into length-sorted micro-batches dealt to ranks by padded cost (rows move between
-        ranks), all-pad columns trimmed."""
+        """Stock: shuffle rows randomly, split them into equal chunks, train those num_iterations times. Here: the
+        same rows in each optimizer step (stock's shuffle decides them), and each pass over the generation batch cut
+        into micro-batches by the strategy the autotuner picks for it, timed at the pass's edges."""
         if not self._balancing_training():
             return super()._prepare_inputs(generation_batch)
         spg = self.args.steps_per_generation
-        if self._step % (spg * self.num_iterations) == 0 or self._buffered_inputs is None:
+        if self._step % (spg * self.num_iterations) == 0 or self._lenbalance_pass is None:
             batch = self._generate_and_score_completions(generation_batch)
-            if "pixel_values" in batch:
-                raise ValueError("rl-lenbalance does not balance multimodal batches yet; set "
-                                 "lenbalance.balance_training=False.")
-            shuffle = torch.randperm(len(batch["advantages"]))  # stock's draw: later sampling stays identical
-            plan = self._training_plan(batch, shuffle)
-            trained = self._exchange_rows(batch, plan)
-            bounds = [sum(plan.sizes[:i]) for i in range(len(plan.sizes) + 1)]
-            self._buffered_inputs = [trim_padding(take_rows(trained, list(range(a, b))), self._left_padding_free)
-                                     for a, b in zip(bounds, bounds[1:])]
-            stock_width = batch["prompt_ids"].size(1) + batch["completion_ids"].size(1)  # stock pads every row to it
-            ledger = TrainingLedger(
-                loss_tokens=sum(b["prompt_ids"].numel() + b["completion_ids"].numel() for b in self._buffered_inputs),
-                loss_tokens_stock=len(trained["advantages"]) * stock_width,
-                real_tokens=float((trained["prompt_mask"].sum() + trained["completion_mask"].sum()).item()),
-                rows_moved_in=plan.moved_in,
-            )
-            ranks = gather_ledgers(ledger, self.accelerator.gather, self.accelerator.device)
-            self.lenbalance_totals.add_training(ranks, self.num_iterations)
-            self._log_lenbalance(training_metrics(ranks))
-        return self._buffered_inputs[self._step % spg]
+            if "pixel_values" in batch:  # image rows: TRL's own lines, untimed
+                self._warn_once("multimodal_training", "rl-lenbalance does not plan multimodal micro-batches yet; "
+                                "batches with images train as stock TRL.")
+                batches = split_tensor_dict(shuffle_sequence_dict(split_pixel_values_by_grid(batch)), spg)
+                self._lenbalance_pass = LossPass(None, None, [unsplit_pixel_values_by_grid(b) for b in batches])
+                self._buffered_inputs = self._lenbalance_pass.microbatches
+            else:
+                self._lenbalance_pass = LossPass(batch, torch.randperm(len(batch["advantages"])))  # stock's draw
+        loss_pass = self._lenbalance_pass
+        if self._step % spg == 0 and loss_pass.batch is not None:
+            self._start_pass(loss_pass)
+        return loss_pass.microbatches[self._step % spg]
 
-    def _training_plan(self, batch: dict, shuffle: torch.Tensor) -> TrainingPlan:
+    def _start_pass(self, loss_pass: LossPass) -> None:
+        """Cut the generation batch by the autotuner's next strategy, count it, and start the pass's clock."""
+        strategy = STRATEGIES[self._autotune.next()]
+        trained, plan = self._plan(loss_pass.batch, loss_pass.shuffle, strategy)
+        bounds = [sum(plan.sizes[:i]) for i in range(len(plan.sizes) + 1)]
+        microbatches = [take_rows(trained, list(range(a, b))) for a, b in zip(bounds, bounds[1:])]
+        if strategy.trims:
+            microbatches = [trim_padding(b, self._left_padding_free) for b in microbatches]
+        batch = loss_pass.batch
+        stock_width = batch["prompt_ids"].size(1) + batch["completion_ids"].size(1)  # stock pads every row to it
+        ledger = TrainingLedger(
+            loss_tokens=sum(b["prompt_ids"].numel() + b["completion_ids"].numel() for b in microbatches),
+            loss_tokens_stock=len(trained["advantages"]) * stock_width,
+            real_tokens=float((trained["prompt_mask"].sum() + trained["completion_mask"].sum()).item()),
+            rows_moved_in=plan.moved_in,
+        )
+        ranks = gather_ledgers(ledger, self.accelerator.gather, self.accelerator.device)
+        self.lenbalance_totals.add_training(ranks, 1)
+        self._log_lenbalance(training_metrics(ranks))
+        loss_pass.strategy, loss_pass.microbatches = strategy.name, microbatches
+        self._buffered_inputs = microbatches  # where stock keeps its micro-batches (scripts and tests read them)
+        loss_pass.real_tokens = sum(r.real_tokens for r in ranks)
+        loss_pass.started = self._synchronized_clock()
+
+    def _end_pass(self, loss_pass: LossPass) -> None:
+        """Stop the pass's clock (the slowest rank's seconds), let the autotuner count it, and log what it chose."""
+        seconds = self._synchronized_clock() - loss_pass.started
+        seconds = self.accelerator.gather(torch.tensor([seconds], device=self.accelerator.device)).max().item()
+        per_ktok = seconds / max(loss_pass.real_tokens / 1000.0, 1e-9)
+        autotune = self._autotune
+        changed = autotune.record(loss_pass.strategy, per_ktok)
+        ratio = autotune.ratio_vs_stock()
+        self._log_lenbalance({f"autotune/{loss_pass.strategy}_s_per_ktok": per_ktok,
+                              "autotune/choice": float(list(STRATEGIES).index(autotune.choice))}
+                             | ({"autotune/ratio_vs_stock": ratio} if ratio is not None else {}))
+        if changed and self.accelerator.is_main_process:
+            faster = f", {ratio:.2f}× faster than stock on this device" if ratio is not None else ""
+            tqdm.write(f"rl-lenbalance: training plan: {autotune.choice}{faster}, "
+                       f"{autotune.passes - autotune.warmup} passes measured.")
+
+    def _synchronized_clock(self) -> float:
+        """The host clock once the device has finished its queued work (the loss phase's edges only)."""
+        if self.accelerator.device.type == "cuda":
+            torch.cuda.synchronize(self.accelerator.device)
+        return time.perf_counter()
+
+    def _plan(self, batch: dict, shuffle: torch.Tensor, strategy: Strategy) -> tuple[dict, TrainingPlan]:
+        """This rank's rows in `strategy`'s micro-batch order, and the plan that ordered them."""
+        if not strategy.regroups:
+            plan = stock_plan(shuffle.tolist(), self.args.steps_per_generation)
+            return take_rows(batch, plan.rows), plan
+        plan = self._training_plan(batch, shuffle, strategy.uneven)
+        return self._exchange_rows(batch, plan), plan
+
+    def _training_plan(self, batch: dict, shuffle: torch.Tensor, uneven: bool) -> TrainingPlan:
         """`schedule.plan_training` over this rank's rows, or every rank's when rows may move between ranks."""
         config, args = self.lenbalance_config, self.args
         steps = optimizer_steps(shuffle.tolist(), args.steps_per_generation, args.gradient_accumulation_steps)
@@ -273,8 +358,7 @@ class LenBalanceMixin:
             columns = self.accelerator.gather(columns.T.to(self.accelerator.device)).T.cpu()
         completion, prompt, steps = columns.tolist()
         return plan_training(completion, prompt, steps, ranks, self.accelerator.process_index if ranks > 1 else 0,
-                             args.gradient_accumulation_steps, config.attention_alpha, config.partition_method,
-                             config.uneven_microbatches)
+                             args.gradient_accumulation_steps, config.attention_alpha, config.partition_method, uneven)
 
     def _exchange_rows(self, batch: dict, plan: TrainingPlan) -> dict:
         """The rows `plan` gives this rank, in its order: taken from this rank's batch, or gathered from every
@@ -313,11 +397,15 @@ class LenBalanceMixin:
 
     @_stock_when_reentered
     def training_step(self, model, inputs, num_items_in_batch=None):
-        """Stock; the seconds it spends outside generation are the loss phase's (in the run totals)."""
+        """Stock; the seconds it spends outside generation are the loss phase's (in the run totals), and the last
+        micro-step of a pass over the generation batch stops the pass's clock."""
         totals = self.lenbalance_totals
         start, generated = time.perf_counter(), totals.generation_phase_s
         loss = super().training_step(model, inputs, num_items_in_batch)
         totals.loss_phase_s += time.perf_counter() - start - (totals.generation_phase_s - generated)
+        loss_pass = self._lenbalance_pass
+        if loss_pass is not None and loss_pass.strategy and self._step % self.args.steps_per_generation == 0:
+            self._end_pass(loss_pass)
         return loss
 
     @_stock_when_reentered

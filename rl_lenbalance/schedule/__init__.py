@@ -1,24 +1,33 @@
 """Pure scheduling functions: balanced partitions across ranks, length-sorted waves and micro-batches, re-bucketing,
-the training plan of a generation batch, and row selection / padding trimming of a batch.
+the loss-phase strategies and their run-time choice, the training plan of a generation batch, and row selection /
+padding trimming of a batch.
 
 A new partitioning policy is one function `(costs, num_parts, equal_size) -> parts` added to `PARTITIONERS`; its key
 becomes a valid `lenbalance.partition_method`.
 """
 
 from .admission import admission_order, balance_rows
+from .autotune import Autotuner, decide
 from .batch import take_rows, trim_padding
 from .waves import padded_tokens, waves_by_length
 from .exchange import TrainingPlan, optimizer_steps, plan_training
 from .partition import PARTITIONERS, best_partition, imbalance, karmarkar_karp, lpt_partition
 from .plan import padded_cost, plan_microbatches
 from .rebucket import rebucket, wave_cost
+from .strategies import ROW_MEAN_LOSSES, STRATEGIES, Strategy, exact_strategies, regrouping_blockers, stock_plan
 
 __all__ = [
     "PARTITIONERS",
+    "ROW_MEAN_LOSSES",
+    "STRATEGIES",
+    "Autotuner",
+    "Strategy",
     "TrainingPlan",
     "admission_order",
     "balance_rows",
     "best_partition",
+    "decide",
+    "exact_strategies",
     "imbalance",
     "karmarkar_karp",
     "lpt_partition",
@@ -28,6 +37,8 @@ __all__ = [
     "plan_microbatches",
     "plan_training",
     "rebucket",
+    "regrouping_blockers",
+    "stock_plan",
     "take_rows",
     "trim_padding",
     "wave_cost",

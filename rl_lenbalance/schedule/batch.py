@@ -6,9 +6,16 @@ import torch
 
 
 def take_rows(batch: dict, rows: list[int]) -> dict:
-    """The batch with only `rows`, in that order (tensors with a row dimension; other values as they are)."""
+    """The batch with only `rows`, in that order: tensors with a row dimension and lists are indexed, other values
+    (scalars, None) kept, as TRL's `shuffle_sequence_dict` treats them."""
     index = torch.tensor(rows, dtype=torch.long)
-    return {k: v[index.to(v.device)] if isinstance(v, torch.Tensor) and v.ndim > 0 else v for k, v in batch.items()}
+
+    def take(value):
+        if isinstance(value, torch.Tensor) and value.ndim > 0:
+            return value[index.to(value.device)]
+        return [value[i] for i in rows] if isinstance(value, list) else value
+
+    return {key: take(value) for key, value in batch.items()}
 
 
 def trim_padding(batch: dict, prompt: bool = True) -> dict:

@@ -100,7 +100,9 @@ for loss_type, grad_acc, num_iterations, spg in SETTINGS:
     stock_class, our_class = (StockRLOOReplay, LenBalanceRLOOReplay) if loss_type == "rloo" else (
         StockReplay, LenBalanceReplay)
     _, initial, stock = train(stock_class, loss_type, grad_acc, num_iterations, spg)
-    config = LenBalanceConfig(uneven_microbatches=num_iterations == 1)  # both micro-batch plans, each against stock
+    # num_iterations=1: uneven micro-batches; 2: 'auto', whose passes over one generation batch alternate strategies
+    config = LenBalanceConfig(training_plan="sorted_uneven") if num_iterations == 1 else LenBalanceConfig(
+        autotune_samples=1)
     lb, _, ours = train(our_class, loss_type, grad_acc, num_iterations, spg, lenbalance_config=config)
     rel = max(((stock[n] - ours[n]).norm() / stock[n].norm().clamp(min=1e-12)).item() for n in stock)
     moved = max(((stock[n] - initial[n]).norm() / initial[n].norm().clamp(min=1e-12)).item() for n in stock)

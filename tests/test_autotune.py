@@ -1,0 +1,121 @@
+"""The loss-phase strategies and their run-time choice: the pure rule (timings in, choice out), and the real trainer
+keeping a fast exact strategy, never a slowed one, and never refusing a TRL setting."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_compat import assert_same_update, train
+from trl import GRPOTrainer
+
+from rl_lenbalance import LenBalanceConfig, LenBalanceGRPOTrainer
+from rl_lenbalance.schedule import STRATEGIES, Autotuner, decide, exact_strategies, regrouping_blockers
+
+ALL = list(STRATEGIES)
+
+
+def test_a_clear_win_beyond_margin_and_noise_replaces_stock():
+    timings = {"stock": [1.00, 1.02, 0.98], "sorted": [0.80, 0.81, 0.79], "stock_trimmed": [0.95, 0.96, 0.94]}
+    assert decide(timings, "stock", margin=0.03) == "sorted"
+
+
+def test_a_win_within_the_margin_or_the_noise_keeps_stock():
+    assert decide({"stock": [1.0, 1.0, 1.0], "sorted": [0.98, 0.98, 0.98]}, "stock", 0.03) == "stock"  # 2% < 3%
+    noisy = {"stock": [1.0, 1.5, 0.6], "sorted": [0.9, 0.9, 0.9]}  # 11% faster, but stock's timings spread ±45%
+    assert decide(noisy, "stock", 0.03) == "stock"
+
+
+def test_the_choice_is_kept_unless_clearly_beaten_and_dropped_once_it_no_longer_beats_stock():
+    timings = {"stock": [1.0, 1.0, 1.0], "sorted": [0.80, 0.80, 0.80], "sorted_uneven": [0.79, 0.79, 0.79]}
+    assert decide(timings, "sorted", 0.03) == "sorted"  # 1% better: not a reason to switch
+    timings["sorted"] = [1.01, 1.01, 1.01]  # lengths drifted: sorted is now slower than stock
+    assert decide(timings, "sorted", 0.03) == "sorted_uneven"
+    timings["sorted_uneven"] = [1.02, 1.02, 1.02]
+    assert decide(timings, "sorted_uneven", 0.03) == "stock"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 10_000))
+def test_noise_around_equal_speeds_never_moves_away_from_stock(seed):
+    rng = random.Random(seed)
+    tuner = Autotuner(ALL, "sorted", samples=3, margin=0.03, recheck_every=5)
+    for _ in range(40):
+        strategy = tuner.next()
+        tuner.record(strategy, 1.0 + rng.uniform(-0.02, 0.02))  # every strategy equally fast, ±2% noise
+    assert tuner.choice == "stock"
+
+
+def test_the_tuner_warms_up_alternates_chooses_and_rechecks():
+    speed = {"stock": 1.0, "stock_trimmed": 0.9, "sorted": 0.7, "sorted_uneven": 1.3}
+    tuner = Autotuner(ALL, "sorted", warmup=1, samples=2, margin=0.03, recheck_every=3)
+    order = []
+    for _ in range(1 + 8 + 6):
+        strategy = tuner.next()
+        order.append(strategy)
+        tuner.record(strategy, speed[strategy])
+    assert order[0] == "sorted"  # warm-up: the least padded strategy, untimed
+    assert order[1:9] == ALL + ALL[::-1]  # each candidate twice, the order reversed every round
+    assert tuner.choice == "sorted" and tuner.ratio_vs_stock() == pytest.approx(1.0 / 0.7)
+    assert order[9:] == ["sorted", "sorted", "stock", "sorted", "sorted", "stock_trimmed"]  # one re-check every 3
+    assert len(tuner.timings["stock"]) == 3
+
+
+def test_strategies_that_regroup_rows_are_exact_only_without_per_microbatch_statistics():
+    assert exact_strategies(regrouping_blockers("dapo")) == ALL
+    assert exact_strategies(regrouping_blockers(None)) == ALL  # RLOO: a mean over sequences
+    for blockers in (regrouping_blockers("bnpo"), regrouping_blockers("dapo", entropy_coef=0.01),
+                     regrouping_blockers("dapo", use_adaptive_entropy=True),
+                     regrouping_blockers("grpo", top_entropy_quantile=0.2),
+                     regrouping_blockers("dapo", router_aux_loss=True)):
+        assert len(blockers) == 1 and exact_strategies(blockers) == ["stock", "stock_trimmed"]
+
+
+def test_auto_never_keeps_a_slowed_strategy_and_learns_what_stock_learns(eos_tiny_model_dir, tmp_path, monkeypatch):
+    """`sorted` is made slow (a delay in each of its micro-steps): after one timed pass of every candidate the tuner
+    keeps another one, `sorted` never runs again, and the parameters equal stock's."""
+    passes: list[str] = []
+    compute_loss = LenBalanceGRPOTrainer.compute_loss
+
+    def slowed(self, *args, **kwargs):
+        if self._lenbalance_pass.strategy == "sorted":
+            time.sleep(1.0)
+        if not passes or self._step % self.args.steps_per_generation == 0:
+            passes.append(self._lenbalance_pass.strategy)
+        return compute_loss(self, *args, **kwargs)
+
+    monkeypatch.setattr(LenBalanceGRPOTrainer, "compute_loss", slowed)
+    config = LenBalanceConfig(predictor_steps_per_round=2, autotune_samples=1, autotune_every=0)
+    run = dict(max_steps=8, max_completion_length=24)
+    ours = train(LenBalanceGRPOTrainer, eos_tiny_model_dir, tmp_path, lenbalance=config, **run)
+    stock = train(GRPOTrainer, eos_tiny_model_dir, tmp_path, **run)
+    assert passes[:5] == ["sorted"] + ALL  # warm-up, then one timed pass of each candidate
+    assert "sorted" not in passes[5:] and len(passes) == 8 and ours._autotune.choice != "sorted"
+    logged = {k for row in ours.state.log_history for k in row}
+    assert {f"lenbalance/autotune/{name}_s_per_ktok" for name in ALL} <= logged
+    assert {"lenbalance/autotune/choice", "lenbalance/autotune/ratio_vs_stock"} <= logged
+    assert_same_update(stock, ours)
+
+
+@pytest.mark.parametrize("overrides", [{"loss_type": "bnpo"}, {"entropy_coef": 0.01}, {"top_entropy_quantile": 0.5},
+                                       {"use_adaptive_entropy": True}])
+def test_settings_with_per_microbatch_statistics_train_stock_micro_batches_trimmed(eos_tiny_model_dir, tmp_path,
+                                                                                   overrides):
+    """Once refused (TRL's own tests failed on them); now each trains exactly as stock, padding columns cut."""
+    run = dict(max_steps=2, max_completion_length=24, **overrides)
+    with pytest.warns(UserWarning, match="regrouping rows would change what is learned"):
+        ours = train(LenBalanceGRPOTrainer, eos_tiny_model_dir, tmp_path, **run)
+    stock = train(GRPOTrainer, eos_tiny_model_dir, tmp_path, **run)
+    assert set(ours._autotune.candidates) == {"stock", "stock_trimmed"}
+    assert ours.lenbalance_totals.loss_tokens < ours.lenbalance_totals.loss_tokens_stock  # columns were cut
+    assert_same_update(stock, ours)
+
+
+def test_an_inexact_training_plan_falls_back_to_stock_trimmed_with_a_note(eos_tiny_model_dir, tmp_path):
+    with pytest.warns(UserWarning, match=r"training_plan='sorted' regroups rows.*loss_type='bnpo'.*'stock_trimmed'"):
+        ours = train(LenBalanceGRPOTrainer, eos_tiny_model_dir, tmp_path, loss_type="bnpo", max_steps=1,
+                     lenbalance=LenBalanceConfig(training_plan="sorted", predictor_steps_per_round=2))
+    assert ours._autotune.candidates == ["stock_trimmed"]
