@@ -135,6 +135,15 @@ class LenBalanceConfig:
             "greedily (exact there), off otherwise."
         },
     )
+    max_overhead: float = field(
+        default=0.01,
+        metadata={
+            "help": "Budget of the predictor's cost (capture hooks, prefills, replays, the head's training) as a share "
+            "of generation time. Rounds whose generation reads no prediction (no waves, re-bucketing or compaction) "
+            "are captured only while the run's measured share is within it; the head learns from those rounds. "
+            "Rounds that need the capture always run it. 1.0: capture every round."
+        },
+    )
     fallback_window: int = field(
         default=3,
         metadata={
@@ -170,6 +179,8 @@ class LenBalanceConfig:
         if self.training_plan != AUTO and self.training_plan not in STRATEGIES:
             raise ValueError(f"lenbalance.training_plan={self.training_plan!r} is not valid; use 'auto' or one of "
                              f"{', '.join(STRATEGIES)}.")
+        if self.max_overhead < 0:
+            raise ValueError(f"lenbalance.max_overhead must be >= 0 (a share of generation time), got {self.max_overhead}.")
         if self.autotune_samples < 1 or self.autotune_every < 0 or self.autotune_margin < 0:
             raise ValueError("lenbalance.autotune_samples must be >= 1, autotune_every >= 0 and autotune_margin >= 0, "
                              f"got {self.autotune_samples}, {self.autotune_every} and {self.autotune_margin}.")

@@ -65,6 +65,7 @@ class RolloutSettings:
     admit_by_prediction: bool = False  # `run_admitted`: order (and balance) requests by predicted length
     group_size: int = 1  # `run_admitted`: rows submitted and moved together (a backend generating a group at once)
     balance_ranks: bool = False  # `run_admitted`: deal rows to ranks by predicted work before generating
+    learn: bool = True  # `run_admitted`: replay the round's features for the head (False: over the overhead budget)
 
 
 @dataclass
@@ -154,9 +155,10 @@ def run_admitted(prompts: list[list[int]], backend: Backend, engine: LenBalanceE
         done = {row: out for part in backend.gather([done]) for row, out in part.items()}
     completions = [done[row][0] for row in stats.own_ids]
     own_logprobs = None if logprobs is None else [done[row][1] for row in stats.own_ids]
-    replay_start = time.perf_counter()
-    stats.waves = [Wave(stats.own_ids, engine.capture.replay(prompts, completions, backend.forward))]
-    stats.prefill_seconds += time.perf_counter() - replay_start
+    if settings.learn:
+        replay_start = time.perf_counter()
+        stats.waves = [Wave(stats.own_ids, engine.capture.replay(prompts, completions, backend.forward))]
+        stats.prefill_seconds += time.perf_counter() - replay_start
     stats.lengths = {row: len(c) for row, c in zip(stats.own_ids, completions, strict=True)}
     stats.seconds = time.perf_counter() - start
     return completions, own_logprobs, stats

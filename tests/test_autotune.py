@@ -119,3 +119,21 @@ def test_an_inexact_training_plan_falls_back_to_stock_trimmed_with_a_note(eos_ti
         ours = train(LenBalanceGRPOTrainer, eos_tiny_model_dir, tmp_path, loss_type="bnpo", max_steps=1,
                      lenbalance=LenBalanceConfig(training_plan="sorted", predictor_steps_per_round=2))
     assert ours._autotune.candidates == ["stock_trimmed"]
+
+
+def test_a_tiny_overhead_budget_captures_only_some_rounds_and_still_trains_the_head(eos_tiny_model_dir, tmp_path):
+    """Nothing reads the predictions on the plain `generate` path: past the budget, rounds generate as stock without
+    hooks; the head learned from the captured round, and the metrics say how many rounds were captured."""
+    config = LenBalanceConfig(predictor_steps_per_round=2, max_overhead=1e-9, training_plan="sorted")
+    ours = train(LenBalanceGRPOTrainer, eos_tiny_model_dir, tmp_path, lenbalance=config, max_steps=3,
+                 max_completion_length=24)
+    assert ours.lenbalance.rounds == 1 and ours.lenbalance.trainer.buffer.size > 0  # the first round, learned from
+    captured = [row["lenbalance/predictor/captured_rounds"] for row in ours.state.log_history
+                if "lenbalance/predictor/captured_rounds" in row]
+    assert captured == [1.0, 1.0, 1.0]
+    share = [row["lenbalance/predictor/overhead_frac_run"] for row in ours.state.log_history
+             if "lenbalance/predictor/overhead_frac_run" in row]
+    assert share[0] > 0 and share[-1] < share[0]  # the share falls as uncaptured generation time accrues
+    generous = train(LenBalanceGRPOTrainer, eos_tiny_model_dir, tmp_path, max_steps=3, max_completion_length=24,
+                     lenbalance=LenBalanceConfig(predictor_steps_per_round=2, max_overhead=1.0))
+    assert generous.lenbalance.rounds == 3

@@ -158,16 +158,44 @@ class LenBalanceMixin:
             self._warn_once(*stock)
             return super()._generate_single_turn(prompt_ids, images, multimodal_fields, *args, **kwargs)
         engine, device, backend = self.lenbalance, self.accelerator.device, self._backend(args, kwargs)
+        learn = self._within_overhead_budget()
         if self.use_vllm or self.use_transformers_continuous_batching:  # the backend schedules requests itself
-            completions, logprobs, stats = run_admitted(prompt_ids, backend, engine, self._admission(len(prompt_ids)))
+            admission = self._admission(len(prompt_ids), learn)
+            completions, logprobs, stats = run_admitted(prompt_ids, backend, engine, admission)
         else:
-            (completions, stats), logprobs = run_rollout(prompt_ids, backend, engine, self._rollout_settings()), None
+            settings = self._rollout_settings()
+            if not (learn or settings.compact or settings.rebucket or settings.wave_size):  # nothing reads a capture
+                return self._uncaptured_round(prompt_ids, args, kwargs)
+            (completions, stats), logprobs = run_rollout(prompt_ids, backend, engine, settings), None
         metrics, self.lenbalance_last_lengths = engine.learn_round(stats.waves, stats.lengths, stats.own_ids,
-                                                                   self._gather_rows)
+                                                                   self._gather_rows) if stats.waves else ({}, [])
         ranks = gather_ledgers(stats.ledger(completions), self.accelerator.gather, device)
-        self.lenbalance_totals.add_generation(ranks, metrics["predictor/train_s"])
-        self._log_lenbalance(metrics | round_metrics(ranks, metrics))
+        self.lenbalance_totals.add_generation(ranks, metrics.get("predictor/train_s", 0.0))
+        self._log_lenbalance(metrics | round_metrics(ranks, metrics) | self._budget_metrics())
         return (completions, logprobs) if isinstance(self, GRPOTrainer) else completions
+
+    def _within_overhead_budget(self) -> bool:
+        """Whether the capture's cost so far (hooks, prefills, replays and the head's training, over every rank) is
+        within `lenbalance.max_overhead` of the generation time (the first round is always captured, to measure).
+        Every rank gets the same answer (the head's training time differs a little between ranks)."""
+        totals = self.lenbalance_totals
+        within = self.lenbalance.rounds == 0 or totals.predictor_overhead_s <= (
+            self.lenbalance_config.max_overhead * totals.generate_s)
+        return bool(self.accelerator.gather(torch.tensor([float(within)], device=self.accelerator.device)).min())
+
+    def _uncaptured_round(self, prompt_ids, stock_args: tuple, stock_kwargs: dict):
+        """Stock's generation, without hooks: the capture is over its budget and nothing reads it this round."""
+        start = time.perf_counter()
+        out = super()._generate_single_turn(prompt_ids, None, {}, *stock_args, **stock_kwargs)
+        seconds = torch.tensor([time.perf_counter() - start], device=self.accelerator.device)
+        self.lenbalance_totals.generate_s += self.accelerator.gather(seconds).mean().item()  # as every rank counts
+        self._log_lenbalance(self._budget_metrics())
+        return out
+
+    def _budget_metrics(self) -> dict[str, float]:
+        totals = self.lenbalance_totals
+        share = totals.predictor_overhead_s / totals.generate_s if totals.generate_s else 0.0
+        return {"predictor/captured_rounds": float(self.lenbalance.rounds), "predictor/overhead_frac_run": share}
 
     def _rollout_settings(self) -> RolloutSettings:
         """This round's rollout as the config asks, less what the generation config or the head's health rule out."""
@@ -180,7 +208,7 @@ class LenBalanceMixin:
             partition_method=config.partition_method,
         )
 
-    def _admission(self, rows: int) -> RolloutSettings:
+    def _admission(self, rows: int, learn: bool = True) -> RolloutSettings:
         """Admission for continuous batching and vLLM. vLLM's server generates a whole group from one request (its
         rows must stay together, and it serves every rank at once: nothing to balance); a tensor-parallel vLLM
         group generates its ranks' rows together, so only rows can be reordered there."""
@@ -192,6 +220,7 @@ class LenBalanceMixin:
             partition_method=config.partition_method, group_size=group,
             admit_by_prediction=engine.healthy and engine.rounds > 0 and rows % group == 0,
             balance_ranks=config.balance_ranks and not server and getattr(self, "vllm_tensor_parallel_size", 1) == 1,
+            learn=learn,
         )
 
     def _backend(self, stock_args: tuple, stock_kwargs: dict) -> Backend:
