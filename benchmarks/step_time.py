@@ -32,9 +32,10 @@ from rl_lenbalance.tasks import REWARD_FUNCS, arithmetic_dataset  # noqa: E402
 
 VARIANTS = {  # name -> LenBalanceConfig fields (None: stock TRL)
     "stock": None,
-    "lenbalance": {},  # the defaults: what a user who changes nothing gets
-    "lenbalance_equal": {"uneven_microbatches": False},
-    "lenbalance_uneven": {"uneven_microbatches": True},
+    "lenbalance": {},  # the defaults (training_plan 'auto'): what a user who changes nothing gets
+    "lenbalance_stock_trimmed": {"training_plan": "stock_trimmed"},  # each loss strategy pinned: what 'auto' chooses
+    "lenbalance_sorted": {"training_plan": "sorted"},  # from, measured in the same run
+    "lenbalance_uneven": {"training_plan": "sorted_uneven"},
     "lenbalance_generation_only": {"balance_training": False},  # capture + online head, stock training
     "lenbalance_compaction": {"compaction": True},
 }

@@ -82,7 +82,7 @@ class LenBalanceConfig:
         },
     )
     autotune_samples: int = field(
-        default=3, metadata={"help": "'auto': timed passes of each candidate strategy before the first choice."}
+        default=2, metadata={"help": "'auto': timed passes of each candidate strategy before the first choice."}
     )
     autotune_every: int = field(
         default=20,
@@ -141,7 +141,7 @@ class LenBalanceConfig:
             "help": "Budget of the predictor's cost (capture hooks, prefills, replays, the head's training) as a share "
             "of generation time. Rounds whose generation reads no prediction (no waves, re-bucketing or compaction) "
             "are captured only while the run's measured share is within it; the head learns from those rounds. "
-            "Rounds that need the capture always run it. 1.0: capture every round."
+            "Rounds that need the capture always run it. 1.0 or more: capture every round."
         },
     )
     fallback_window: int = field(

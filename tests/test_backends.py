@@ -62,7 +62,7 @@ def test_vllm_requests_go_longest_predicted_first_and_the_update_is_stocks(eos_t
     initial = build(GRPOTrainer).model
     stock = build(GRPOTrainer)
     stock.train()
-    ours = build(LenBalanceGRPOTrainer, lenbalance_config=LenBalanceConfig(training_plan="sorted"))
+    ours = build(LenBalanceGRPOTrainer, lenbalance_config=LenBalanceConfig(training_plan="sorted", max_overhead=1.0))
     ours.train()
 
     submitted = list(zip(stock.vllm_generation.submitted, ours.vllm_generation.submitted, strict=True))
@@ -132,7 +132,8 @@ def test_continuous_batching_is_predicted_and_greedy_completions_are_stocks(eos_
                      num_generations=4)
     generated = {}
     for cls in (GRPOTrainer, LenBalanceGRPOTrainer):
-        trainer = make_trainer(cls, eos_tiny_model_dir, args)
+        extra = {"lenbalance_config": LenBalanceConfig(max_overhead=1.0)} if cls is LenBalanceGRPOTrainer else {}
+        trainer = make_trainer(cls, eos_tiny_model_dir, args, **extra)
         original = trainer._generate_and_score_completions
         rounds = []
 

@@ -30,7 +30,7 @@ def train(cls, model_dir, tmp_path, tokenizer=None, trainer_kwargs=None, lenbala
     tokenizer = tokenizer or AutoTokenizer.from_pretrained(model_dir, padding_side="left")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **(model_kwargs or {}))
     dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": p}]} for p in PROMPTS * 4])
-    lenbalance = lenbalance or LenBalanceConfig(predictor_steps_per_round=5)  # a few head updates: fast
+    lenbalance = lenbalance or LenBalanceConfig(predictor_steps_per_round=5, max_overhead=1.0)  # every round learns
     extra = {"lenbalance_config": lenbalance} if cls is LenBalanceGRPOTrainer else {}
     trainer = cls(model=model, processing_class=tokenizer, reward_funcs=reward, args=GRPOConfig(**values),
                   train_dataset=dataset, **(trainer_kwargs or {}), **extra)
@@ -215,7 +215,7 @@ def test_vllm_and_continuous_batching_are_admitted_and_images_generate_as_stock_
         processing_class=AutoTokenizer.from_pretrained(tiny_model_dir, padding_side="left"),
         args=GRPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", per_device_train_batch_size=4,
                         num_generations=4, max_completion_length=8),
-        train_dataset=Dataset.from_list([{"prompt": "Hi"}] * 4))
+        train_dataset=Dataset.from_list([{"prompt": "Hi"}] * 4), lenbalance_config=LenBalanceConfig(max_overhead=1.0))
     for attribute in ("use_vllm", "use_transformers_continuous_batching"):
         setattr(trainer, attribute, True)
         ids, logprobs = trainer._generate_single_turn([[1, 2]], None, {}, 4, has_tool_images=False)

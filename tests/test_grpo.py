@@ -66,7 +66,7 @@ def test_greedy_generation_in_waves_and_compacted_equals_stock_row_for_row(embed
                                       {"generation_wave_size": 4, "rebucket": True, "probe_tokens": 4}])
 def test_grpo_steps_log_lenbalance_metrics_and_train_the_predictor(eos_tiny_model_dir, tmp_path, settings):
     trainer = make_trainer(LenBalanceGRPOTrainer, eos_tiny_model_dir, make_args(tmp_path, max_steps=4),
-                           lenbalance_config=LenBalanceConfig(**settings))
+                           lenbalance_config=LenBalanceConfig(max_overhead=1.0, **settings))
     before = {k: v.clone() for k, v in trainer.lenbalance.head.state_dict().items()}
     trainer.train()
     logged = [row for row in trainer.state.log_history if "lenbalance/predictor/mae_static" in row]

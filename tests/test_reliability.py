@@ -334,7 +334,7 @@ def test_a_killed_cli_run_resumes_with_its_step_count_and_all_predictor_state(eo
     recipe.write_text(f"""
 model: {{name_or_path: {eos_tiny_model_dir}}}
 task: {{num_prompts: 16}}
-lenbalance: {{predictor_steps_per_round: 2, predictor_batch_size: 16}}
+lenbalance: {{predictor_steps_per_round: 2, predictor_batch_size: 16, max_overhead: 1.0}}
 output_dir: {out}
 use_cpu: true
 max_steps: 50

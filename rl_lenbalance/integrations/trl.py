@@ -176,11 +176,11 @@ class LenBalanceMixin:
 
     def _within_overhead_budget(self) -> bool:
         """Whether the capture's cost so far (hooks, prefills, replays and the head's training, over every rank) is
-        within `lenbalance.max_overhead` of the generation time (the first round is always captured, to measure).
+        within `lenbalance.max_overhead` of the generation time (the first round is always captured, to measure; a
+        budget of 1.0 or more captures every round).
         Every rank gets the same answer (the head's training time differs a little between ranks)."""
-        totals = self.lenbalance_totals
-        within = self.lenbalance.rounds == 0 or totals.predictor_overhead_s <= (
-            self.lenbalance_config.max_overhead * totals.generate_s)
+        totals, budget = self.lenbalance_totals, self.lenbalance_config.max_overhead
+        within = budget >= 1.0 or self.lenbalance.rounds == 0 or totals.predictor_overhead_s <= budget * totals.generate_s
         return bool(self.accelerator.gather(torch.tensor([float(within)], device=self.accelerator.device)).min())
 
     def _uncaptured_round(self, prompt_ids, stock_args: tuple, stock_kwargs: dict):
