@@ -203,8 +203,9 @@ class Turnstile:
                 if left <= 0:
                     name = self._current()
                     self._fail(f"variant {name!r} did not finish step {self._step(name)} within "
-                               f"turn_timeout_s={self.turn_timeout_s:g} s; the comparison stopped (the trainer may "
-                               "hang: a deadlock, or a device that does not answer).")
+                               f"turn_timeout_s={self.turn_timeout_s:g} s; the comparison stopped (a hang: a deadlock "
+                               "or a device that does not answer; if one step really takes longer, raise the timeout: "
+                               "--turn-timeout).")
                 else:
                     self.condition.wait(left)
             if self.error is not None:
@@ -250,16 +251,15 @@ def _median(values: list[float]) -> float:
 
 
 def summarize(name: str, trainer, warmup: int, settings: dict | None) -> dict:
-    """Medians over the steps after `warmup`; padding (`ledger.waste`), the run's health and an autotuned training
-    plan from `ledger.summary` over the same steps."""
+    """Medians over the steps after `warmup`, the run's health, and from `ledger.summary` over the same steps the
+    padding (`ledger.waste`), the predictor's overhead and an autotuned training plan."""
     records = trainer.step_records[warmup:]
     own = getattr(trainer, "lenbalance_totals", None)  # rl-lenbalance's variants: the predictor's overhead
     grad_norms = [row["grad_norm"] for row in trainer.state.log_history if "grad_norm" in row]
     totals = ledger.RunTotals(loss_tokens=sum(r.loss_tokens for r in records),
                               loss_real_tokens=sum(r.loss_real_tokens for r in records),
                               generate_s=own.generate_s if own else 0.0,
-                              predictor_overhead_s=own.predictor_overhead_s if own else 0.0,
-                              nonfinite_grad_steps=sum(not math.isfinite(g) for g in grad_norms))
+                              predictor_overhead_s=own.predictor_overhead_s if own else 0.0)
     run = ledger.summary(totals, trainer.state.log_history, len(records))
     completion_tokens = sum(r.completion_tokens for r in records)
     out = {"variant": name, "settings": settings, "steps": len(records), "warmup_steps": warmup}
@@ -271,7 +271,7 @@ def summarize(name: str, trainer, warmup: int, settings: dict | None) -> dict:
         "completion_tokens": completion_tokens,
         "whole_s_per_1k_completion_tokens": 1000 * sum(r.whole_step_s for r in records) / max(completion_tokens, 1),
         "loss_pad_frac": run["loss_pad_frac"],
-        "nonfinite_grad_steps": run["nonfinite_grad_steps"],
+        "nonfinite_grad_steps": sum(not math.isfinite(g) for g in grad_norms),
     }
     if own is not None:
         out["predictor_overhead_frac"] = run["predictor_overhead_frac"]

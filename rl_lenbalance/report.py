@@ -189,7 +189,8 @@ def render_figure(run: OfflineRun, tables: dict[int, list[tuple[float, float]]],
            percent=True)
     _tokens_saved(axes[3], run)
     _lines(axes[4], run, "(e) rank imbalance: max / mean loss tokens per rank", "max / mean (1 = balanced)",
-           [(f"{LB}train/rank_imbalance", "rl-lenbalance", NOW), (f"{LB}train/rank_imbalance_stock", "stock TRL", STOCK)],
+           [(f"{LB}train/rank_imbalance", "rl-lenbalance", NOW),
+            (f"{LB}train/rank_imbalance_stock", "stock TRL", STOCK)],
            note=_single_rank_note(run))
     _lines(axes[5], run, "(f) predictor overhead (% of generation time)", "%",
            [(f"{LB}predictor/overhead_frac", "hooks + online training", NOW)], percent=True)
@@ -236,7 +237,8 @@ def _finish(ax, title: str, ylabel: str, integer: bool = False, missing: list[st
 
 
 def _lines(ax, run: OfflineRun, title: str, ylabel: str, keys: list[tuple[str, str, str]], percent: bool = False,
-           dashed: set[str] = frozenset(), integer: bool = False, note: str = "", totals: set[str] = frozenset()) -> None:
+           dashed: set[str] = frozenset(), integer: bool = False, note: str = "",
+           totals: set[str] = frozenset()) -> None:
     """One line per (key, label, color); the labels of `totals` keys end with their sum over the run (seconds)."""
     drawn, missing = 0, []
     for key, label, color in keys:

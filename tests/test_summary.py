@@ -1,4 +1,4 @@
-"""The one run summary (`ledger.summary`): from run totals or rebuilt from logged metrics, seconds, the training plan."""
+"""The one run summary (`ledger.summary`): from run totals or from logged metrics, its seconds and training plan."""
 
 from __future__ import annotations
 
