@@ -19,6 +19,8 @@ def main(argv: list[str] | None = None) -> None:
     compare.add_argument("recipe", help="A recipe YAML, e.g. recipes/quickstart.yaml.")
     compare.add_argument("--steps", type=int, default=4, help="Optimizer steps per trainer, the warm-up step included.")
     compare.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="Override recipe keys, as for train.")
+    compare.add_argument("--turn-timeout", type=float, default=3600.0, metavar="SECONDS",
+                         help="Stop with an error when one trainer spends longer than this on one optimizer step.")
     report = commands.add_parser("report", help="PNG panels + one self-contained HTML page of a finished run.")
     report.add_argument("run_dir", help="A training output_dir, a wandb offline-run-* folder, or its .wandb file.")
     report.add_argument("--out", help="Output folder (default: RUN_DIR/report).")
@@ -38,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
         from .train import parse_overrides
 
         try:
-            compare_recipe(args.recipe, parse_overrides(args.set), steps=args.steps)
+            compare_recipe(args.recipe, parse_overrides(args.set), steps=args.steps, turn_timeout_s=args.turn_timeout)
         except RecipeError as error:
             parser.exit(2, f"rl-lenbalance: error: {error}\n")
     elif args.command == "report" and not rest:

@@ -6,7 +6,9 @@ Each variant is its own trainer, built from the same recipe, weights, data and s
 that take turns one optimizer step at a time, in an order reversed every step (A B, B A, ...), each on its own RNG
 stream (saved and restored at every turn), so every variant sees the draws it would see alone and none profits
 from a warmer machine. Phases are timed with device synchronisation at their edges (`torch.cuda.synchronize` on
-a GPU). Warm-up steps are dropped; medians are reported, with ratios against stock measured in the same run.
+a GPU). Warm-up steps are dropped; medians are reported, with ratios against stock measured in the same run. A
+variant that raises, or spends longer than the per-turn timeout on one step, stops the comparison at once with a
+`CompareError` naming it and its step.
 """
 
 from __future__ import annotations
@@ -20,10 +22,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from transformers import TrainerCallback
+
+from . import ledger
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 PHASES = ("whole_step_s", "generation_s", "loss_phase_s")
 
@@ -100,13 +108,28 @@ def _set_rng_state(state: tuple) -> None:
     np.random.set_state(numpy)
 
 
-class Turnstile:
-    """Lets trainers in threads run one optimizer step at a time, in an order reversed every round."""
+class CompareError(RuntimeError):
+    """A variant failed, or held its turn longer than the per-turn timeout: the comparison is over."""
 
-    def __init__(self, names: list[str]) -> None:
+
+class _Stopped(Exception):
+    """Raised in a job waiting for its turn once another job failed."""
+
+
+class Turnstile:
+    """Lets jobs in threads (trainers) run one turn (an optimizer step) at a time, in an order reversed every round,
+    each on its own RNG stream (`rng`, set by the caller before `run`). The first failure, or a turn longer than
+    `turn_timeout_s`, ends the comparison: `run` raises it at once, naming the variant and its step."""
+
+    def __init__(self, names: list[str], turn_timeout_s: float = 3600.0) -> None:
         self.names, self.round, self.position = list(names), 0, 0
         self.finished: set[str] = set()
+        self.steps = dict.fromkeys(self.names, 0)  # turns begun: the step a job is in
+        self.holder: str | None = None  # whose turn is running
         self.rng: dict[str, tuple] = {}
+        self.error: CompareError | None = None
+        self.turn_timeout_s = turn_timeout_s
+        self.turn_started = time.monotonic()  # when the current turn was handed over
         self.condition = threading.Condition()
 
     def _order(self) -> list[str]:
@@ -117,16 +140,24 @@ class Turnstile:
         order = self._order()
         return order[self.position] if self.position < len(order) else None
 
+    def _step(self, name: str) -> int:
+        """The step `name` is in: its running turn's, else the one it waits for (or sets up)."""
+        return self.steps[name] + (self.holder != name)
+
     def acquire(self, name: str) -> None:
-        """Block until it is `name`'s turn, then switch to its RNG stream."""
+        """Block until it is `name`'s turn, then switch to its RNG stream; raises `_Stopped` once a job failed."""
         with self.condition:
-            self.condition.wait_for(lambda: self._current() == name)
+            self.condition.wait_for(lambda: self.error is not None or self._current() == name)
+            if self.error is not None:
+                raise _Stopped
+            self.steps[name] += 1
+            self.holder = name
             _set_rng_state(self.rng[name])
 
     def release(self, name: str, finished: bool = False) -> None:
         """End `name`'s turn (for good with `finished`), saving its RNG stream."""
         with self.condition:
-            if self._current() != name:  # a trainer that failed before its turn: just drop it
+            if self._current() != name:  # a job that ended before its turn: just drop it
                 self.finished.add(name)
             else:
                 self.rng[name] = _rng_state()
@@ -136,7 +167,51 @@ class Turnstile:
                     self.position += 1
                 if self.position >= len(self._order()):
                     self.round, self.position = self.round + 1, 0
+                self.holder, self.turn_started = None, time.monotonic()
             self.condition.notify_all()
+
+    def _fail(self, message: str, cause: BaseException | None = None) -> None:
+        """Record the first failure and wake every waiting job (the caller holds the condition)."""
+        if self.error is None:
+            self.error = CompareError(message)
+            self.error.__cause__ = cause
+        self.condition.notify_all()
+
+    def run(self, jobs: dict[str, Callable[[], None]]) -> None:
+        """Run each job (`name -> callable`, taking turns through `acquire`/`release`) in a daemon thread and return
+        when all finished; raise `CompareError` as soon as one raises or a turn outlasts `turn_timeout_s` (a job
+        that hangs stays behind in its daemon thread)."""
+
+        def target(name: str) -> None:
+            try:
+                jobs[name]()
+            except _Stopped:
+                return
+            except BaseException as error:  # any failure ends the comparison, raised in the caller's thread
+                with self.condition:
+                    self._fail(f"variant {name!r} failed in step {self._step(name)}: {type(error).__name__}: {error}",
+                               error)
+                return
+            self.release(name, finished=True)
+
+        threads = [threading.Thread(target=target, args=(name,), name=f"compare-{name}", daemon=True) for name in jobs]
+        for thread in threads:
+            thread.start()
+        with self.condition:
+            while self.error is None and len(self.finished) < len(self.names):
+                left = self.turn_started + self.turn_timeout_s - time.monotonic()
+                if left <= 0:
+                    name = self._current()
+                    self._fail(f"variant {name!r} did not finish step {self._step(name)} within "
+                               f"turn_timeout_s={self.turn_timeout_s:g} s; the comparison stopped (a hang: a deadlock "
+                               "or a device that does not answer; if one step really takes longer, raise the timeout: "
+                               "--turn-timeout).")
+                else:
+                    self.condition.wait(left)
+            if self.error is not None:
+                raise self.error
+        for thread in threads:
+            thread.join()
 
 
 class _TakeTurns(TrainerCallback):
@@ -160,29 +235,15 @@ class _TakeTurns(TrainerCallback):
         self.turnstile.acquire(self.name)
 
 
-def run_alternating(trainers: dict[str, object]) -> dict[str, BaseException]:
-    """Train every trainer (built with `timed`) to its end, one optimizer step each in turn; returns the errors."""
-    turnstile = Turnstile(list(trainers))
-    errors: dict[str, BaseException] = {}
+def run_alternating(trainers: dict[str, object], turn_timeout_s: float = 3600.0) -> None:
+    """Train every trainer (built with `timed`) to its end, one optimizer step each in turn; raises `CompareError`
+    as soon as one fails or a step outlasts `turn_timeout_s`."""
+    turnstile = Turnstile(list(trainers), turn_timeout_s)
     for name, trainer in trainers.items():
         trainer.step_records = []
         trainer.add_callback(_TakeTurns(turnstile, name, trainer))
         turnstile.rng[name] = _rng_state()
-
-    def train(name: str) -> None:
-        try:
-            trainers[name].train()
-        except BaseException as error:  # reported by the caller; the other variants go on
-            errors[name] = error
-        finally:
-            turnstile.release(name, finished=True)
-
-    threads = [threading.Thread(target=train, args=(name,), name=f"compare-{name}") for name in trainers]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return errors
+    turnstile.run({name: trainer.train for name, trainer in trainers.items()})
 
 
 def _median(values: list[float]) -> float:
@@ -190,11 +251,17 @@ def _median(values: list[float]) -> float:
 
 
 def summarize(name: str, trainer, warmup: int, settings: dict | None) -> dict:
-    """Medians over the steps after `warmup`, padding over the same steps, and the run's health."""
+    """Medians over the steps after `warmup`, the run's health, and from `ledger.summary` over the same steps the
+    padding (`ledger.waste`), the predictor's overhead and an autotuned training plan."""
     records = trainer.step_records[warmup:]
-    loss_tokens = sum(r.loss_tokens for r in records)
-    completion_tokens = sum(r.completion_tokens for r in records)
+    own = getattr(trainer, "lenbalance_totals", None)  # rl-lenbalance's variants: the predictor's overhead
     grad_norms = [row["grad_norm"] for row in trainer.state.log_history if "grad_norm" in row]
+    totals = ledger.RunTotals(loss_tokens=sum(r.loss_tokens for r in records),
+                              loss_real_tokens=sum(r.loss_real_tokens for r in records),
+                              generate_s=own.generate_s if own else 0.0,
+                              predictor_overhead_s=own.predictor_overhead_s if own else 0.0)
+    run = ledger.summary(totals, trainer.state.log_history, len(records))
+    completion_tokens = sum(r.completion_tokens for r in records)
     out = {"variant": name, "settings": settings, "steps": len(records), "warmup_steps": warmup}
     for phase in PHASES:
         out[f"{phase}_median"] = _median([getattr(r, phase) for r in records])
@@ -203,13 +270,12 @@ def summarize(name: str, trainer, warmup: int, settings: dict | None) -> dict:
         "microstep_s_median": _median([s for r in records for s in r.microstep_s]),
         "completion_tokens": completion_tokens,
         "whole_s_per_1k_completion_tokens": 1000 * sum(r.whole_step_s for r in records) / max(completion_tokens, 1),
-        "loss_pad_frac": 1 - sum(r.loss_real_tokens for r in records) / loss_tokens if loss_tokens else math.nan,
+        "loss_pad_frac": run["loss_pad_frac"],
         "nonfinite_grad_steps": sum(not math.isfinite(g) for g in grad_norms),
     }
-    totals = getattr(trainer, "lenbalance_totals", None)
-    if totals is not None and totals.generate_s:
-        out["predictor_overhead_frac"] = totals.predictor_overhead_s / totals.generate_s
-    return out
+    if own is not None:
+        out["predictor_overhead_frac"] = run["predictor_overhead_frac"]
+    return out | {key: run[key] for key in ("autotune_choice", "autotune_ratio_vs_stock") if key in run}
 
 
 def add_ratios(results: list[dict]) -> None:
@@ -224,38 +290,51 @@ def add_ratios(results: list[dict]) -> None:
                                                   / result["whole_s_per_1k_completion_tokens"])
 
 
-def compare(build: Callable[[dict | None, str], object], variants: dict[str, dict | None],
-            warmup: int = 1) -> list[dict]:
+def compare(build: Callable[[dict | None, str], object], variants: dict[str, dict | None], warmup: int = 1,
+            turn_timeout_s: float = 3600.0) -> list[dict]:
     """Build one trainer per variant (`build(None, name)`: stock; `build(settings, name)`: rl-lenbalance with these
-    `LenBalanceConfig` fields), train them in alternation and return one summary per variant."""
+    `LenBalanceConfig` fields), train them in alternation and return one summary per variant. A variant that fails,
+    or spends more than `turn_timeout_s` on one step, ends it with `CompareError`."""
     trainers = {name: build(settings, name) for name, settings in variants.items()}
-    errors = run_alternating(trainers)
-    for name, error in errors.items():
-        raise RuntimeError(f"variant {name!r} failed: {type(error).__name__}: {error}") from error
+    run_alternating(trainers, turn_timeout_s)
     results = [summarize(name, trainers[name], warmup, variants[name]) for name in variants]
     add_ratios(results)
     return results
 
 
-def print_comparison(results: list[dict]) -> None:
-    """A rich table: per-phase median seconds, padding and the ratio against stock."""
+COLUMNS = (  # header, legend, cell
+    ("step", "whole optimizer step", lambda r: f"{r['whole_step_s_median']:.2f}"),
+    ("gen", "generation phase", lambda r: f"{r['generation_s_median']:.2f}"),
+    ("loss", "loss phase", lambda r: f"{r['loss_phase_s_median']:.2f}"),
+    ("micro", "one loss micro-step", lambda r: f"{r['microstep_s_median']:.3f}"),
+    ("pad", "loss-forward tokens that are padding", lambda r: f"{r['loss_pad_frac']:.1%}"),
+    ("×stock", "stock's whole step over the variant's (above 1: faster)",
+     lambda r: f"{r.get('speedup_whole_step_s', math.nan):.2f}×"),
+    ("×/tok", "the same per completion token", lambda r: f"{r.get('speedup_per_completion_token', math.nan):.2f}×"),
+)
+
+
+def print_comparison(results: list[dict], console: Console | None = None) -> None:
+    """A table that fits an 80-column terminal: per-phase median seconds, padding and the ratios against stock, a
+    legend under it, and each variant's autotuned training plan where it logged one."""
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"stock TRL vs rl-lenbalance: median seconds per optimizer step ({results[0]['steps']} steps "
-                        f"after {results[0]['warmup_steps']} warm-up, measured in alternation)")
-    for column in ("variant", "whole step", "generation", "loss phase", "loss micro-step", "loss tokens padded",
-                   "vs stock (whole step)", "vs stock (per completion token)"):
-        table.add_column(column, justify="left" if column == "variant" else "right")
+    legend = "; ".join(f"{header}: {meaning}" for header, meaning, _ in COLUMNS)
+    plans = [f"{r['variant']}: training plan: {ledger.training_plan(r)}" for r in results if "autotune_choice" in r]
+    table = Table(title=f"median seconds per optimizer step ({results[0]['steps']} steps after "
+                        f"{results[0]['warmup_steps']} warm-up, variants in alternation)",
+                  caption="\n".join([legend, *plans]), caption_justify="left")
+    table.add_column("variant", overflow="fold")
+    for header, _, _ in COLUMNS:
+        table.add_column(header, justify="right", no_wrap=True)
     for r in results:
-        table.add_row(r["variant"], f"{r['whole_step_s_median']:.2f} s", f"{r['generation_s_median']:.2f} s",
-                      f"{r['loss_phase_s_median']:.2f} s", f"{r['microstep_s_median']:.3f} s", f"{r['loss_pad_frac']:.1%}",
-                      f"{r.get('speedup_whole_step_s', math.nan):.2f}×",
-                      f"{r.get('speedup_per_completion_token', math.nan):.2f}×")
-    Console().print(table)
+        table.add_row(r["variant"], *(cell(r) for _, _, cell in COLUMNS))
+    (console or Console()).print(table)
 
 
-def compare_recipe(recipe_path: str, overrides: dict | None = None, steps: int = 4, warmup: int = 1) -> list[dict]:
+def compare_recipe(recipe_path: str, overrides: dict | None = None, steps: int = 4, warmup: int = 1,
+                   turn_timeout_s: float = 3600.0) -> list[dict]:
     """Stock `GRPOTrainer` and `LenBalanceGRPOTrainer`, both as the recipe says (trained `steps` steps, nothing saved
     or reported); prints the table and writes it to `output_dir/lenbalance_compare.json`."""
     from trl import GRPOTrainer
@@ -273,7 +352,7 @@ def compare_recipe(recipe_path: str, overrides: dict | None = None, steps: int =
     def build(settings: dict | None, _name: str):
         return build_trainer(recipe, timed(GRPOTrainer if settings is None else LenBalanceGRPOTrainer))
 
-    results = compare(build, {"stock": None, "lenbalance": {}}, warmup)
+    results = compare(build, {"stock": None, "lenbalance": {}}, warmup, turn_timeout_s)
     print_comparison(results)
     out = Path(recipe.training.output_dir, "lenbalance_compare.json")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -2,8 +2,9 @@
 
 A rank fills one `GenerationLedger` per rollout round and one `TrainingLedger` per generation batch it trains; the
 adapter gathers every rank's, `to_metrics` reduces them to the logged `lenbalance/*` metrics, and `RunTotals` sums
-them over the run. `summary` and `summary_rows` are the one summary behind the CLI table, the wandb report, the
-examples and the benchmarks. Framework-free: a `gather` callable stands in for the ranks.
+them over the run; `time_metrics` turns the totals' phase seconds into logged metrics. `summary` (over `RunTotals`, or
+`logged_totals` rebuilt from logged metrics) and `summary_rows` are the one summary behind the CLI table, the
+example, `rl-lenbalance compare` and the report. Framework-free: a `gather` callable stands in for the ranks.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import astuple, dataclass
+from typing import Any
 
 import torch
 
@@ -18,8 +20,16 @@ Gather = Callable[[torch.Tensor], torch.Tensor]  # (1, n) on this rank -> (ranks
 
 
 def waste(computed: float, real: float) -> float:
-    """Fraction of computed tokens that were padding."""
-    return 1.0 - real / computed if computed else 0.0
+    """What "wasted" means everywhere (`gen/slot_waste`, `train/pad_frac`, the summary's `decode_slot_waste` and
+    `loss_pad_frac`, `rl-lenbalance compare`'s `loss_pad_frac`): the fraction of the `computed` tokens (decode slots,
+    or loss-forward tokens) that were padding, `1 - real / computed`. NaN when nothing was computed: nothing was
+    measured, and the summary leaves such a row out rather than show 0%."""
+    return 1.0 - real / computed if computed else math.nan
+
+
+def finite(value: Any) -> bool:
+    """A real number (not a bool) that is neither NaN nor infinite."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def max_over_mean(values: Sequence[float]) -> float:
@@ -135,19 +145,92 @@ def round_metrics(ranks: Sequence[GenerationLedger], predictor: Mapping[str, flo
     return metrics | {"predictor/overhead_frac": overhead}
 
 
-def summary(totals: RunTotals, logged: Sequence[Mapping[str, float]], steps: int, wall_s: float,
-            fallbacks: int) -> dict[str, float]:
-    """The run's summary (`lenbalance_summary.json`): time, padding against stock, predictor error (its last
-    logged values; `logged` are the trainer's log rows, `lenbalance/`-prefixed keys)."""
+def time_metrics(totals: RunTotals, previous: RunTotals) -> dict[str, float]:
+    """The `time/*` metrics (logged as `lenbalance/time/generation_s`, `lenbalance/time/loss_phase_s`): the seconds
+    this rank spent in each phase since `previous`, the totals as of the previous log (a `dataclasses.replace` copy;
+    `RunTotals()` at the first). With `logging_steps: 1` (every recipe) they are one optimizer step's; summed over a
+    run they are its totals."""
+    return {"time/generation_s": totals.generation_phase_s - previous.generation_phase_s,
+            "time/loss_phase_s": totals.loss_phase_s - previous.loss_phase_s}
+
+
+LoggedRow = Mapping[str, Any]  # a trainer log row (`trainer.state.log_history`): `step`, TRL's keys, `lenbalance/...`
+
+
+def _last(logged: Sequence[LoggedRow], key: str) -> Any:
+    """The last logged value of `lenbalance/<key>` that is a string or a finite number; None if there is none."""
+    for row in reversed(logged):
+        value = row.get(f"lenbalance/{key}")
+        if isinstance(value, str) or finite(value):
+            return value
+    return None
+
+
+def logged_loss_tokens(logged: Sequence[LoggedRow], passes: int = 1) -> list[tuple[float, float, float, float]]:
+    """(step, real, computed, stock-computed) loss-forward tokens of each logged step, estimated from its padding
+    fractions and TRL's cumulative `num_tokens` (real prompt + completion tokens) × `passes` (num_iterations)."""
+    out: list[tuple[float, float, float, float]] = []
+    seen = 0.0
+    for row in logged:
+        tokens = row.get("num_tokens")
+        pad, stock = row.get("lenbalance/train/pad_frac"), row.get("lenbalance/train/pad_frac_stock")
+        if not finite(tokens):
+            continue
+        real, seen = (tokens - seen) * passes, tokens
+        if finite(pad) and finite(stock):
+            out.append((row["step"], real, real / (1 - pad), real / (1 - stock)))
+    return out
+
+
+def logged_totals(logged: Sequence[LoggedRow], passes: int = 1) -> RunTotals:
+    """`RunTotals` rebuilt from a run's logged metrics, for a run that wrote no summary (still running, or trained
+    without `rl-lenbalance train`): per-round counts summed over the logged steps (exact with one round per log; TRL
+    averages several), loss-forward tokens estimated as in `logged_loss_tokens`. A total never logged is NaN."""
+
+    def total(key: str) -> float:
+        values = [row[f"lenbalance/{key}"] for row in logged if finite(row.get(f"lenbalance/{key}"))]
+        return sum(values) if values else math.nan
+
+    overhead = [row["lenbalance/predictor/overhead_frac"] * row["lenbalance/gen/seconds"] for row in logged
+                if finite(row.get("lenbalance/predictor/overhead_frac")) and finite(row.get("lenbalance/gen/seconds"))]
+    loss = logged_loss_tokens(logged, passes)
+
+    def loss_total(column: int) -> float:  # 1: real, 2: computed, 3: stock-computed
+        return sum(step[column] for step in loss) if loss else math.nan
+
+    return RunTotals(
+        decode_slots=total("gen/decode_slots"), decode_slots_stock=total("gen/decode_slots_stock"),
+        decode_steps=total("gen/decode_steps"), decode_steps_stock=total("gen/decode_steps_stock"),
+        generated_tokens=total("gen/real_tokens"), reprefill_tokens=total("gen/reprefill_tokens"),
+        generate_s=total("gen/seconds"), predictor_overhead_s=sum(overhead) if overhead else math.nan,
+        loss_tokens=loss_total(2), loss_tokens_stock=loss_total(3), loss_real_tokens=loss_total(1),
+        generation_phase_s=total("time/generation_s"), loss_phase_s=total("time/loss_phase_s"),
+        nonfinite_grad_steps=int(_last(logged, "train/nonfinite_grad_steps") or 0),
+    )
+
+
+def plan_name(choice: str | float, names: Sequence[str] = ()) -> str:
+    """An autotuned training plan logged as its name, or as an index into `names` ("plan #i" without them)."""
+    if isinstance(choice, str):
+        return choice
+    index = int(choice)
+    return names[index] if 0 <= index < len(names) else f"plan #{index}"
+
+
+def summary(totals: RunTotals, logged: Sequence[LoggedRow], steps: int, wall_s: float = math.nan,
+            fallbacks: int | None = None, plan_names: Sequence[str] = ()) -> dict[str, Any]:
+    """The run's summary (`lenbalance_summary.json`), the one behind every table: seconds per phase, padding against
+    stock TRL (`waste`), predictor error. `totals` are the run's (`RunTotals`, or `logged_totals(logged)`); `logged`
+    are the trainer's log rows, read for what only they hold: the predictor's last values, `fallbacks` unless given,
+    and the autotuned training plan (`autotune/choice`: a name, or an index into `plan_names`;
+    `autotune/ratio_vs_stock`), whose two entries are present only when it was logged. Anything else not measured is
+    NaN."""
 
     def last(key: str) -> float:
-        values = [row[f"lenbalance/{key}"] for row in logged if f"lenbalance/{key}" in row]
-        return values[-1] if values else math.nan
+        value = _last(logged, key)
+        return math.nan if value is None else value
 
-    def wasted(real: float, computed: float) -> float:
-        return 1.0 - real / computed if computed else math.nan
-
-    return {
+    out = {
         "steps": steps,
         "wall_s": wall_s,
         "generation_s": totals.generate_s,
@@ -157,39 +240,61 @@ def summary(totals: RunTotals, logged: Sequence[Mapping[str, float]], steps: int
         "mae_plp32": last("predictor/mae_plp32"),
         "mae_naive_static": last("predictor/mae_naive_static"),
         "mae_naive_plp32": last("predictor/mae_naive_plp32"),
-        "decode_slot_waste": wasted(totals.generated_tokens, totals.decode_slots),
-        "decode_slot_waste_stock": wasted(totals.generated_tokens, totals.decode_slots_stock),
+        "decode_slot_waste": waste(totals.decode_slots, totals.generated_tokens),
+        "decode_slot_waste_stock": waste(totals.decode_slots_stock, totals.generated_tokens),
         "decode_slots": totals.decode_slots,
         "decode_slots_stock": totals.decode_slots_stock,
         "decode_steps": totals.decode_steps,
         "decode_steps_stock": totals.decode_steps_stock,
         "reprefill_tokens": totals.reprefill_tokens,
-        "loss_pad_frac": wasted(totals.loss_real_tokens, totals.loss_tokens),
-        "loss_pad_frac_stock": wasted(totals.loss_real_tokens, totals.loss_tokens_stock),
+        "loss_pad_frac": waste(totals.loss_tokens, totals.loss_real_tokens),
+        "loss_pad_frac_stock": waste(totals.loss_tokens_stock, totals.loss_real_tokens),
         "loss_tokens_saved": totals.loss_tokens_stock - totals.loss_tokens,
         "predictor_overhead_frac": totals.predictor_overhead_s / totals.generate_s if totals.generate_s else math.nan,
-        "fallbacks": fallbacks,
+        "fallbacks": last("predictor/fallbacks") if fallbacks is None else fallbacks,
         "skipped_updates": last("predictor/skipped_updates"),
         "nonfinite_grad_steps": totals.nonfinite_grad_steps,
     }
+    choice = _last(logged, "autotune/choice")
+    if choice is not None:
+        out |= {"autotune_choice": plan_name(choice, plan_names),
+                "autotune_ratio_vs_stock": last("autotune/ratio_vs_stock")}
+    return out
 
 
-def summary_rows(summary: Mapping[str, float]) -> list[tuple[str, str, str]]:
-    """(metric, rl-lenbalance, stock TRL on the same batches) rows of a summary; entries it lacks (NaN or absent,
-    e.g. a report built from a partial run's logged metrics) are left out."""
+def training_plan(summary: Mapping[str, Any]) -> str | None:
+    """"<choice> (<ratio>× stock)" of a summary's autotuned training plan (its choice may be a plain name), or None
+    when the run logged none."""
+    choice = summary.get("autotune_choice")
+    if choice is None:
+        return None
+    ratio = summary.get("autotune_ratio_vs_stock")
+    return plan_name(choice) + (f" ({ratio:.2f}× stock)" if finite(ratio) else "")
+
+
+SECONDS_NOTE = ("Seconds: measured on this rank, per optimizer step, with the run's total in brackets; stock TRL's "
+                "on the same hardware: `rl-lenbalance compare`.")
+
+
+def summary_rows(summary: Mapping[str, Any]) -> list[tuple[str, str, str]]:
+    """(metric, rl-lenbalance, stock TRL on the same batches) rows of a summary, each phase's measured seconds above
+    its padding; entries it lacks (NaN or absent, e.g. a report built from a partial run's logged metrics) are left
+    out. Seconds are per optimizer step, with the run's total in brackets, and have no stock column (put
+    `SECONDS_NOTE` under the table)."""
     pct = "{:.1%}".format
+    steps = summary.get("steps") or 0
 
     def has(*keys: str) -> bool:
-        return all(isinstance(summary.get(k), (int, float)) and math.isfinite(summary[k]) for k in keys)
+        return all(finite(summary.get(k)) for k in keys)
 
-    compare = "`rl-lenbalance compare`"
-    rows = [("steps" + (" / wall time" if has("wall_s") else ""),
-             f"{summary.get('steps', 0):.0f}" + (f" / {summary['wall_s']:.0f} s" if has("wall_s") else ""), "")]
-    if has("generation_phase_s", "loss_phase_s"):
-        rows += [("seconds generating (rollouts, rewards), this rank", f"{summary['generation_phase_s']:.1f} s",
-                  compare),
-                 ("seconds in the loss phase (forward, backward), this rank", f"{summary['loss_phase_s']:.1f} s",
-                  compare)]
+    def seconds(total: float) -> str:
+        return f"{total / steps:.2f} s/step ({total:.1f} s)" if steps else f"{total:.1f} s"
+
+    rows = [("steps", f"{steps:.0f}", "")]
+    if has("wall_s"):
+        rows.append(("whole step (wall time / steps)", seconds(summary["wall_s"]), ""))
+    if has("generation_phase_s"):
+        rows.append(("generation phase (rollouts, rewards), this rank", seconds(summary["generation_phase_s"]), ""))
     if has("decode_slot_waste", "decode_slot_waste_stock"):
         rows.append(("decode slots wasted on padding", pct(summary["decode_slot_waste"]),
                      pct(summary["decode_slot_waste_stock"])))
@@ -198,6 +303,10 @@ def summary_rows(summary: Mapping[str, float]) -> list[tuple[str, str, str]]:
                      f"{summary['decode_steps_stock']:.0f}"))
     if has("reprefill_tokens") and summary["reprefill_tokens"]:
         rows.append(("tokens re-prefilled by re-bucketing", f"{summary['reprefill_tokens']:.0f}", "0"))
+    if has("loss_phase_s"):
+        rows.append(("loss phase (forward, backward), this rank", seconds(summary["loss_phase_s"]), ""))
+    if (plan := training_plan(summary)) is not None:
+        rows.append(("training plan", plan, ""))
     if has("loss_pad_frac", "loss_pad_frac_stock"):
         rows.append(("loss-forward tokens that are padding", pct(summary["loss_pad_frac"]),
                      pct(summary["loss_pad_frac_stock"])))

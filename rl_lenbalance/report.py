@@ -22,9 +22,10 @@ from typing import Any
 from . import ledger
 from .wandb_offline import OfflineRun, find_runs, read_run
 
-PREFIX = "train/lenbalance/"  # transformers' WandbCallback puts the trainer's logs under "train/"
+WANDB_PREFIX = "train/"  # transformers' WandbCallback puts the trainer's logs under "train/"
+LB = "lenbalance/"  # rl-lenbalance's keys in the trainer's logs (in wandb: train/lenbalance/...)
 STEP = "train/global_step"
-TABLE = f"{PREFIX}lengths"
+TABLE = f"{WANDB_PREFIX}{LB}lengths"
 PNG_NAME, HTML_NAME = "lenbalance_report.png", "lenbalance_report.html"
 SUMMARY_NAME = "lenbalance_summary.json"  # written by `rl_lenbalance.train.run` into output_dir
 
@@ -68,29 +69,36 @@ def build_report(run_dir: str | Path, out_dir: str | Path) -> ReportPaths:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     png = out / PNG_NAME
-    title = _title(run)
+    summary = _find_summary(folder) or logged_summary(run)
+    title = _title(run, summary)
     figure = render_figure(run, load_length_tables(run), title)
     figure.savefig(png, dpi=80)
-    rows = totals(run, _find_summary(folder))
     page = out / HTML_NAME
-    page.write_text(render_html(title, folder, png.read_bytes(), rows), encoding="utf-8")
+    page.write_text(render_html(title, folder, png.read_bytes(), ledger.summary_rows(summary)), encoding="utf-8")
     return ReportPaths(png=png, html=page, run_dir=folder)
 
 
 # --- data -------------------------------------------------------------------------------------------------------
 
 
-def series(run: OfflineRun, key: str) -> tuple[list[float], list[float]]:
-    """(steps, values) of a finite numeric key, on the trainer's step axis (wandb's `_step` if it is missing);
-    when a step logged the key more than once, the last value wins."""
-    by_step: dict[float, float] = {}
+def logged_rows(run: OfflineRun) -> list[dict[str, Any]]:
+    """The run's history as the trainer's log rows (`trainer.state.log_history`'s form, which `ledger` reads): one row
+    per training step, in step order, under `step` (`train/global_step`; wandb's `_step` if it is missing), keys
+    without WandbCallback's `train/`; when a step logged a key more than once, its last value wins."""
+    by_step: dict[float, dict[str, Any]] = {}
     for row in run.history:
-        value = row.get(key)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            step = row.get(STEP, row["_step"])
-            by_step[float(step)] = float(value)
-    steps = sorted(by_step)
-    return steps, [by_step[s] for s in steps]
+        step = float(row.get(STEP, row["_step"]))
+        merged = by_step.setdefault(step, {"step": step})
+        merged.update({key.removeprefix(WANDB_PREFIX): value for key, value in row.items()
+                       if not key.startswith("_") and key != STEP and value is not None and value == value})  # not NaN
+    return [by_step[step] for step in sorted(by_step)]
+
+
+def series(run: OfflineRun, key: str) -> tuple[list[float], list[float]]:
+    """(steps, values) of a finite numeric key of the trainer's logs (`lenbalance/gen/slot_waste`, `num_tokens`),
+    on the trainer's step axis (see `logged_rows`)."""
+    points = [(row["step"], float(row[key])) for row in logged_rows(run) if ledger.finite(row.get(key))]
+    return [step for step, _ in points], [value for _, value in points]
 
 
 def load_length_tables(run: OfflineRun) -> dict[int, list[tuple[float, float]]]:
@@ -110,39 +118,20 @@ def load_length_tables(run: OfflineRun) -> dict[int, list[tuple[float, float]]]:
             continue
         p, a = columns.index("predicted_length"), columns.index("actual_length")
         pairs = [(float(r[p]), float(r[a])) for r in table.get("data", [])
-                 if _finite(r[p]) and _finite(r[a])]
+                 if ledger.finite(r[p]) and ledger.finite(r[a])]
         tables[int(row.get(STEP, row["_step"]))] = pairs
     return tables
 
 
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
-
-
 def loss_tokens_saved(run: OfflineRun) -> tuple[list[float], list[float]]:
-    """Per step, the loss-forward padding tokens stock TRL would compute minus those computed here (`_loss_tokens`)."""
-    steps, _, computed, stock = _loss_tokens(run)
-    return steps, [b - a for a, b in zip(computed, stock)]
+    """Per step, the loss-forward padding tokens stock TRL would compute minus those computed here (estimated:
+    `ledger.logged_loss_tokens`)."""
+    estimated = ledger.logged_loss_tokens(logged_rows(run), _iterations(run))
+    return [step for step, *_ in estimated], [stock - computed for _, _, computed, stock in estimated]
 
 
-def _loss_tokens(run: OfflineRun) -> tuple[list[float], list[float], list[float], list[float]]:
-    """(steps, real, computed, stock-computed) loss-forward tokens per step, estimated from the padding fractions and
-    TRL's cumulative `train/num_tokens` (real prompt + completion tokens) x num_iterations."""
-    pad_steps, pad = series(run, f"{PREFIX}train/pad_frac")
-    stock_by_step = dict(zip(*series(run, f"{PREFIX}train/pad_frac_stock")))
-    seen_by_step = dict(zip(*series(run, "train/num_tokens")))
-    iterations = run.config.get("num_iterations", 1) or 1
-    steps, real, computed, stock, previous = [], [], [], [], 0.0
-    for step, frac in zip(pad_steps, pad):
-        if step not in seen_by_step or step not in stock_by_step:
-            continue
-        tokens = (seen_by_step[step] - previous) * iterations
-        previous = seen_by_step[step]
-        steps.append(step)
-        real.append(tokens)
-        computed.append(tokens / (1 - frac))
-        stock.append(tokens / (1 - stock_by_step[step]))
-    return steps, real, computed, stock
+def _iterations(run: OfflineRun) -> int:
+    return run.config.get("num_iterations", 1) or 1
 
 
 def _cumulative(values: list[float]) -> list[float]:
@@ -165,13 +154,14 @@ def _find_summary(folder: Path) -> dict[str, Any]:
     return {}
 
 
-def _title(run: OfflineRun) -> str:
+def _title(run: OfflineRun, summary: dict[str, Any]) -> str:
     name = run.config.get("run_name") or run.path.name
     model = run.config.get("_name_or_path") or run.config.get("model_name_or_path")
-    steps = series(run, STEP)[1]
-    parts = [f"rl-lenbalance report: {name}", f"{int(max(steps)) if steps else 0} steps"]
+    parts = [f"rl-lenbalance report: {name}", f"{summary.get('steps', 0):.0f} steps"]
     if model:
         parts.append(Path(str(model)).name)
+    if (plan := ledger.training_plan(summary)) is not None:
+        parts.append(f"training plan: {plan}")
     return " | ".join(parts)
 
 
@@ -179,37 +169,46 @@ def _title(run: OfflineRun) -> str:
 
 
 def render_figure(run: OfflineRun, tables: dict[int, list[tuple[float, float]]], title: str):
-    """A 2 x 4 grid of panels (a matplotlib Figure on the Agg canvas; no pyplot, no global state)."""
+    """A 3 x 3 grid of panels, time and padding first (a matplotlib Figure on the Agg canvas; no pyplot, no global
+    state). Keys are the trainer's (`lenbalance/...`; in wandb under `train/`)."""
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(18, 8.5), layout="constrained")
+    figure = Figure(figsize=(16, 12.5), layout="constrained")
     figure.suptitle(title, fontsize=13)
-    axes = figure.subplots(2, 4).ravel()
-    _lines(axes[0], run, "(a) loss-forward tokens that are padding", "% of computed tokens",
-           [("train/pad_frac", "rl-lenbalance", NOW), ("train/pad_frac_stock", "stock TRL", STOCK)], percent=True)
-    _tokens_saved(axes[1], run)
-    _lines(axes[2], run, "(b) decode slots wasted on padding", "% of decode slots",
-           [("gen/slot_waste", "rl-lenbalance", NOW), ("gen/slot_waste_stock", "stock TRL", STOCK)], percent=True)
-    _lines(axes[3], run, "(c) predictor online MAE (before training on the round)", "tokens",
-           [("predictor/mae_static", "PLP, prompt only (t=0)", NOW),
-            ("predictor/mae_plp32", "PLP after 32 tokens", "tab:green"),
-            ("predictor/mae_naive_static", "naive mean (t=0)", NAIVE),
-            ("predictor/mae_naive_plp32", "naive mean (t=32)", "tab:red")], dashed={"predictor/mae_naive_static",
-                                                                                    "predictor/mae_naive_plp32"})
-    _lines(axes[4], run, "(d) rank imbalance: max / mean loss tokens per rank", "max / mean (1 = balanced)",
-           [("train/rank_imbalance", "rl-lenbalance", NOW), ("train/rank_imbalance_stock", "stock TRL", STOCK)],
+    axes = figure.subplots(3, 3).ravel()
+    _lines(axes[0], run, "(a) seconds per optimizer step, this rank", "seconds",
+           [(f"{LB}time/generation_s", "generation phase", "tab:purple"), (f"{LB}time/loss_phase_s", "loss phase", NOW),
+            ("step_time", "whole step: TRL's step_time (no device sync)", STOCK)], dashed={"step_time"},
+           totals={f"{LB}time/generation_s", f"{LB}time/loss_phase_s"},
+           note="stock TRL's seconds: rl-lenbalance compare")
+    _lines(axes[1], run, "(b) loss-forward tokens that are padding", "% of computed tokens",
+           [(f"{LB}train/pad_frac", "rl-lenbalance", NOW), (f"{LB}train/pad_frac_stock", "stock TRL", STOCK)],
+           percent=True)
+    _lines(axes[2], run, "(c) decode slots wasted on padding", "% of decode slots",
+           [(f"{LB}gen/slot_waste", "rl-lenbalance", NOW), (f"{LB}gen/slot_waste_stock", "stock TRL", STOCK)],
+           percent=True)
+    _tokens_saved(axes[3], run)
+    _lines(axes[4], run, "(e) rank imbalance: max / mean loss tokens per rank", "max / mean (1 = balanced)",
+           [(f"{LB}train/rank_imbalance", "rl-lenbalance", NOW),
+            (f"{LB}train/rank_imbalance_stock", "stock TRL", STOCK)],
            note=_single_rank_note(run))
-    _lines(axes[5], run, "(e) predictor fallbacks and skipped updates (cumulative)", "count",
-           [("predictor/fallbacks", "fallbacks to stock scheduling", "tab:red"),
-            ("predictor/skipped_updates", "skipped (non-finite) updates", NAIVE)], integer=True)
-    _scatter(axes[6], tables)
-    _lines(axes[7], run, "predictor overhead (% of generation time)", "%",
-           [("predictor/overhead_frac", "hooks + online training", NOW)], percent=True)
+    _lines(axes[5], run, "(f) predictor overhead (% of generation time)", "%",
+           [(f"{LB}predictor/overhead_frac", "hooks + online training", NOW)], percent=True)
+    _lines(axes[6], run, "(g) predictor online MAE (before training on the round)", "tokens",
+           [(f"{LB}predictor/mae_static", "PLP, prompt only (t=0)", NOW),
+            (f"{LB}predictor/mae_plp32", "PLP after 32 tokens", "tab:green"),
+            (f"{LB}predictor/mae_naive_static", "naive mean (t=0)", NAIVE),
+            (f"{LB}predictor/mae_naive_plp32", "naive mean (t=32)", "tab:red")],
+           dashed={f"{LB}predictor/mae_naive_static", f"{LB}predictor/mae_naive_plp32"})
+    _scatter(axes[7], tables)
+    _lines(axes[8], run, "(i) predictor fallbacks and skipped updates (cumulative)", "count",
+           [(f"{LB}predictor/fallbacks", "fallbacks to stock scheduling", "tab:red"),
+            (f"{LB}predictor/skipped_updates", "skipped (non-finite) updates", NAIVE)], integer=True)
     return figure
 
 
 def _single_rank_note(run: OfflineRun) -> str:
-    values = series(run, f"{PREFIX}train/rank_imbalance")[1] + series(run, f"{PREFIX}train/rank_imbalance_stock")[1]
+    values = series(run, f"{LB}train/rank_imbalance")[1] + series(run, f"{LB}train/rank_imbalance_stock")[1]
     return "all 1.0: one process (nothing to balance across ranks)" if values and set(values) == {1.0} else ""
 
 
@@ -238,20 +237,24 @@ def _finish(ax, title: str, ylabel: str, integer: bool = False, missing: list[st
 
 
 def _lines(ax, run: OfflineRun, title: str, ylabel: str, keys: list[tuple[str, str, str]], percent: bool = False,
-           dashed: set[str] = frozenset(), integer: bool = False, note: str = "") -> None:
+           dashed: set[str] = frozenset(), integer: bool = False, note: str = "",
+           totals: set[str] = frozenset()) -> None:
+    """One line per (key, label, color); the labels of `totals` keys end with their sum over the run (seconds)."""
     drawn, missing = 0, []
     for key, label, color in keys:
-        steps, values = series(run, PREFIX + key)
+        steps, values = series(run, key)
         if not steps:
             missing.append(label)
             continue
+        if key in totals:
+            label += f" ({sum(values):.1f} s in all)"
         if percent:
             values = [100 * v for v in values]
         ax.plot(steps, values, marker="o", markersize=4, label=label, color=color,
                 linestyle="--" if key in dashed else "-")
         drawn += 1
     if not drawn:
-        _no_data(ax, title, [PREFIX + key for key, _, _ in keys])
+        _no_data(ax, title, [WANDB_PREFIX + key for key, _, _ in keys])
         return
     if note:
         ax.text(0.5, 0.9, note, ha="center", fontsize=8, color="0.4", transform=ax.transAxes)
@@ -259,14 +262,14 @@ def _lines(ax, run: OfflineRun, title: str, ylabel: str, keys: list[tuple[str, s
 
 
 def _tokens_saved(ax, run: OfflineRun) -> None:
-    title = "(a) padded tokens saved vs stock TRL (cumulative)"
+    title = "(d) padded tokens saved vs stock TRL (cumulative)"
     loss_steps, loss_saved = loss_tokens_saved(run)
-    gen_steps, slots = series(run, f"{PREFIX}gen/decode_slots")
-    stock = dict(zip(*series(run, f"{PREFIX}gen/decode_slots_stock")))
+    gen_steps, slots = series(run, f"{LB}gen/decode_slots")
+    stock = dict(zip(*series(run, f"{LB}gen/decode_slots_stock")))
     gen = [(s, stock[s] - v) for s, v in zip(gen_steps, slots) if s in stock]
     if not loss_steps and not gen:
-        _no_data(ax, title, [f"{PREFIX}train/pad_frac(_stock) + train/num_tokens",
-                             f"{PREFIX}gen/decode_slots(_stock)"])
+        _no_data(ax, title, [f"{WANDB_PREFIX}{LB}train/pad_frac(_stock) + {WANDB_PREFIX}num_tokens",
+                             f"{WANDB_PREFIX}{LB}gen/decode_slots(_stock)"])
         return
     if loss_steps:
         ax.plot(loss_steps, _cumulative(loss_saved), marker="o", markersize=4, color=NOW,
@@ -278,7 +281,7 @@ def _tokens_saved(ax, run: OfflineRun) -> None:
 
 
 def _scatter(ax, tables: dict[int, list[tuple[float, float]]]) -> None:
-    title = "(f) predicted (t=0) vs actual completion length"
+    title = "(h) predicted (t=0) vs actual completion length"
     pairs = [(step, p, a) for step, rows in sorted(tables.items()) for p, a in rows]
     if not pairs:
         _no_data(ax, title, [f"{TABLE} (wandb.Table; lenbalance.log_table_every)"])
@@ -306,45 +309,14 @@ def _scatter(ax, tables: dict[int, list[tuple[float, float]]]) -> None:
 # --- totals and HTML --------------------------------------------------------------------------------------------
 
 
-def totals(run: OfflineRun, summary: dict[str, Any]) -> list[tuple[str, str, str]]:
-    """(metric, rl-lenbalance, stock TRL) rows of the run's totals: the `rl-lenbalance train` table, from the run's
-    `lenbalance_summary.json` when it wrote one, else from its logged metrics (`logged_summary`)."""
-    return ledger.summary_rows(summary or logged_summary(run))
-
-
-def logged_summary(run: OfflineRun) -> dict[str, float]:
-    """What `ledger.summary` holds, rebuilt from the logged per-round metrics of a run that wrote no summary (still
-    running, or trained without `rl-lenbalance train`). Loss-phase tokens are estimated as in `loss_tokens_saved`."""
-
-    def last(key: str) -> float:
-        values = series(run, PREFIX + key)[1]
-        return values[-1] if values else math.nan
-
-    def total(key: str) -> float:
-        return sum(series(run, PREFIX + key)[1])
-
-    def wasted(real: float, computed: float) -> float:
-        return 1.0 - real / computed if computed else math.nan
-
-    steps = series(run, STEP)[1]
-    generated = total("gen/real_tokens")
-    _, loss_real, computed, stock = _loss_tokens(run)
-    return {
-        "steps": max(steps) if steps else 0,
-        "decode_slot_waste": wasted(generated, total("gen/decode_slots")),
-        "decode_slot_waste_stock": wasted(generated, total("gen/decode_slots_stock")),
-        "decode_steps": total("gen/decode_steps") or math.nan,
-        "decode_steps_stock": total("gen/decode_steps_stock") or math.nan,
-        "reprefill_tokens": total("gen/reprefill_tokens"),
-        "loss_pad_frac": wasted(sum(loss_real), sum(computed)),
-        "loss_pad_frac_stock": wasted(sum(loss_real), sum(stock)),
-        "mae_static": last("predictor/mae_static"),
-        "mae_plp32": last("predictor/mae_plp32"),
-        "mae_naive_static": last("predictor/mae_naive_static"),
-        "mae_naive_plp32": last("predictor/mae_naive_plp32"),
-        "predictor_overhead_frac": last("predictor/overhead_frac"),
-        "fallbacks": last("predictor/fallbacks"),
-    }
+def logged_summary(run: OfflineRun) -> dict[str, Any]:
+    """`ledger.summary` of a run that wrote no `lenbalance_summary.json` (still running, or trained without
+    `rl-lenbalance train`), from its logged metrics (`ledger.logged_totals`); its wall time is TRL's `train_runtime`,
+    known once training ended."""
+    rows = logged_rows(run)
+    return ledger.summary(ledger.logged_totals(rows, _iterations(run)), rows,
+                          steps=int(max((row["step"] for row in rows), default=0)),
+                          wall_s=run.summary.get("train_runtime", math.nan))
 
 
 def render_html(title: str, folder: Path, png: bytes, rows: list[tuple[str, str, str]]) -> str:
@@ -375,6 +347,7 @@ code {{ font-size: 90%; }}
 <tr><th>metric</th><th>rl-lenbalance</th><th>stock TRL (same batch)</th></tr>
 {body}
 </table>
+<p>{esc(ledger.SECONDS_NOTE)}</p>
 <h2>Per step</h2>
 <img alt="rl-lenbalance report panels" src="data:image/png;base64,{image}">
 </body>

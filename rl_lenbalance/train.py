@@ -16,11 +16,15 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from . import ledger
 from .recipe import Recipe, RecipeError, load_recipe, parse_yaml, preflight
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 
 def build_trainer(recipe: Recipe, trainer_class: type | None = None):
@@ -40,26 +44,28 @@ def build_trainer(recipe: Recipe, trainer_class: type | None = None):
                          train_dataset=dataset, **extra)
 
 
-def summarize(trainer, wall_s: float) -> dict[str, float]:
-    """The run's summary (see `ledger.summary`): time, predictor error against the naive baseline, padding computed
-    vs stock TRL."""
+def summarize(trainer, wall_s: float) -> dict[str, Any]:
+    """The run's summary (`ledger.summary`): seconds per phase, padding computed vs stock TRL, predictor error against
+    the naive baseline."""
     logged = [row for row in trainer.state.log_history if any(k.startswith("lenbalance/") for k in row)]
-    return ledger.summary(trainer.lenbalance_totals, logged, trainer.state.global_step, wall_s, trainer.lenbalance.fallbacks)
+    return ledger.summary(trainer.lenbalance_totals, logged, trainer.state.global_step, wall_s,
+                          trainer.lenbalance.fallbacks)
 
 
-def print_summary(summary: dict[str, float]) -> None:
+def print_summary(summary: dict[str, Any], console: Console | None = None) -> None:
+    """The summary as a table (`ledger.summary_rows`), on `console` (default: the terminal)."""
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="rl-lenbalance: what this run saved")
+    table = Table(title="rl-lenbalance: what this run saved", caption=ledger.SECONDS_NOTE, caption_justify="left")
     for column, justify in (("metric", "left"), ("rl-lenbalance", "right"), ("stock TRL (same batch)", "right")):
         table.add_column(column, justify=justify)
     for row in ledger.summary_rows(summary):
         table.add_row(*row)
-    Console().print(table)
+    (console or Console()).print(table)
 
 
-def run(recipe_path: str, overrides: dict | None = None) -> dict[str, float]:
+def run(recipe_path: str, overrides: dict | None = None) -> dict[str, Any]:
     """Train as the recipe says; print and return the summary (also written to output_dir/lenbalance_summary.json)."""
     os.environ.setdefault("WANDB_MODE", "offline")
     recipe = load_recipe(recipe_path, overrides)

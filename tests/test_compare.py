@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from pathlib import Path
 
+import pytest
 import torch
+from rich.console import Console
 
-from rl_lenbalance.compare import Turnstile, _rng_state, compare_recipe
+from rl_lenbalance.compare import CompareError, Turnstile, _rng_state, add_ratios, compare_recipe, print_comparison
 
 QUICKSTART = Path(__file__).parents[1] / "recipes" / "quickstart.yaml"
 
@@ -36,6 +39,78 @@ def test_turnstile_alternates_the_order_every_round_and_isolates_rng_streams():
     draws = {name: [x for n, x in seen if n == name] for name in ("a", "b")}
     torch.manual_seed(7)
     assert draws["a"] == draws["b"] == [torch.rand(1).item() for _ in range(3)]  # as if each ran alone
+
+
+def _stepping(turnstile: Turnstile, name: str, steps: int, seen: list[str], step=lambda n: None):
+    """A fake trainer: `steps` turns, each recorded in `seen` and running `step(n)`, as `_TakeTurns` drives one."""
+
+    def job() -> None:
+        turnstile.acquire(name)
+        for n in range(1, steps + 1):
+            seen.append(f"{name}{n}")
+            step(n)
+            turnstile.release(name)
+            turnstile.acquire(name)
+
+    return job
+
+
+def _threads_end() -> bool:
+    """Every fake's thread ended (a job waiting for its turn is stopped once another failed)."""
+    threads = [t for t in threading.enumerate() if t.name.startswith("compare-")]
+    for thread in threads:
+        thread.join(timeout=10)
+    return not any(thread.is_alive() for thread in threads)
+
+
+def _turnstile(names: list[str], **kwargs) -> Turnstile:
+    turnstile = Turnstile(names, **kwargs)
+    turnstile.rng = {name: _rng_state() for name in names}
+    return turnstile
+
+
+def test_a_variant_that_raises_ends_the_comparison_at_once_naming_it_and_its_step():
+    turnstile, seen = _turnstile(["a", "b"]), []
+
+    def step(n: int) -> None:
+        if n == 2:
+            raise ValueError("boom")
+
+    jobs = {"a": _stepping(turnstile, "a", 5, seen), "b": _stepping(turnstile, "b", 5, seen, step)}
+    with pytest.raises(CompareError, match=r"variant 'b' failed in step 2: ValueError: boom") as error:
+        turnstile.run(jobs)
+    assert isinstance(error.value.__cause__, ValueError)
+    assert seen == ["a1", "b1", "b2"]  # order a b, then b a: "a" never ran its step 2
+    assert _threads_end()
+
+
+def test_a_variant_that_hangs_ends_the_comparison_after_the_turn_timeout():
+    turnstile, seen, hang = _turnstile(["a", "b"], turn_timeout_s=0.5), [], threading.Event()
+    jobs = {"a": _stepping(turnstile, "a", 3, seen), "b": _stepping(turnstile, "b", 3, seen, lambda n: hang.wait())}
+    start = time.monotonic()
+    with pytest.raises(CompareError, match=r"variant 'b' did not finish step 1 within turn_timeout_s=0.5 s"):
+        turnstile.run(jobs)
+    assert 0.5 <= time.monotonic() - start < 10 and seen == ["a1", "b1"]
+    hang.set()  # let the fake's daemon thread end
+    assert _threads_end()
+
+
+def test_the_comparison_table_fits_an_80_column_terminal():
+    def result(name: str, seconds: float) -> dict:
+        return {"variant": name, "steps": 6, "warmup_steps": 1, "whole_step_s_median": 2 * seconds,
+                "generation_s_median": seconds, "loss_phase_s_median": seconds, "microstep_s_median": seconds / 10,
+                "loss_pad_frac": 0.25, "whole_s_per_1k_completion_tokens": seconds}
+
+    results = [result("stock", 121.7), result("lenbalance", 101.2), result("lenbalance_generation_only", 1234.5)]
+    add_ratios(results)
+    results[1] |= {"autotune_choice": "sorted", "autotune_ratio_vs_stock": 1.25}
+    console = Console(width=80, record=True)
+    print_comparison(results, console)
+    text = console.export_text()
+    assert "…" not in text and max(map(len, text.splitlines())) <= 80
+    for shown in ("stock", "lenbalance", "243.40", "1234.50", "25.0%", "1.20×", "generation phase",
+                  "lenbalance: training plan: sorted (1.25× stock)"):
+        assert shown in text, shown
 
 
 def test_compare_recipe_times_stock_and_lenbalance_on_the_same_rollouts(eos_tiny_model_dir, tmp_path):

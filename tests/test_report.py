@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from rl_lenbalance.report import (HTML_NAME, PNG_NAME, build_report, load_length_tables, locate_run,
-                                  loss_tokens_saved, main, render_figure, totals)
+from rl_lenbalance.ledger import summary_rows
+from rl_lenbalance.report import (HTML_NAME, PNG_NAME, build_report, load_length_tables, locate_run, logged_summary,
+                                  loss_tokens_saved, main, render_figure)
 from rl_lenbalance.wandb_offline import find_runs, read_run
 
 QUICKSTART = Path(__file__).parents[1] / "recipes" / "quickstart.yaml"
@@ -33,7 +34,8 @@ def _embedded_png(page: str) -> bytes:
 
 @pytest.fixture(scope="module")
 def partial_run(tmp_path_factory) -> Path:
-    """An offline run with padding and MAE metrics for two steps, but no lengths table and no rank metrics."""
+    """An offline run with padding, seconds and MAE metrics for two steps and an autotuned plan, but no lengths table
+    and no rank metrics."""
     import wandb
 
     root = tmp_path_factory.mktemp("partial_run")
@@ -48,7 +50,10 @@ def partial_run(tmp_path_factory) -> Path:
                      f"{P}train/pad_frac": 0.1, f"{P}train/pad_frac_stock": 0.25,  # 1000 vs 1200 computed
                      f"{P}gen/decode_slots": 500, f"{P}gen/decode_slots_stock": 600, f"{P}gen/real_tokens": 400,
                      f"{P}gen/slot_waste": 0.2, f"{P}gen/slot_waste_stock": 1 / 3,
-                     f"{P}predictor/mae_static": 10.0 / step, f"{P}predictor/fallbacks": 0})
+                     f"{P}predictor/mae_static": 10.0 / step, f"{P}predictor/fallbacks": 0,
+                     f"{P}time/generation_s": 3.0, f"{P}time/loss_phase_s": 1.0 * step, "train/step_time": 4.0,
+                     f"{P}autotune/choice": "sorted", f"{P}autotune/ratio_vs_stock": 1.25})
+        run.summary["train_runtime"] = 10.0  # as transformers' WandbCallback stores it at the end
         run.finish()
         wandb.teardown()  # wandb keeps its first settings (WANDB_DIR included) per process until teardown
     return root
@@ -59,11 +64,15 @@ def test_padded_tokens_saved_is_stock_minus_computed(partial_run):
     steps, saved = loss_tokens_saved(run)
     assert steps == [1.0, 2.0]
     assert saved == pytest.approx([200.0, 200.0])
-    rows = {label: (now, stock) for label, now, stock in totals(run, {})}  # no summary file: from the logged metrics
+    rows = {label: (now, stock) for label, now, stock in summary_rows(logged_summary(run))}  # no summary file
     assert rows["decode slots wasted on padding"] == ("20.0%", "33.3%")
     assert rows["loss-forward tokens that are padding"] == ("10.0%", "25.0%")
     assert rows["predictor MAE, prompt only (t=0), last round"] == ("5.0 tok", "")
     assert rows["steps"] == ("2", "")
+    assert rows["whole step (wall time / steps)"] == ("5.00 s/step (10.0 s)", "")
+    assert rows["generation phase (rollouts, rewards), this rank"] == ("3.00 s/step (6.0 s)", "")
+    assert rows["loss phase (forward, backward), this rank"] == ("1.50 s/step (3.0 s)", "")
+    assert rows["training plan"] == ("sorted (1.25× stock)", "")
 
 
 def test_missing_metrics_become_no_data_panels(partial_run, tmp_path):
@@ -71,11 +80,17 @@ def test_missing_metrics_become_no_data_panels(partial_run, tmp_path):
     assert load_length_tables(run) == {}
     figure = render_figure(run, {}, "t")
     no_data = [ax.get_title(loc="left") for ax in figure.axes if any(t.get_text().startswith("no data") for t in ax.texts)]
-    assert any(title.startswith("(d) rank imbalance") for title in no_data)
-    assert any(title.startswith("(f) predicted") for title in no_data)
-    assert not any(title.startswith("(a)") or title.startswith("(b)") for title in no_data)
+    assert any(title.startswith("(e) rank imbalance") for title in no_data)
+    assert any(title.startswith("(h) predicted") for title in no_data)
+    assert not any(title[:3] in ("(a)", "(b)", "(c)") for title in no_data)  # seconds and padding
+    (seconds,) = [ax for ax in figure.axes if ax.get_title(loc="left").startswith("(a) seconds")]
+    labels = [text.get_text() for text in seconds.get_legend().get_texts()]
+    assert labels == ["generation phase (6.0 s in all)", "loss phase (3.0 s in all)",
+                      "whole step: TRL's step_time (no device sync)"]
     paths = build_report(partial_run, tmp_path)
-    assert paths.png.stat().st_size > 10_000 and "400" in paths.html.read_text()
+    page = paths.html.read_text()
+    assert paths.png.stat().st_size > 10_000 and "<td>20.0%</td><td>33.3%</td>" in page  # decode slots wasted
+    assert "training plan: sorted (1.25× stock)" in page and "1.50 s/step (3.0 s)" in page
 
 
 def test_every_way_of_naming_the_run_finds_the_same_folder(partial_run):
@@ -146,6 +161,8 @@ def test_report_of_a_real_run(trained_run, tmp_path):
                          ("stock", summary["loss_pad_frac_stock"])):
         assert f"{value:.1%}" in page, label
     assert "decode slots wasted on padding" in page and "predictor MAE, prompt only (t=0)" in page
+    assert "whole step (wall time / steps)" in page and "loss phase (forward, backward)" in page
+    assert "training plan" not in page  # nothing autotuned: no plan
 
     run = read_run(paths.run_dir)
     tables = load_length_tables(run)
