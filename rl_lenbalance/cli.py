@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from .schedule import STRATEGIES
+
 
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -19,6 +21,9 @@ def main(argv: list[str] | None = None) -> None:
     compare.add_argument("recipe", help="A recipe YAML, e.g. recipes/quickstart.yaml.")
     compare.add_argument("--steps", type=int, default=4, help="Optimizer steps per trainer, the warm-up step included.")
     compare.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="Override recipe keys, as for train.")
+    compare.add_argument("--plans", nargs="*", default=[], choices=list(STRATEGIES), metavar="STRATEGY",
+                         help="Also run rl-lenbalance with lenbalance.training_plan pinned to each of these loss "
+                              f"strategies ({', '.join(STRATEGIES)}), to see what 'auto' chose from.")
     compare.add_argument("--turn-timeout", type=float, default=3600.0, metavar="SECONDS",
                          help="Stop with an error when one trainer spends longer than this on one optimizer step.")
     report = commands.add_parser("report", help="PNG panels + one self-contained HTML page of a finished run.")
@@ -40,7 +45,8 @@ def main(argv: list[str] | None = None) -> None:
         from .train import parse_overrides
 
         try:
-            compare_recipe(args.recipe, parse_overrides(args.set), steps=args.steps, turn_timeout_s=args.turn_timeout)
+            compare_recipe(args.recipe, parse_overrides(args.set), steps=args.steps, turn_timeout_s=args.turn_timeout,
+                           plans=args.plans)
         except RecipeError as error:
             parser.exit(2, f"rl-lenbalance: error: {error}\n")
     elif args.command == "report" and not rest:

@@ -20,7 +20,7 @@ import statistics
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,6 +29,7 @@ import torch
 from transformers import TrainerCallback
 
 from . import ledger
+from .schedule import STRATEGIES
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -260,7 +261,7 @@ def summarize(name: str, trainer, warmup: int, settings: dict | None) -> dict:
                               loss_real_tokens=sum(r.loss_real_tokens for r in records),
                               generate_s=own.generate_s if own else 0.0,
                               predictor_overhead_s=own.predictor_overhead_s if own else 0.0)
-    run = ledger.summary(totals, trainer.state.log_history, len(records))
+    run = ledger.summary(totals, trainer.state.log_history, len(records), plan_names=list(STRATEGIES))
     completion_tokens = sum(r.completion_tokens for r in records)
     out = {"variant": name, "settings": settings, "steps": len(records), "warmup_steps": warmup}
     for phase in PHASES:
@@ -275,6 +276,9 @@ def summarize(name: str, trainer, warmup: int, settings: dict | None) -> dict:
     }
     if own is not None:
         out["predictor_overhead_frac"] = run["predictor_overhead_frac"]
+    autotune = getattr(trainer, "_autotune", None)  # the tuner's own medians: what its choice was based on
+    if autotune is not None and autotune.timings:
+        out["autotune_s_per_ktok_median"] = {name: statistics.median(t) for name, t in autotune.timings.items()}
     return out | {key: run[key] for key in ("autotune_choice", "autotune_ratio_vs_stock") if key in run}
 
 
@@ -334,9 +338,10 @@ def print_comparison(results: list[dict], console: Console | None = None) -> Non
 
 
 def compare_recipe(recipe_path: str, overrides: dict | None = None, steps: int = 4, warmup: int = 1,
-                   turn_timeout_s: float = 3600.0) -> list[dict]:
+                   turn_timeout_s: float = 3600.0, plans: list[str] | None = None) -> list[dict]:
     """Stock `GRPOTrainer` and `LenBalanceGRPOTrainer`, both as the recipe says (trained `steps` steps, nothing saved
-    or reported); prints the table and writes it to `output_dir/lenbalance_compare.json`."""
+    or reported), plus one `LenBalanceGRPOTrainer` per loss strategy in `plans` (`lenbalance.training_plan` pinned);
+    prints the table and writes it to `output_dir/lenbalance_compare.json`."""
     from trl import GRPOTrainer
 
     from .integrations import LenBalanceGRPOTrainer
@@ -350,9 +355,13 @@ def compare_recipe(recipe_path: str, overrides: dict | None = None, steps: int =
     recipe = load_recipe(recipe_path, (overrides or {}) | fixed)
 
     def build(settings: dict | None, _name: str):
-        return build_trainer(recipe, timed(GRPOTrainer if settings is None else LenBalanceGRPOTrainer))
+        if settings is None:
+            return build_trainer(recipe, timed(GRPOTrainer))
+        return build_trainer(replace(recipe, lenbalance=replace(recipe.lenbalance, **settings)),
+                             timed(LenBalanceGRPOTrainer))
 
-    results = compare(build, {"stock": None, "lenbalance": {}}, warmup, turn_timeout_s)
+    variants = {"stock": None, "lenbalance": {}} | {f"lenbalance_{plan}": {"training_plan": plan} for plan in plans or ()}
+    results = compare(build, variants, warmup, turn_timeout_s)
     print_comparison(results)
     out = Path(recipe.training.output_dir, "lenbalance_compare.json")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from . import ledger
+from .schedule import STRATEGIES
 from .recipe import Recipe, RecipeError, load_recipe, parse_yaml, preflight
 
 if TYPE_CHECKING:
@@ -49,7 +50,7 @@ def summarize(trainer, wall_s: float) -> dict[str, Any]:
     the naive baseline."""
     logged = [row for row in trainer.state.log_history if any(k.startswith("lenbalance/") for k in row)]
     return ledger.summary(trainer.lenbalance_totals, logged, trainer.state.global_step, wall_s,
-                          trainer.lenbalance.fallbacks)
+                          trainer.lenbalance.fallbacks, plan_names=list(STRATEGIES))
 
 
 def print_summary(summary: dict[str, Any], console: Console | None = None) -> None:

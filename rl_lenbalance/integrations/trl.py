@@ -20,7 +20,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from accelerate.utils import gather_object, pad_across_processes
@@ -35,7 +35,7 @@ from ..capture import CaptureResult
 from ..config import AUTO, LenBalanceConfig
 from ..engine import LenBalanceEngine, private_rng
 from ..generation import compacted_generate, unsupported_options
-from ..ledger import RunTotals, TrainingLedger, gather_ledgers, round_metrics, training_metrics
+from ..ledger import RunTotals, TrainingLedger, gather_ledgers, round_metrics, time_metrics, training_metrics
 from ..rollout import Backend, RolloutSettings, run_admitted, run_rollout
 from ..schedule import (ROW_MEAN_LOSSES, STRATEGIES, Autotuner, Strategy, TrainingPlan, exact_strategies,
                         optimizer_steps, plan_training, regrouping_blockers, stock_plan, take_rows, trim_padding)
@@ -102,6 +102,7 @@ class LenBalanceMixin:
                                    recheck_every=config.autotune_every)
         self._lenbalance_pass: LossPass | None = None  # the generation batch being trained, and its current pass
         self.lenbalance_totals = RunTotals()  # summed over the run, for the summary table
+        self._lenbalance_logged_totals = RunTotals()  # the totals at the last training log (per-step seconds)
         self.lenbalance_last_lengths: list[tuple[float, int]] = []  # (predicted at t=0, actual) of the last round
         self.lenbalance_resume_from: str | None = None  # the checkpoint `train` resumes; the callback restores from it
         self._lenbalance_tool_turn = False  # True inside TRL's tool loop (later turns of tools / environments)
@@ -449,10 +450,14 @@ class LenBalanceMixin:
 
     @_stock_when_reentered
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Stock, plus the count of logged optimizer steps whose `grad_norm` was not finite (a divergence alarm)."""
+        """Stock, plus each phase's seconds since the last training log and the count of logged optimizer steps
+        whose `grad_norm` was not finite (a divergence alarm)."""
         if "grad_norm" in logs:
-            self.lenbalance_totals.nonfinite_grad_steps += not math.isfinite(logs["grad_norm"])
-            logs["lenbalance/train/nonfinite_grad_steps"] = float(self.lenbalance_totals.nonfinite_grad_steps)
+            totals = self.lenbalance_totals
+            totals.nonfinite_grad_steps += not math.isfinite(logs["grad_norm"])
+            logs["lenbalance/train/nonfinite_grad_steps"] = float(totals.nonfinite_grad_steps)
+            self._log_lenbalance(time_metrics(totals, self._lenbalance_logged_totals))
+            self._lenbalance_logged_totals = replace(totals)
         super().log(logs, start_time)
 
     def _log_lenbalance(self, metrics: dict[str, float]) -> None:
