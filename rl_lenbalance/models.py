@@ -166,6 +166,32 @@ def resolve_model(name_or_path: str | os.PathLike | None,
     return name, False
 
 
+@contextlib.contextmanager
+def _hub_errors(source: str, local: bool):
+    """Turn a hub model's OSError (not local, not cached, no hub) into a `HubUnreachableError` that says what to do."""
+    try:
+        yield
+    except OSError as error:
+        if local:
+            raise
+        why = ("the Hugging Face Hub is unreachable (HF_HUB_OFFLINE=1 is set)" if _hub_offline()
+               else "the Hugging Face Hub is unreachable or has no such model")
+        raise HubUnreachableError(
+            f"Cannot load model {source!r}: it is not a local folder, it is not in the local HF cache, and {why}. "
+            f"Pass a local model folder, or {EMBEDDED_MODEL!r} (the default) for the embedded "
+            f"SmolLM2-135M-Instruct that needs no hub. ({type(error).__name__}: {error})"
+        ) from error
+
+
+def model_config(name_or_path: str | os.PathLike | None = None):
+    """The model's `PretrainedConfig` (no weights are read), with `load_model`'s errors."""
+    from transformers import AutoConfig
+
+    source, local = resolve_model(name_or_path)
+    with _hub_errors(source, local):
+        return AutoConfig.from_pretrained(source)
+
+
 def load_model(
     name_or_path: str | os.PathLike | None = None,
     dtype: torch.dtype | str = torch.float32,
@@ -181,19 +207,9 @@ def load_model(
 
     source, local = resolve_model(name_or_path, cache_dir)
     dtype = _as_dtype(dtype)
-    try:
+    with _hub_errors(source, local):
         tokenizer = AutoTokenizer.from_pretrained(source, padding_side="left")
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-    except OSError as error:
-        if local:
-            raise
-        why = ("the Hugging Face Hub is unreachable (HF_HUB_OFFLINE=1 is set)" if _hub_offline()
-               else "the Hugging Face Hub is unreachable or has no such model")
-        raise HubUnreachableError(
-            f"Cannot load model {source!r}: it is not a local folder, it is not in the local HF cache, and {why}. "
-            f"Pass a local model folder, or {EMBEDDED_MODEL!r} (the default) for the embedded "
-            f"SmolLM2-135M-Instruct that needs no hub. ({type(error).__name__}: {error})"
-        ) from error
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -201,16 +201,13 @@ def preflight(recipe: Recipe) -> None:
     """Check what needs only the model's config and the saved predictor's JSON, before any weights load: the model
     path, `lenbalance.feature_layer` against the model's layers, and `lenbalance.predictor_path`'s head against
     this run (the same `check_head` the engine applies)."""
-    from transformers import AutoConfig
-
     from .engine import check_head
-    from .models import resolve_model
+    from .models import model_config
     from .predictor import read_head_config
 
     name, lenbalance = recipe.model.name_or_path, recipe.lenbalance
     try:
-        source, _ = resolve_model(name)
-        text = AutoConfig.from_pretrained(source).get_text_config()
+        text = model_config(name).get_text_config()
     except (OSError, ValueError) as error:
         raise RecipeError(f"model.name_or_path={name!r} cannot be loaded: {error}") from error
     layers = getattr(text, "num_hidden_layers", None)

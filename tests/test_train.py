@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from rl_lenbalance.recipe import load_recipe
+from rl_lenbalance.recipe import RecipeError, load_recipe
 from rl_lenbalance.train import build_trainer, parse_overrides
 from rl_lenbalance.wandb_offline import find_runs, read_run
 
@@ -47,8 +47,9 @@ def test_unknown_recipe_key_names_the_closest_valid_one(tmp_path):
 def test_a_hub_model_without_a_hub_is_a_clear_error(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"output_dir: {tmp_path}\nuse_cpu: true\nmodel:\n  name_or_path: Qwen/Qwen2.5-0.5B-Instruct\n")
-    with pytest.raises(OSError, match="unreachable"):
-        build_trainer(load_recipe(recipe))
+    with pytest.raises(RecipeError, match=r"name_or_path='Qwen/Qwen2.5-0.5B-Instruct' cannot be loaded: .*Hub is "
+                                          r"unreachable \(HF_HUB_OFFLINE=1 is set\).*Pass a local model folder"):
+        build_trainer(load_recipe(recipe))  # before any weights load
 
 
 def test_overrides_parse_yaml_scalars_and_section_keys():

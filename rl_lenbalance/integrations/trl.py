@@ -355,9 +355,9 @@ class LenBalanceMixin:
         autotune = self._autotune
         changed = autotune.record(loss_pass.strategy, per_ktok)
         ratio = autotune.ratio_vs_stock()
-        self._log_lenbalance({f"autotune/{loss_pass.strategy}_s_per_ktok": per_ktok,
-                              "autotune/choice": float(list(STRATEGIES).index(autotune.choice))}
-                             | ({"autotune/ratio_vs_stock": ratio} if ratio is not None else {}))
+        chosen = {"autotune/choice": float(list(STRATEGIES).index(autotune.choice))} if autotune.decided else {}
+        self._log_lenbalance({f"autotune/{loss_pass.strategy}_s_per_ktok": per_ktok} | chosen
+                             | ({"autotune/ratio_vs_stock": ratio} if ratio is not None and autotune.decided else {}))
         if changed and self.accelerator.is_main_process:
             faster = f", {ratio:.2f}× faster than stock on this device" if ratio is not None else ""
             tqdm.write(f"rl-lenbalance: training plan: {autotune.choice}{faster}, "

@@ -91,6 +91,11 @@ class Autotuner:
         before, self.choice = self.choice, decide(self.timings, self.choice, self.margin)
         return self.choice != before
 
+    @property
+    def decided(self) -> bool:
+        """Whether `choice` comes from measurements (or is the only candidate)."""
+        return len(self.candidates) == 1 or self.passes - self.warmup >= self.samples * len(self.candidates)
+
     def ratio_vs_stock(self) -> float | None:
         """Stock's median time over the choice's (>1: the choice is faster), once both were measured."""
         if not self.timings.get(STOCK) or not self.timings.get(self.choice):
