@@ -11,41 +11,8 @@ from trl import GRPOTrainer
 from rl_lenbalance import LenBalanceConfig, LenBalanceGRPOTrainer
 from rl_lenbalance.schedule import admission_order, balance_rows
 
+from stand_ins import StandInVLLM, with_stand_in
 from test_grpo import make_args, make_trainer
-
-
-class StandInVLLM:
-    """What GRPOTrainer calls on its `vllm_generation` (`mode`, `sync_weights`, `generate`), returning replayed
-    completions: a pure function of the prompt, of which copy of it this is in the call, and of the call's index,
-    as vLLM's server (one request per group, `n` completions) or colocate mode (one request per row) would."""
-
-    def __init__(self, mode: str, eos: int) -> None:
-        self.mode, self.eos, self.submitted = mode, eos, []
-
-    def sync_weights(self) -> None:
-        pass
-
-    def generate(self, prompts, images, num_generations, profiler):
-        self.submitted.append([tuple(p) for p in prompts])
-        requests = prompts[::num_generations] if self.mode == "server" else prompts
-        n = num_generations if self.mode == "server" else 1
-        seen: dict[tuple, int] = {}
-        completions = []
-        for prompt in requests:
-            for _ in range(n):
-                k = seen[tuple(prompt)] = seen.get(tuple(prompt), -1) + 1
-                g = torch.Generator().manual_seed(sum(prompt) * 31 + 7919 * k + 104729 * len(self.submitted))
-                length = int(torch.randint(1, 30, (1,), generator=g))
-                completions.append(torch.randint(10, 500, (length,), generator=g).tolist() + [self.eos])
-        logprobs = [[[-0.5] for _ in c] for c in completions]
-        return prompts, completions, logprobs, None
-
-
-def _with_stand_in(trainer, mode: str):
-    trainer.use_vllm, trainer.vllm_mode, trainer._last_loaded_step = True, mode, -1  # as `use_vllm=True` sets them
-    trainer.vllm_importance_sampling_correction = False
-    trainer.vllm_generation = StandInVLLM(mode, trainer.eos_token_ids[0])
-    return trainer
 
 
 @pytest.mark.parametrize("mode", ["colocate", "server"])
@@ -57,7 +24,7 @@ def test_vllm_requests_go_longest_predicted_first_and_the_update_is_stocks(eos_t
         torch.manual_seed(0)
         trainer = make_trainer(cls, eos_tiny_model_dir, args, **kwargs)
         trainer.model.double()  # float64: regrouped sums agree to ~1e-12, so any misplaced completion would show
-        return _with_stand_in(trainer, mode)
+        return with_stand_in(trainer, mode)
 
     initial = build(GRPOTrainer).model
     stock = build(GRPOTrainer)

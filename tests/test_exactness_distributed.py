@@ -64,3 +64,42 @@ def test_greedy_generation_rebucketed_across_two_ranks_equals_stock(embedded_dir
     assert metrics["rows_moved_across_ranks"][1] > 0 and metrics["reprefill_tokens"][1] > 0
     assert metrics["decode_slots"][1] == metrics["real_tokens"][1]  # compaction: every slot a real token
     assert metrics["rank_imbalance"][1] < metrics["rank_imbalance_stock"][1]
+
+
+@pytest.mark.slow
+def test_admitted_backends_balanced_across_two_ranks_return_stocks_rows_and_parameters(eos_tiny_model_dir, tmp_path):
+    """vLLM (colocate stand-in) and continuous batching: rows dealt to the other rank by predicted work are generated
+    there and come back to their rows; TRL receives stock's rows, rewards, advantages and logprobs, in stock's order,
+    and learns stock's parameters."""
+    from collections import Counter
+
+    worker = Path(__file__).parent / "distributed" / "admitted_worker.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(worker),
+           str(eos_tiny_model_dir), str(tmp_path / "admitted")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"admitted.{rank}.json").read_text()) for rank in (0, 1)]
+    for backend in ("vllm", "cb"):
+        r0, r1 = ranks[0][backend], ranks[1][backend]
+        rounds = r0["rounds"]
+        assert r0["world_size"] == r1["world_size"] == 2 and rounds == r1["rounds"] == 4
+        for r in (r0, r1):  # what TRL received, row for row in stock's order, every round
+            for stock, ours in zip(r["stock"], r["ours"], strict=True):
+                for key in ("prompts", "completions", "rewards", "advantages", "logprobs"):
+                    assert ours[key] == stock[key], (backend, r["rank"], key)
+        for stock0, stock1 in zip(r0["stock"], r1["stock"], strict=True):  # rank 0 held the long answers
+            assert min(map(len, stock0["completions"])) > max(map(len, stock1["completions"])), backend
+        # rows generated on the other rank, round by round (prompts differ between the ranks within a round)
+        elsewhere = []
+        for n in range(rounds):
+            stock = [Counter(map(tuple, r["submitted_stock"][n])) for r in (r0, r1)]
+            ours = [Counter(map(tuple, r["submitted_ours"][n])) for r in (r0, r1)]
+            assert sum(ours, Counter()) == sum(stock, Counter()), (backend, n)  # the same requests in all
+            elsewhere.append(sum((o - s).total() for o, s in zip(ours, stock)))
+        assert all(r["submitted_ours"][0] == r["submitted_stock"][0] for r in (r0, r1)), backend  # round 1: stock's
+        assert elsewhere[0] == 0 and sum(elsewhere) > 0, (backend, elsewhere)  # rows really moved between ranks
+        assert r0["rows_moved"] == r1["rows_moved"] == [float(m) for m in elsewhere], (backend, r0["rows_moved"])
+        assert r0["max_rel_diff"] < 1e-8, (backend, r0["max_rel_diff"])
+    assert all(rnd["logprobs"] for r in ranks for rnd in r["vllm"]["stock"])  # vLLM's logprobs were compared
+    assert ranks[0]["vllm"]["moved"] > 1e-3  # the vLLM run learned (greedy groups have zero advantages)
