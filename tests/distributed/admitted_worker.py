@@ -129,7 +129,7 @@ def train(cls, backend, **extra):
 def compare(backend):
     """What both trainers received and learned, generating through `backend`."""
     stock, initial = train(Stock, backend)
-    ours, _ = train(Ours, backend, lenbalance_config=LenBalanceConfig())
+    ours, _ = train(Ours, backend, lenbalance_config=LenBalanceConfig(max_overhead=1.0))  # every round learns
     final_stock, final_ours = dict(stock.model.named_parameters()), dict(ours.model.named_parameters())
     logged = [row for row in ours.state.log_history if "lenbalance/gen/rows_moved_across_ranks" in row]
     return {
