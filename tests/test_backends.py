@@ -42,7 +42,8 @@ def test_vllm_requests_go_longest_predicted_first_and_the_update_is_stocks(eos_t
     moved = max((p - ours.model.get_parameter(n)).abs().max().item() for n, p in initial.named_parameters())
     assert moved > 1e-3  # training moved the weights
     for name, value in stock.model.named_parameters():  # completions came back to their rows: the same update
-        torch.testing.assert_close(ours.model.get_parameter(name), value, rtol=1e-8, atol=1e-10)
+        rel = ((ours.model.get_parameter(name) - value).norm() / value.norm()).item()
+        assert rel < 1e-8, (name, rel)  # float64 regrouped sums: ~1e-10 relative per tensor
     logged = [row for row in ours.state.log_history if "lenbalance/predictor/mae_static" in row]
     assert len(logged) == 3 and ours.lenbalance.trainer.buffer.size > 0  # replayed features trained the head
     assert all(row["lenbalance/gen/real_tokens"] > 0 for row in logged)
