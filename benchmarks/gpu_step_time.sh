@@ -11,7 +11,8 @@
 # request slots for a rank's 256 rows, stock submission order vs longest predicted first, ~6 min.
 # Issue 19: `SECTIONS=auto bash ... run`: the defaults ('auto', 1 warm-up + 2 timed passes per strategy, then its
 # choice) beside every loss strategy pinned, in the SmolLM2 setting, 12 steps, ~9 min: does 'auto' keep what the
-# per-strategy figures say is fastest, and is the whole step >= 1.0x stock?
+# per-strategy figures say is fastest, and is the whole step >= 1.0x stock? (issue 20: `lenbalance_packed` is in it,
+# and in the qwen section; `packed` with sdpa builds a dense block mask, so load flash_attention_2 where installed)
 # The 30-step NaN soak (SECTIONS=soak: stock and the defaults, ~17 min) needs a session of its own.
 set -u
 export HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false WANDB_MODE=disabled
@@ -42,10 +43,11 @@ run)
     qwen) python3 random_model.py --tokenizer /tmp/rlc/smollm2-135m-instruct-q4_1-f32 --shape qwen2.5-0.5b \
         --eos-scale ${EOS_SCALE:-0.5} --out /tmp/qwen05 > /dev/null 2>&1
       timeout ${QWEN_TIMEOUT:-200} python3 step_time.py --model /tmp/qwen05 --steps 3 --batch 16 --grad-acc 4 \
-        --max-length 2048 --variants stock lenbalance --setting compute_bound_qwen2.5-0.5b_random \
+        --max-length 2048 --variants stock lenbalance lenbalance_sorted lenbalance_packed \
+        --setting compute_bound_qwen2.5-0.5b_random \
         --out $OUT/step_time_qwen0.5b_random_$card.json >> $OUT/log.txt 2>&1;;
     auto) timeout ${AUTO_TIMEOUT:-560} python3 step_time.py --steps 12 --batch 32 --grad-acc 8 --max-length 512 \
-        --variants stock lenbalance lenbalance_stock_trimmed lenbalance_sorted lenbalance_uneven \
+        --variants stock lenbalance lenbalance_stock_trimmed lenbalance_sorted lenbalance_uneven lenbalance_packed \
         --setting issue19_autotune_smollm2_bf16 --out $OUT/step_time_auto_smollm2_$card.json >> $OUT/log.txt 2>&1;;
     cb) timeout ${CB_TIMEOUT:-420} python3 step_time.py --steps 6 --batch 32 --grad-acc 8 --max-length 512 \
         --cb-slots ${CB_SLOTS:-32} --variants stock lenbalance --setting issue15_continuous_batching_32_slots \

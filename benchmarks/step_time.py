@@ -36,6 +36,7 @@ VARIANTS = {  # name -> LenBalanceConfig fields (None: stock TRL)
     "lenbalance_stock_trimmed": {"training_plan": "stock_trimmed"},  # each loss strategy pinned: what 'auto' chooses
     "lenbalance_sorted": {"training_plan": "sorted"},  # from, measured in the same run
     "lenbalance_uneven": {"training_plan": "sorted_uneven"},
+    "lenbalance_packed": {"training_plan": "packed"},  # padding-free loss forward (rl_lenbalance.packing)
     "lenbalance_generation_only": {"balance_training": False},  # capture + online head, stock training
     "lenbalance_compaction": {"compaction": True},
 }

@@ -340,3 +340,10 @@ def _probe(model: torch.nn.Module, inner: torch.nn.Module) -> str | None:
             return (f"packed logits of {type(inner).__name__} differ from its padded forward by {diff:.3g}: it does not "
                     "take the packed position ids as each token's position")
     return None
+
+
+def skips_masked_blocks(model: torch.nn.Module) -> bool:
+    """Whether the model's attention runs packed rows with variable-length kernels (flash attention), which skip
+    the masked blocks; sdpa, eager and flex_attention compute the whole (N, N) pack under a dense mask."""
+    config = _text_config(_unwrap(model))
+    return config is not None and _uses_flash_mask(getattr(config, "_attn_implementation", None))

@@ -35,6 +35,7 @@ from ..capture import CaptureResult
 from ..config import AUTO, LenBalanceConfig
 from ..engine import LenBalanceEngine, private_rng
 from ..generation import compacted_generate, unsupported_options
+from ..packing import packed_logps_and_entropies, packing_unsupported, skips_masked_blocks
 from ..ledger import RunTotals, TrainingLedger, gather_ledgers, round_metrics, time_metrics, training_metrics
 from ..rollout import Backend, RolloutSettings, run_admitted, run_rollout
 from ..schedule import (ROW_MEAN_LOSSES, STRATEGIES, Autotuner, Strategy, TrainingPlan, exact_strategies,
@@ -123,6 +124,15 @@ class LenBalanceMixin:
             bool(getattr(args, "use_adaptive_entropy", False)), getattr(args, "top_entropy_quantile", 1.0),
             router_aux_loss=bool(getattr(self, "aux_loss_enabled", False)))  # TRL's own switch (MoE models)
         exact = exact_strategies(blockers)
+        if "packed" in exact and config.training_plan in (AUTO, "packed"):
+            model = self.accelerator.unwrap_model(self.model)
+            why = packing_unsupported(model)
+            if why is not None or (config.training_plan == AUTO and not skips_masked_blocks(model)):
+                exact.remove("packed")  # 'auto' measures packing only where kernels skip the masked blocks
+            if why is not None and config.training_plan == "packed":
+                self._warn_once("plan", f"lenbalance.training_plan='packed': {why}; using 'sorted' (length-sorted "
+                                "micro-batches, padding trimmed), which is exact.")
+                return ["sorted"]
         if config.training_plan == AUTO:
             if blockers:
                 self._warn_once("plan", f"{'; '.join(blockers)}: regrouping rows would change what is learned, so "
@@ -333,11 +343,12 @@ class LenBalanceMixin:
             microbatches = [trim_padding(b, self._left_padding_free) for b in microbatches]
         batch = loss_pass.batch
         stock_width = batch["prompt_ids"].size(1) + batch["completion_ids"].size(1)  # stock pads every row to it
-        ledger = TrainingLedger(
-            loss_tokens=sum(b["prompt_ids"].numel() + b["completion_ids"].numel() for b in microbatches),
+        real = [float(b["prompt_mask"].sum() + b["completion_mask"].sum()) for b in microbatches]
+        ledger = TrainingLedger(  # a packed micro-batch computes its real tokens only
+            loss_tokens=sum(real) if strategy.packs else sum(b["prompt_ids"].numel() + b["completion_ids"].numel()
+                                                             for b in microbatches),
             loss_tokens_stock=len(trained["advantages"]) * stock_width,
-            real_tokens=float((trained["prompt_mask"].sum() + trained["completion_mask"].sum()).item()),
-            rows_moved_in=plan.moved_in,
+            real_tokens=sum(real), rows_moved_in=plan.moved_in,
         )
         ranks = gather_ledgers(ledger, self.accelerator.gather, self.accelerator.device)
         self.lenbalance_totals.add_training(ranks, 1)
@@ -416,6 +427,22 @@ class LenBalanceMixin:
                             "row can be regrouped without changing the update; training runs as stock TRL "
                             "(generation is still captured and predicted).")
         return spg % ga == 0
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                                           compute_entropy=False, *args, **kwargs):
+        """Stock: the padded micro-batch through the model. In a `packed` pass's loss forward (training, with
+        grad): its rows as one padding-free sequence (`packing.packed_logps_and_entropies`), the same values."""
+        loss_pass = self._lenbalance_pass
+        packs = (loss_pass is not None and STRATEGIES.get(loss_pass.strategy, STRATEGIES["stock"]).packs
+                 and self.model.training and torch.is_grad_enabled()
+                 and not args and not any(v is not None and v is not False for v in kwargs.values()))
+        if not packs:  # old / reference log-probs (no grad), images, or the router aux loss: stock's forward
+            return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
+                                                              batch_size, compute_entropy, *args, **kwargs)
+        with self.accelerator.autocast():  # TRL's fused LM head, as stock's call: its numbers, no logits
+            logps, entropies = packed_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
+                                                          self.temperature, compute_entropy, fused_lm_head=True)
+        return logps, entropies, None  # no router aux loss: a packing pass never runs with one
 
     @_stock_when_reentered
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

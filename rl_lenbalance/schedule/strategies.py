@@ -26,6 +26,7 @@ class Strategy:
     uneven: bool  # micro-batches may hold different numbers of rows (row-mean losses are reweighted)
     trims: bool  # columns that are padding in every row of a micro-batch are cut
     help: str
+    packs: bool = False  # the loss forward runs each micro-batch's rows as one padding-free sequence
 
 
 STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
@@ -36,6 +37,9 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
              "length-sorted micro-batches of stock's row count, dealt to ranks by padded cost, padding trimmed"),
     Strategy("sorted_uneven", True, True, True,
              "length-sorted micro-batches of any row count (long rows in small ones), none wider than stock's"),
+    Strategy("packed", True, True, True,
+             "sorted_uneven's micro-batches, each run as one padding-free sequence (`rl_lenbalance.packing`): logits "
+             "only at real completion tokens", packs=True),
 )}
 
 

@@ -1,0 +1,38 @@
+"""The `packed` loss strategy in the real trainer: each micro-batch's rows run as one padding-free sequence, and
+the update equals stock GRPOTrainer's (float64 tiny models, same seed); models that cannot pack fall back."""
+
+from __future__ import annotations
+
+import pytest
+from test_compat import assert_same_update, train
+from trl import GRPOTrainer
+
+from rl_lenbalance import LenBalanceConfig, LenBalanceGRPOTrainer
+
+PACKED = dict(training_plan="packed", predictor_steps_per_round=2)
+
+
+@pytest.mark.parametrize(("loss_type", "extra"), [("dapo", {}), ("grpo", {"num_iterations": 2}),
+                                                  ("dr_grpo", {"mask_truncated_completions": True}),
+                                                  ("cispo", {})])
+def test_packed_training_learns_what_stock_learns_with_no_padding(eos_tiny_model_dir, tmp_path, loss_type, extra):
+    run = dict(loss_type=loss_type, max_steps=2, max_completion_length=24, **extra)
+    ours = train(LenBalanceGRPOTrainer, eos_tiny_model_dir, tmp_path, lenbalance=LenBalanceConfig(**PACKED), **run)
+    stock = train(GRPOTrainer, eos_tiny_model_dir, tmp_path, **run)
+    assert ours._autotune.candidates == ["packed"]
+    pads = [row["lenbalance/train/pad_frac"] for row in ours.state.log_history if "lenbalance/train/pad_frac" in row]
+    assert pads and all(pad == 0.0 for pad in pads)  # the model saw no padding token
+    assert_same_update(stock, ours)
+
+
+def test_a_model_that_cannot_pack_falls_back_to_sorted_with_a_note(family_model_dir, tmp_path):
+    """NemotronH's Mamba2 layers carry state along the sequence: a pack would leak from one row into the next."""
+    with pytest.warns(UserWarning, match=r"training_plan='packed': .*recurrent state.*using 'sorted'"):
+        ours = train(LenBalanceGRPOTrainer, family_model_dir("nemotron_h"), tmp_path, max_steps=1,
+                     lenbalance=LenBalanceConfig(**PACKED), model_kwargs={"experts_implementation": "eager"})
+    assert ours._autotune.candidates == ["sorted"]
+
+
+def test_auto_measures_packing_only_where_kernels_skip_masked_blocks(eos_tiny_model_dir, tmp_path):
+    ours = train(LenBalanceGRPOTrainer, eos_tiny_model_dir, tmp_path, max_steps=1)  # sdpa: a dense (N, N) mask
+    assert "packed" not in ours._autotune.candidates and "sorted" in ours._autotune.candidates
