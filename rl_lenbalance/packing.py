@@ -6,11 +6,11 @@ being the completion, and runs the model over the whole padded rectangle. Here e
 `attention_mask == 1`) are concatenated into ONE row `(1, N)`, with `attention_mask=None`, `use_cache=False` and
 `position_ids` = each token's column in the padded input, i.e. exactly the position stock's forward gives it (TRL
 passes no position ids, so the model counts columns from 0, padding included). Every row's positions therefore jump
-back (never by +1) where the next row starts, and transformers' `masking_utils.find_packed_sequence_indices` reads those
-jumps as sequence starts and builds a block-diagonal causal mask. Keeping stock's positions, rather than restarting at 0,
-is what makes the result stock's to the last bit: RoPE tables are computed in float32 even for a float64 model, so
-restarted positions already move float64 log-probs by ~3e-8, and models with learned absolute positions (GPT-2's `wpe`)
-would be plainly wrong (0.86 on the logits); with stock's positions both are exact.
+back (never by +1) where the next row starts, and transformers' `masking_utils.find_packed_sequence_indices` reads
+those jumps as sequence starts and builds a block-diagonal causal mask. Keeping stock's positions, rather than
+restarting at 0, is what makes the result stock's to the last bit: RoPE tables are computed in float32 even for a
+float64 model, so restarted positions already move float64 log-probs by ~3e-8, and models with learned absolute
+positions (GPT-2's `wpe`) would be plainly wrong (0.86 on the logits); with stock's positions both are exact.
 
 Logits are computed only at the positions that predict a real completion token (`logits_to_keep` given as a 1-D index
 tensor to the model's own forward, so DDP/DeepSpeed wrappers and TRL's patched forward keep working), then
@@ -27,7 +27,7 @@ stock| on the logits at real positions (stock = the padded batch with its attent
 | Qwen2       | 0.0                  | log-probs <= 1e-6     | -                       | yes    |
 | Qwen3-MoE   | 0.0                  | log-probs <= 1e-6     | -                       | yes    |
 | GPT-2       | 4e-16                | 0.0                   | GPT-2 has no flex       | yes, with stock's positions |
-| NemotronH   | 0.56                 | -                     | -                       | no: Mamba2 state crosses rows (refused) |
+| NemotronH   | 0.56                 | -                     | -                       | no: Mamba2 state (refused) |
 
 Log-probs in float64 (sdpa): the logits path is within 4e-15 (entropies 3e-14, gradients 1e-15 relative) of stock's
 math done in float64; `fused_lm_head=True` equals TRL's own `_get_per_token_logps_and_entropies` exactly (0.0, values
@@ -354,6 +354,6 @@ def _probe(model: torch.nn.Module, inner: torch.nn.Module) -> str | None:
         expected = torch.cat([reference[0], reference[1, :5]])
         diff = (packed[0] - expected).abs().max().item()
         if not diff <= 1e-4 * scale:
-            return (f"packed logits of {type(inner).__name__} differ from its padded forward by {diff:.3g}: it does not "
-                    "take the packed position ids as each token's position")
+            return (f"packed logits of {type(inner).__name__} differ from its padded forward by {diff:.3g}: it does "
+                    "not take the packed position ids as each token's position")
     return None
