@@ -6,11 +6,11 @@ being the completion, and runs the model over the whole padded rectangle. Here e
 `attention_mask == 1`) are concatenated into ONE row `(1, N)`, with `attention_mask=None`, `use_cache=False` and
 `position_ids` = each token's column in the padded input, i.e. exactly the position stock's forward gives it (TRL
 passes no position ids, so the model counts columns from 0, padding included). Every row's positions therefore jump
-back (never by +1) where the next row starts, and transformers' `masking_utils.find_packed_sequence_indices` reads those
-jumps as sequence starts and builds a block-diagonal causal mask. Keeping stock's positions, rather than restarting at 0,
-is what makes the result stock's to the last bit: RoPE tables are computed in float32 even for a float64 model, so
-restarted positions already move float64 log-probs by ~3e-8, and models with learned absolute positions (GPT-2's `wpe`)
-would be plainly wrong (0.86 on the logits); with stock's positions both are exact.
+back (never by +1) where the next row starts, and transformers' `masking_utils.find_packed_sequence_indices` reads
+those jumps as sequence starts and builds a block-diagonal causal mask. Keeping stock's positions, rather than
+restarting at 0, is what makes the result stock's to the last bit: RoPE tables are computed in float32 even for a
+float64 model, so restarted positions already move float64 log-probs by ~3e-8, and models with learned absolute
+positions (GPT-2's `wpe`) would be plainly wrong (0.86 on the logits); with stock's positions both are exact.
 
 Logits are computed only at the positions that predict a real completion token (`logits_to_keep` given as a 1-D index
 tensor to the model's own forward, so DDP/DeepSpeed wrappers and TRL's patched forward keep working), then
@@ -18,20 +18,25 @@ log-softmax and entropy run over `token_chunk` rows at a time in a custom autogr
 in backward. With `fused_lm_head=True` the model's TRL fused LM head scores the pack instead (no logits at all, TRL's
 own float32-statistics kernel, so numerically stock's).
 
-Measured on CPU (torch 2.13, transformers 5.24, tiny random models; max |packed - stock| on logits at real
-positions, stock = the padded batch with its attention mask):
+Measured on CPU (torch 2.13, transformers 5.24, TRL 1.16, tiny random models, tests/test_packing.py): max |packed -
+stock| on the logits at real positions (stock = the padded batch with its attention mask), and on the log-probs:
 
-| family      | sdpa (float64) | eager (float32)  | flex_attention (float32) | packs? |
-|-------------|----------------|------------------|--------------------------|--------|
-| Llama       | 0.0            | 0.0              | 1.8e-7 (compiles)        | yes    |
-| Qwen2       | 0.0            | 0.0              | -                        | yes    |
-| Qwen3-MoE   | 0.0            | 0.0              | -                        | yes    |
-| GPT-2       | 4e-16          | 0.0              | not supported by GPT-2   | yes, with stock's positions |
-| NemotronH   | 0.56           | 0.56             | -                        | no: its Mamba2 layers carry state across rows |
+| family      | sdpa, float64 logits | eager, float32 logits | flex_attention, float32 | packs? |
+|-------------|----------------------|-----------------------|-------------------------|--------|
+| Llama       | 0.0                  | 0.0                   | 1.8e-7 (forward only)   | yes    |
+| Qwen2       | 0.0                  | log-probs <= 1e-6     | -                       | yes    |
+| Qwen3-MoE   | 0.0                  | log-probs <= 1e-6     | -                       | yes    |
+| GPT-2       | 4e-16                | 0.0                   | GPT-2 has no flex       | yes, with stock's positions |
+| NemotronH   | 0.56                 | -                     | -                       | no: Mamba2 state (refused) |
+
+Log-probs in float64 (sdpa): the logits path is within 4e-15 (entropies 3e-14, gradients 1e-15 relative) of stock's
+math done in float64; `fused_lm_head=True` equals TRL's own `_get_per_token_logps_and_entropies` exactly (0.0, values
+and gradients); the two differ by ~1e-6 because TRL's fused kernel keeps float32 statistics even for a float64 model.
 
 - eager in float64: stock itself is NaN for left-padded rows (eager's float32 softmax turns float64's `finfo.min` into
   -inf), while the pack has no padding and is finite; eager's softmax runs in float32 either way.
-- flex_attention on CPU: float32/half only, and each new pack length compiles (~10-15 s on 2 cores).
+- flex_attention on CPU: float32/half only, forward only (no backward on CPU, for stock's padded batch neither), and
+  each new pack length compiles (~10-30 s on 2 cores).
 - flash_attention_2/3/4 (and Hub kernels registered with the flash mask) cannot run here. transformers finds packed
   rows for them from `position_ids == position_ids.min()` (`prepare_fa_kwargs_from_position_ids`), which stock's
   positions do not satisfy, so for these the sequence boundaries are passed explicitly as `cu_seq_lens_q/k` and
@@ -41,7 +46,8 @@ positions, stock = the padded batch with its attention mask):
   `paged|eager`) gets no mask at all: packed rows attend to each other. `packing_unsupported` refuses it.
 - Cost: sdpa/eager/flex on CPU build a dense (N, N) mask and compute attention over the whole pack (N^2 instead of
   the sum of row lengths squared); only varlen/flash kernels skip the masked blocks. The logits path materialises
-  (completion tokens x vocab) logits plus their gradient; TRL 1.16's fused head (`fused_lm_head=True`) materialises none.
+  (completion tokens x vocab) logits plus their gradient; TRL 1.16's fused head (`fused_lm_head=True`) materialises none
+  (but without Triton, e.g. on CPU, it scores every packed position, not only the completion's).
 """
 
 from __future__ import annotations
@@ -57,12 +63,16 @@ __all__ = ["packed_logps_and_entropies", "packing_unsupported"]
 # sequence: transformers hands them no sequence boundaries (the PyTorch paths take no `seq_idx`), so state would run
 # from one packed row into the next.
 _STATEFUL_LAYER_MARKERS = ("linear", "mamba", "conv", "recurrent", "ssm", "rwkv", "delta", "lightning")
+# Model types built from such layers that may not list them in `layer_types`
+_STATEFUL_MODEL_MARKERS = ("mamba", "rwkv", "recurrent", "xlstm", "zamba", "jamba", "bamba")
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model inside DDP / DeepSpeed / accelerate wrappers (each keeps it as `.module`)."""
+    """The model inside DDP / DeepSpeed / accelerate wrappers (each keeps it as `.module`)."""
+    from transformers import PreTrainedModel
+
     seen = set()
-    while not hasattr(model, "config") and hasattr(model, "module") and id(model) not in seen:
+    while hasattr(model, "module") and not isinstance(model, PreTrainedModel) and id(model) not in seen:
         seen.add(id(model))
         model = model.module
     return model
@@ -264,8 +274,9 @@ def packing_unsupported(model: torch.nn.Module, probe: bool = True) -> str | Non
     """None when `packed_logps_and_entropies` gives this model's stock numbers, else a one-line reason for a
     user-facing note.
 
-    Static checks: the attention implementation must have a transformers mask function (those build the
-    block-diagonal mask from packed position ids), no layer may carry recurrent/convolutional state along the
+    Static checks: a decoder-only text model (not encoder-decoder, not multimodal, no prompt-learning PEFT adapter),
+    whose attention implementation has a transformers mask function (those build the block-diagonal mask from
+    packed position ids), where no layer may carry recurrent/convolutional state along the
     sequence (Mamba, linear attention, short convolutions), and the forward must take `logits_to_keep`. With `probe`
     (default) it then runs two tiny no-grad forwards (2 rows, 11 tokens) in eval mode: the second packed row's
     logits must not change when the first row's tokens do, and must equal the same rows run padded (float32/float64
@@ -276,8 +287,12 @@ def packing_unsupported(model: torch.nn.Module, probe: bool = True) -> str | Non
     if config is None:
         return f"{type(inner).__name__} has no transformers config, so it cannot be packed"
     name = getattr(config, "model_type", None) or type(inner).__name__
-    if getattr(config, "is_encoder_decoder", False):
+    if getattr(inner.config, "is_encoder_decoder", False):
         return f"{name} is an encoder-decoder model; packing covers decoder-only causal LMs"
+    if config is not inner.config:
+        return f"{getattr(inner.config, 'model_type', name)} is a multimodal model; packing covers text-only causal LMs"
+    if getattr(getattr(inner, "active_peft_config", None), "is_prompt_learning", False):
+        return "prompt-learning PEFT adapters (prefix/prompt tuning) add virtual tokens that packing does not place"
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
     impl = getattr(config, "_attn_implementation", None)
@@ -286,20 +301,22 @@ def packing_unsupported(model: torch.nn.Module, probe: bool = True) -> str | Non
                 "attend to each other: load the model with attn_implementation='sdpa' (or 'flash_attention_2' on a "
                 "GPU, or 'eager'), or register a mask function for it in transformers' AttentionMaskInterface")
     kinds = []
-    for attr in ("layer_types", "layers_block_type", "hybrid_override_pattern"):
+    for attr in ("layer_types", "layers_block_type"):
         value = getattr(config, attr, None)
         if isinstance(value, (list, tuple)):
             kinds += [str(kind) for kind in value]
     stateful = sorted({kind for kind in kinds if any(marker in kind.lower() for marker in _STATEFUL_LAYER_MARKERS)})
-    if stateful:
-        return (f"{name} has {'/'.join(stateful)} layers whose recurrent state would run from one packed row into the "
-                "next (transformers gives them no sequence boundaries)")
+    if stateful or any(marker in str(name).lower() for marker in _STATEFUL_MODEL_MARKERS):
+        layers = "/".join(stateful) or "recurrent"
+        return (f"{name} has {layers} layers whose recurrent state would run from one packed row into the next "
+                "(transformers gives them no sequence boundaries)")
+    base = inner.get_base_model() if callable(getattr(inner, "get_base_model", None)) else inner  # PEFT
     try:
-        parameters = inspect.signature(inner.forward).parameters
+        parameters = inspect.signature(base.forward).parameters
     except (TypeError, ValueError):
         parameters = {}
     if "logits_to_keep" not in parameters:
-        return f"{type(inner).__name__}.forward takes no logits_to_keep, which packing uses to score completion tokens"
+        return f"{type(base).__name__}.forward takes no logits_to_keep, which packing uses to score completion tokens"
     return _probe(model, inner) if probe else None
 
 
@@ -337,8 +354,8 @@ def _probe(model: torch.nn.Module, inner: torch.nn.Module) -> str | None:
         expected = torch.cat([reference[0], reference[1, :5]])
         diff = (packed[0] - expected).abs().max().item()
         if not diff <= 1e-4 * scale:
-            return (f"packed logits of {type(inner).__name__} differ from its padded forward by {diff:.3g}: it does not "
-                    "take the packed position ids as each token's position")
+            return (f"packed logits of {type(inner).__name__} differ from its padded forward by {diff:.3g}: it does "
+                    "not take the packed position ids as each token's position")
     return None
 
 

@@ -154,16 +154,23 @@ def test_eager_attention_packs_too(family_model_dir, tmp_path, family):
 
 
 @pytest.mark.slow
-def test_flex_attention_packs_on_cpu(family_model_dir, tmp_path):
-    """flex_attention builds a block mask from the packed positions; on CPU it runs float32 only and compiles."""
+def test_flex_attention_packs_on_cpu(family_model_dir, tmp_path, monkeypatch):
+    """flex_attention builds a block mask from the packed positions. On CPU it runs float32/half only, compiles each
+    new length, and has no backward (stock's padded forward neither): no-grad passes only, such as old log-probs."""
     model_dir = family_model_dir("llama")
     trainer = make_trainer(load(model_dir, torch.float32, "flex_attention"), model_dir, tmp_path)
     model = trainer.model.eval()
     assert packing_unsupported(model, probe=False) is None
     input_ids, attention_mask = make_batch(model.config.vocab_size, model.config.pad_token_id)
-    stock = trainer._get_per_token_logps_and_entropies(model, input_ids, attention_mask, COMPLETION)[0]
-    ours = packed_logps_and_entropies(model, input_ids, attention_mask, COMPLETION, temperature=TEMPERATURE)[0]
+    with torch.no_grad():
+        stock = trainer._get_per_token_logps_and_entropies(model, input_ids, attention_mask, COMPLETION)[0]
+        ours = packed_logps_and_entropies(model, input_ids, attention_mask, COMPLETION, temperature=TEMPERATURE)[0]
     assert gap(ours, stock) < 1e-5
+    with monkeypatch.context() as patch:  # and the comparison can fail
+        patch.setattr(packing, "_pack", repack("continuous"))
+        with torch.no_grad():
+            assert gap(packed_logps_and_entropies(model, input_ids, attention_mask, COMPLETION,
+                                                  temperature=TEMPERATURE)[0], stock) > 1e-3
 
 
 def test_logits_are_computed_only_for_real_completion_tokens(family_model_dir):
