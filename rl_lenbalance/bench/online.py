@@ -132,8 +132,12 @@ def evaluate_rounds(folder: Path, setting: str, seed: int = 0) -> dict:
         if summary_rounds:
             variant["rounds_11_20"] = {k: sum(m[k] for m in summary_rounds if k in m)
                                        / sum(k in m for m in summary_rounds) for k in keys}
+            variant["rounds_averaged"] = [i + 1 for i in SUMMARY_ROUNDS if i < len(metrics)]
         if len(rounds) >= SUMMARY_ROUNDS.stop:
             variant["rounds_11_20"] |= offline_mae(engine, inputs, seed)
         report["variants"][name] = variant
     report["plp_report_step"] = PLP_REPORT_STEP
+    if len(rounds) < SUMMARY_ROUNDS.stop:
+        report["note"] = (f"only {len(rounds)} of {SUMMARY_ROUNDS.stop} rounds ran (time); 'rounds_11_20' averages "
+                          "the rounds in 'rounds_averaged', and the offline head is not trained")
     return report
