@@ -51,7 +51,8 @@ def run_setting(name: str, args: argparse.Namespace) -> None:
     )
     trainer = LenBalanceGRPOTrainer(
         model=model, processing_class=tokenizer, reward_funcs=REWARD_FUNCS, args=config, train_dataset=dataset,
-        lenbalance_config=LenBalanceConfig(max_overhead=1.0, compaction=True, training_plan="sorted", log_table_every=0),
+        lenbalance_config=LenBalanceConfig(max_overhead=1.0, compaction=True, training_plan="sorted",
+                                           log_table_every=0),
     )
     engine, learn_round = trainer.lenbalance, trainer.lenbalance.learn_round
 
@@ -60,7 +61,8 @@ def run_setting(name: str, args: argparse.Namespace) -> None:
         metrics, table = learn_round(waves, lengths, own_ids, gather)
         torch.save({"pairs": {k: v.half() if v.is_floating_point() and v.dim() == 2 else v
                               for k, v in vars(pairs).items()},
-                    "max_length": args.max_length, "trainer_metrics": metrics}, out / f"round_{engine.rounds - 1:03d}.pt")
+                    "max_length": args.max_length, "trainer_metrics": metrics},
+                   out / f"round_{engine.rounds - 1:03d}.pt")
         print(f"{name} round {engine.rounds - 1}: " + ", ".join(
             f"{k.split('/')[-1]}={v:.2f}" for k, v in metrics.items() if "mae" in k or "kendall" in k), flush=True)
         return metrics, table

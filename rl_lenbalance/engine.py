@@ -57,7 +57,8 @@ def check_head(head: HeadConfig, config: LenBalanceConfig, hidden_size: int, max
     expected = {name: getattr(wanted, name) for name in names}
     fixes = {"hidden_size": "point lenbalance.predictor_path at a head trained on this model",
              "max_length": "set max_completion_length to the head's, or train a new head",
-             "pooling": "set lenbalance.pooling to the head's", "feature_layer": "set lenbalance.feature_layer to the head's",
+             "pooling": "set lenbalance.pooling to the head's",
+             "feature_layer": "set lenbalance.feature_layer to the head's",
              "context_size": "set lenbalance.context_features to match the head (it was saved "
                              + ("with" if head.context_size else "without") + " context features)"}
     wrong = [name for name, value in expected.items() if getattr(head, name) != value]
@@ -94,7 +95,8 @@ class TrainingPairs:
                    y32=torch.full((entries,), -1.0), row=torch.full((entries,), -1, dtype=torch.long),
                    prompt=torch.zeros(entries, dtype=torch.long),
                    length=torch.zeros(entries, dtype=torch.long), z=torch.zeros(entries * samples, width),
-                   y=torch.full((entries * samples,), -1.0), step=torch.full((entries * samples,), -1, dtype=torch.long))
+                   y=torch.full((entries * samples,), -1.0),
+                   step=torch.full((entries * samples,), -1, dtype=torch.long))
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> TrainingPairs:
         """`fn` applied to every tensor (e.g. a gather over ranks)."""

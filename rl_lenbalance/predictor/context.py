@@ -87,7 +87,8 @@ def context_vector(history: LengthHistory, naive: float | None, prompt: int, ste
     finished = [length for length in siblings if length <= step]
     fraction = len(finished) / len(siblings) if siblings else 0.0
     past = history.prompts.get(prompt, ())
-    estimates = (naive, _or(history.history_estimate(prompt, step), naive), _or(history.sibling_estimate(step, fraction), naive))
+    estimates = (naive, _or(history.history_estimate(prompt, step), naive),
+                 _or(history.sibling_estimate(step, fraction), naive))
     return [*(e / max_length for e in estimates), math.log1p(len(past)) / HISTORY_SCALE,
             (sum(past) / len(past) / max_length) if past else 0.0, fraction,
             (sum(finished) / len(finished) / max_length) if finished else 0.0]
