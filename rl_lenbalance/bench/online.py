@@ -27,7 +27,7 @@ def train_online(data: BenchData, round_prompts: int, seed: int) -> tuple[PLPHea
     lb = LenBalanceConfig()
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        lb = replace(lb, feature_layer=int(data.meta["feature_layer"]))
+        lb = replace(lb, feature_layer=int(data.meta["feature_layer"]), context_features=False)  # no prompts
         head = PLPHead(head_config(lb, int(data.meta["hidden_size"]), data.max_length)).eval()
         trainer = new_trainer(head, lb, seed)
         train_prompts = torch.unique(data.sample_prompt[data.rows("train")])
@@ -62,7 +62,7 @@ def online_vs_offline(data: BenchData, round_prompts: int, settings: FitSettings
     }
 
 
-VARIANTS = {"plp": LenBalanceConfig(), "plp_context": LenBalanceConfig(context_features=True)}
+VARIANTS = {"plp": LenBalanceConfig(context_features=False), "plp_context": LenBalanceConfig(context_features=True)}
 SUMMARY_ROUNDS = range(10, 20)  # rounds 11-20, counted from 1
 
 
