@@ -88,6 +88,11 @@ def record_steps(max_length: int, every: int) -> list[int]:
     return sorted({0, 8, *range(every, max_length, every)} & set(range(max_length)))
 
 
+def prompt_key(prompt: list[int]) -> int:
+    """A key of a prompt's tokens, equal in every process (a tuple of ints hashes without randomisation)."""
+    return hash(tuple(prompt))
+
+
 @dataclass
 class StreamState:
     """A row's predictor state between generate calls: pooled prompt, pool of its generated tokens, tokens seen.
@@ -96,11 +101,13 @@ class StreamState:
     prompt: torch.Tensor  # (B, H)
     pool: StreamingPool
     steps: int
+    keys: list[int] = field(default_factory=list)  # per row: its prompt's key (`prompt_key`)
 
     def rows(self, index: list[int]) -> StreamState:
         """These rows only, on the CPU (ready to travel); copies just them."""
         rows = torch.tensor(index, dtype=torch.long)
-        return StreamState(self.prompt[rows.to(self.prompt.device)].cpu(), self.pool.take(rows), self.steps)
+        return StreamState(self.prompt[rows.to(self.prompt.device)].cpu(), self.pool.take(rows), self.steps,
+                           [self.keys[i] for i in index])
 
     @classmethod
     def cat(cls, states: list[StreamState], device: torch.device | str) -> StreamState:
@@ -108,7 +115,37 @@ class StreamState:
         if len({state.steps for state in states}) != 1:
             raise ValueError("rows resumed together must have seen the same number of tokens")
         prompt = torch.cat([state.prompt.to(device) for state in states])
-        return cls(prompt, StreamingPool.cat([state.pool for state in states], device), states[0].steps)
+        return cls(prompt, StreamingPool.cat([state.pool for state in states], device), states[0].steps,
+                   [key for state in states for key in state.keys])
+
+
+class Stream:
+    """The streams of one generate call between its hooks: each row's pooled prompt, the pool of its generated
+    tokens, the original rows still in the batch, and the tokens decoded since the last `fold()`."""
+
+    def __init__(self, prompt: torch.Tensor, pool: StreamingPool, rows: torch.Tensor) -> None:
+        self.prompt, self.pool, self.rows = prompt, pool, rows
+        self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def push(self, hidden: torch.Tensor, entropy: torch.Tensor) -> None:
+        """Queue one decoded token per row: `hidden` (B, H), `entropy` (B,)."""
+        self.pending.append((hidden, entropy))
+
+    def fold(self) -> None:
+        """Fold the queued tokens into the pool (one batched update)."""
+        if self.pending:
+            hidden, entropy = zip(*self.pending)
+            self.pool.extend(torch.stack(hidden, 1), torch.stack(entropy, 1))
+            self.pending.clear()
+
+    def follow(self, rows: torch.Tensor) -> None:
+        """Keep only `rows` (original row indices, a subset of `self.rows` in order): a compacting generate loop
+        dropped the others since the last forward."""
+        if len(rows) != len(self.rows):
+            self.fold()  # queued tokens still hold the dropped rows
+            kept = torch.searchsorted(self.rows.to(rows.device), rows)
+            self.pool.select(kept)
+            self.prompt, self.rows = self.prompt[kept], rows
 
 
 @dataclass
@@ -125,6 +162,7 @@ class CaptureResult:
     slots: int = 0  # decode slots: rows in the batch, summed over the forwards that each yield one token per row
     forwards: int = 0  # decode steps: forwards of the model (the prefill yields the first token)
     state: StreamState | None = None  # after the call: the state of the rows in `rows`
+    prompt_keys: list[int] = field(default_factory=list)  # per row: a key of its prompt's tokens (`prompt_key`)
 
     @property
     def seconds(self) -> float:
@@ -145,9 +183,10 @@ class GenerationCapture:
     """Forward hooks on the final norm (and feature layer) and lm_head of a causal LM."""
 
     def __init__(self, model: nn.Module, predict: Callable[[torch.Tensor], torch.Tensor], config: LenBalanceConfig,
-                 max_length: int) -> None:
+                 max_length: int, context: Callable[[list[int], int], torch.Tensor] | None = None) -> None:
         self.norm, self.feature_module, self.lm_head = resolve_module(model, config)
-        self.predict, self.config, self.max_length = predict, config, max_length  # predict: PLP features -> remaining
+        self.predict, self.config, self.max_length = predict, config, max_length  # predict: head input -> remaining
+        self.context = context  # (prompt keys, step) -> context features appended to the PLP features; None: none
         self.record_at = set(record_steps(max_length, config.record_every))
         self.device = next(model.parameters()).device
 
@@ -158,39 +197,41 @@ class GenerationCapture:
         With `resume`, the call continues rows that already generated `resume.steps + 1` tokens (fed after the
         prompt): the prefill's last position is their next token, so the streams go on from `resume`.
         """
-        result = CaptureResult(timer=DeviceTimer(self.device))
-        state: dict = {"norm": None, "feature": None, "pool": None, "pending": []}
+        result = CaptureResult(timer=DeviceTimer(self.device), prompt_keys=[prompt_key(p) for p in prompts])
+        seen: dict[str, torch.Tensor] = {}
+        stream: Stream | None = None
         if resume is not None:
-            rows = torch.arange(len(prompts), device=resume.prompt.device)
-            state.update(prompt=resume.prompt, pool=resume.pool, rows=rows)
-            result.prompt_features, result.rows, result.steps = resume.prompt, state["rows"], resume.steps
+            stream = Stream(resume.prompt, resume.pool, torch.arange(len(prompts), device=resume.prompt.device))
+            result.prompt_features, result.rows, result.steps = resume.prompt, stream.rows, resume.steps
 
         def on_logits(_module, _inputs, logits):
+            nonlocal stream
             result.timer.start()
             with torch.no_grad():
                 result.slots += logits.size(0)
                 result.forwards += 1
-                if state["pool"] is None:
-                    self._prefill(state, prompts, result)
+                if stream is None:
+                    stream = self._prefill(seen, prompts, result)
                 else:
-                    _follow_compaction(state, result)
-                    state["pending"].append((state["feature"][:, -1], token_entropy(logits[:, -1])))
+                    stream.follow(result.rows)
+                    stream.push(seen["feature"][:, -1], token_entropy(logits[:, -1]))
                     result.steps += 1
                     if self._wanted(result.steps):
-                        _fold(state)
-                        self._predict_and_record(state["pool"], state["prompt"], result)
+                        stream.fold()
+                        self._predict_and_record(stream.pool, stream.prompt, result)
             result.timer.stop()
 
         handle = self.lm_head.register_forward_hook(on_logits)
         try:
-            with outputs_of({"norm": self.norm, "feature": self.feature_module}, into=state):
+            with outputs_of({"norm": self.norm, "feature": self.feature_module}, into=seen):
                 yield result
         finally:
             handle.remove()
-        if state["pool"] is not None:
-            _follow_compaction(state, result)
-            _fold(state)
-            result.state = StreamState(state["prompt"], state["pool"], result.steps)
+        if stream is not None:
+            stream.follow(result.rows)
+            stream.fold()
+            keys = [result.prompt_keys[r] for r in result.rows.tolist()]
+            result.state = StreamState(stream.prompt, stream.pool, result.steps, keys)
 
     @torch.no_grad()
     def replay(self, prompts: list[list[int]], completions: list[list[int]],
@@ -217,7 +258,7 @@ class GenerationCapture:
             with outputs_of({"norm": self.norm, "feature": self.feature_module}) as seen:
                 forward(torch.cat([input_ids, generated], 1), full_mask, full_positions)
             hidden, feature = seen["norm"], seen["feature"]
-            entropy = token_entropy(F.linear(hidden, self.lm_head.weight, self.lm_head.bias))
+            entropy = self._entropy(hidden)
             prompt = pool_tokens(feature[:, :width_p], entropy[:, :width_p], mask.bool(), self.config.pooling)
             pool, seen_steps = StreamingPool(len(rows), feature.size(-1), device=feature.device), 0
             for step in recorded:
@@ -228,15 +269,17 @@ class GenerationCapture:
                 z = plp_features(prompt, pool if step else None, step, self.max_length)
                 recorded[step].append(z.to(torch.float16))
                 if step == 0:
-                    predicted.append(self.predict(z))
-        result = CaptureResult(recorded={step: torch.cat(z) for step, z in recorded.items()})
+                    keys = [prompt_key(prompts[r]) for r in rows] if self.context is not None else []
+                    predicted.append(self.predict(self._with_context(z, keys, 0)))
+        result = CaptureResult(recorded={step: torch.cat(z) for step, z in recorded.items()},
+                               prompt_keys=[prompt_key(p) for p in prompts])
         if predicted:
             result.prediction_steps, result.predictions = [0], [torch.cat(predicted)]
         return result
 
-    def _prefill(self, state: dict, prompts: list[list[int]], result: CaptureResult) -> None:
+    def _prefill(self, seen: Mapping[str, torch.Tensor], prompts: list[list[int]], result: CaptureResult) -> Stream:
         """Pool each distinct prompt once (a GRPO group repeats its prompt G times) and start the streams."""
-        hidden, feature = state["norm"], state["feature"]
+        hidden, feature = seen.get("norm"), seen.get("feature")
         if feature is None or feature.size(1) < max(map(len, prompts)):
             raise RuntimeError("rl-lenbalance: the prefill's hidden states were not captured (hook_module wrong?).")
         first_row = {tuple(p): row for row, p in reversed(list(enumerate(prompts)))}
@@ -246,16 +289,23 @@ class GenerationCapture:
         width = feature.size(1)
         lengths = torch.tensor([len(prompts[r]) for r in first_row.values()], device=feature.device)
         mask = torch.arange(width, device=feature.device).unsqueeze(0) >= (width - lengths).unsqueeze(1)
-        hidden = hidden[distinct]
-        entropy = torch.cat([
-            token_entropy(F.linear(hidden[i : i + ENTROPY_CHUNK_ROWS], self.lm_head.weight, self.lm_head.bias))
-            for i in range(0, len(distinct), ENTROPY_CHUNK_ROWS)
-        ])
-        state["prompt"] = pool_tokens(feature[distinct], entropy, mask, self.config.pooling)[expand]
-        result.prompt_features = state["prompt"]
-        state["pool"] = StreamingPool(len(prompts), feature.size(-1), device=feature.device)
-        state["rows"] = result.rows = torch.arange(len(prompts), device=feature.device)
-        self._predict_and_record(None, state["prompt"], result)
+        prompt = pool_tokens(feature[distinct], self._entropy(hidden[distinct]), mask, self.config.pooling)[expand]
+        result.prompt_features = prompt
+        result.rows = torch.arange(len(prompts), device=feature.device)
+        stream = Stream(prompt, StreamingPool(len(prompts), feature.size(-1), device=feature.device), result.rows)
+        self._predict_and_record(None, prompt, result)
+        return stream
+
+    def _entropy(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Next-token entropy (B, T) at every position of final hidden states (B, T, H), through lm_head in chunks
+        of `ENTROPY_CHUNK_ROWS` rows (bounds the (rows, T, V) logits in memory)."""
+        return torch.cat([token_entropy(F.linear(hidden[i : i + ENTROPY_CHUNK_ROWS], self.lm_head.weight,
+                                                 self.lm_head.bias))
+                          for i in range(0, len(hidden), ENTROPY_CHUNK_ROWS)])
+
+    def _with_context(self, z: torch.Tensor, keys: list[int], step: int) -> torch.Tensor:
+        """The head's input: PLP features, then the rows' context features when the head reads them."""
+        return z if self.context is None else torch.cat([z, self.context(keys, step).to(z)], 1)
 
     def _predicts(self, step: int) -> bool:
         """The head runs at step 0 (what the scheduler reads) and every `predict_every` steps when that is set."""
@@ -273,27 +323,12 @@ class GenerationCapture:
         batch = len(result.prompt_features)
         if want_prediction:  # rows a compacting loop already dropped (finished) are NaN
             predicted = z.new_full((batch,), float("nan"))
-            predicted[result.rows] = self.predict(z)
+            head_input = z if self.context is None else self._with_context(  # reads the rows back from the device
+                z, [result.prompt_keys[r] for r in result.rows.tolist()], step)
+            predicted[result.rows] = self.predict(head_input)
             result.prediction_steps.append(step)
             result.predictions.append(predicted)
         if step in self.record_at:
             recorded = z.new_zeros(batch, z.size(1), dtype=torch.float16)
             recorded[result.rows] = z.to(torch.float16)
             result.recorded[step] = recorded
-
-
-def _fold(state: dict) -> None:
-    """Fold the tokens decoded since the last fold into the streaming pool (one batched update)."""
-    if state["pending"]:
-        hidden, entropy = zip(*state["pending"])
-        state["pool"].extend(torch.stack(hidden, 1), torch.stack(entropy, 1))
-        state["pending"].clear()
-
-
-def _follow_compaction(state: dict, result: CaptureResult) -> None:
-    """Drop the stream rows that a compacting generate loop dropped since the last forward."""
-    if len(result.rows) != len(state["prompt"]):
-        _fold(state)  # pending tokens still hold the dropped rows
-        kept = torch.searchsorted(state["rows"].to(result.rows.device), result.rows)
-        state["pool"].select(kept)
-        state["prompt"], state["rows"] = state["prompt"][kept], result.rows

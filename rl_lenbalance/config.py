@@ -40,6 +40,12 @@ class LenBalanceConfig:
     num_bins: int = field(default=20, metadata={"help": "K, the number of log-spaced length bins of the head."})
     ce_weight: float = field(default=0.95, metadata={"help": "λ in the loss λ·CE + (1-λ)·MSE."})
     dropout: float = field(default=0.1, metadata={"help": "Dropout inside the head."})
+    context_features: bool = field(
+        default=False,
+        metadata={"help": "Also feed the head its row's context: the prompt's past lengths, its siblings (the same "
+                          "prompt's rows) finished so far, and the naive / history / sibling estimates, with a learned "
+                          "prior that can copy the best estimate (docs/benchmarks/predictor_online_cpu.json)."},
+    )
     predict_every: int = field(
         default=0,
         metadata={"help": "Also run the head every this many decode steps during generation (PLP), for inspection; "

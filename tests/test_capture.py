@@ -166,16 +166,19 @@ def test_a_row_split_over_two_waves_yields_the_training_pairs_of_one(model_and_t
 
     def pairs(waves):
         out = engine.training_pairs(waves, lengths)
-        valid = out["y"] >= 0
-        return sorted(zip(out["z"][valid, 0].tolist(), out["y"][valid].tolist())), out
+        valid = out.y >= 0
+        assert out.z[valid, 0].tolist() == out.step[valid].tolist()  # each sample names the step it was taken at
+        return sorted(zip(out.z[valid, 0].tolist(), out.y[valid].tolist())), out
 
-    whole, _ = pairs([Wave([5, 9], CaptureResult(recorded=features))])
+    whole, _ = pairs([Wave([5, 9], CaptureResult(recorded=features, prompt_keys=[7, 8]))])
     probe = {s: f for s, f in features.items() if s <= 16}
     rest = {s: f[:1] for s, f in features.items() if s > 16}
-    split, out = pairs([Wave([5, 9], CaptureResult(recorded=probe)), Wave([5], CaptureResult(recorded=rest))])
+    split, out = pairs([Wave([5, 9], CaptureResult(recorded=probe, prompt_keys=[7, 8])),
+                        Wave([5], CaptureResult(recorded=rest, prompt_keys=[7]))])
     assert split == whole and len(whole) == 3 + 3
     assert all(y in (60 - step, 20 - step) and y > 0 for step, y in whole)  # z encodes the step it was taken at
-    assert out["y0"].tolist() == [60, 20, -1] and out["y32"].tolist() == [-1, -1, 28]
+    assert out.y0.tolist() == [60, 20, -1] and out.y32.tolist() == [-1, -1, 28]
+    assert out.row.tolist() == [5, 9, 5] and out.prompt.tolist() == [7, 8, 7] and out.length.tolist() == [60, 20, 60]
 
 
 @pytest.mark.parametrize("feature_layer", [-1, 1])

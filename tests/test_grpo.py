@@ -63,7 +63,9 @@ def test_greedy_generation_in_waves_and_compacted_equals_stock_row_for_row(embed
 
 
 @pytest.mark.parametrize("settings", [{}, {"compaction": True},
-                                      {"generation_wave_size": 4, "rebucket": True, "probe_tokens": 4}])
+                                      {"generation_wave_size": 4, "rebucket": True, "probe_tokens": 4},
+                                      {"generation_wave_size": 4, "rebucket": True, "probe_tokens": 4,
+                                       "context_features": True}])
 def test_grpo_steps_log_lenbalance_metrics_and_train_the_predictor(eos_tiny_model_dir, tmp_path, settings):
     trainer = make_trainer(LenBalanceGRPOTrainer, eos_tiny_model_dir, make_args(tmp_path, max_steps=4),
                            lenbalance_config=LenBalanceConfig(max_overhead=1.0, **settings))
@@ -71,7 +73,8 @@ def test_grpo_steps_log_lenbalance_metrics_and_train_the_predictor(eos_tiny_mode
     trainer.train()
     logged = [row for row in trainer.state.log_history if "lenbalance/predictor/mae_static" in row]
     assert len(logged) >= 2
-    for key in ("predictor/mae_naive_static", "predictor/loss", "gen/slot_waste_stock", "train/pad_frac",
+    for key in ("predictor/mae_naive_static", "predictor/mae_history_static", "predictor/mae_sibling_static",
+                "predictor/loss", "gen/slot_waste_stock", "train/pad_frac",
                 "train/pad_frac_stock", "predictor/overhead_frac"):
         assert f"lenbalance/{key}" in logged[-1], key
     assert trainer.lenbalance.rounds == 4 and trainer.lenbalance.trainer.buffer.size > 0

@@ -6,15 +6,19 @@ import pytest
 import torch
 
 from rl_lenbalance.predictor import (
+    CONTEXT_SIZE,
     POOLING_METHODS,
     HeadConfig,
+    LengthHistory,
     NaiveLengthBaseline,
     OnlineTrainer,
     PLPHead,
     StreamingPool,
     bin_edges,
     bin_index,
+    context_vector,
     feature_size,
+    kendall_tau,
     plp_features,
     pool_tokens,
     soft_labels,
@@ -180,3 +184,86 @@ def test_a_head_trained_on_capped_lengths_predicts_the_cap():
         loss.backward()
         optimizer.step()
     assert (head.predict(z) - y).abs().max() < 1.0
+
+
+# --- context features ----------------------------------------------------------------------------------------------
+
+
+def test_history_and_sibling_estimates_are_conditional_means_of_past_rows():
+    history = LengthHistory()
+    history.update([1, 1, 2, 2], [10, 30, 50, 70])  # prompt 1: 10, 30; prompt 2: 50, 70
+    assert history.history_estimate(1, 0) == pytest.approx(20)
+    assert history.history_estimate(1, 20) == pytest.approx(10)  # only 30 is still running at 20
+    assert history.history_estimate(3, 0) is None  # never seen
+    assert history.sibling_estimate(0, 0.0) is None  # fewer than MIN_SUPPORT past rows
+    history.update([3] * 8 + [4] * 8, [5] * 4 + [40] * 4 + [60] * 8)
+    # running at t=20 with no sibling finished: 50, 70 and prompt 4's eight 60s; prompt 3's 40s (4 of 7 siblings
+    # finished) and prompt 1's 30 (its 10 finished) fall in the band above one half, with too few rows
+    assert history.sibling_estimate(20, 0.0) == pytest.approx((30 + 50 + 8 * 40) / 10)
+    assert history.sibling_estimate(20, 0.9) is None
+    restored = LengthHistory()
+    restored.load_state_dict(history.state_dict())
+    assert restored.rows == history.rows and restored.history_estimate(2, 0) == pytest.approx(60)
+
+
+def test_context_vector_falls_back_to_naive_and_reads_finished_siblings():
+    history = LengthHistory()
+    history.update([1, 1], [20, 40])
+    vector = context_vector(history, naive=50.0, prompt=1, step=10, siblings=[8, 100, 4], max_length=100)
+    assert len(vector) == CONTEXT_SIZE
+    assert vector[:3] == pytest.approx([0.5, 0.2, 0.5])  # naive, history (20), sibling (no support: naive)
+    assert vector[5:] == pytest.approx([2 / 3, 0.06])  # two of three siblings finished, mean length 6
+    unseen = context_vector(LengthHistory(), naive=None, prompt=2, step=0, siblings=[], max_length=100)
+    assert unseen == pytest.approx([0.5, 0.5, 0.5, 0.0, 0.0, 0.0, 0.0])
+
+
+def test_kendall_tau():
+    x = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    assert kendall_tau(x, x * 10) == pytest.approx(1.0)
+    assert kendall_tau(x, -x) == pytest.approx(-1.0)
+    assert kendall_tau(x, torch.tensor([1.0, 3.0, 2.0, 4.0])) == pytest.approx(4 / 6)
+    assert math.isnan(kendall_tau(x, torch.ones(4)))
+
+
+def test_the_context_prior_lets_the_head_copy_an_estimate():
+    head = PLPHead(HeadConfig(hidden_size=8, max_length=128, context_size=CONTEXT_SIZE)).eval()
+    with torch.no_grad():
+        head.net[-1].weight.zero_()
+        head.net[-1].bias.zero_()
+        head.prior_weight.copy_(torch.tensor([0.0, 5.0, 0.0]))  # trust the history estimate only
+    context = torch.zeros(3, CONTEXT_SIZE)
+    context[:, 0] = 0.9  # naive: 115 tokens
+    context[:, 1] = torch.tensor([3.0, 20.0, 90.0]) / 128
+    predicted = head.predict(torch.cat([torch.randn(3, feature_size(8)), context], 1))
+    wanted = bin_index(torch.tensor([3.0, 20.0, 90.0]), head.edges)
+    assert torch.equal(bin_index(predicted, head.edges), wanted)
+
+
+def test_engine_metrics_score_every_estimate_and_rank_rows(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from rl_lenbalance.config import LenBalanceConfig
+    from rl_lenbalance.engine import LenBalanceEngine, TrainingPairs
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    engine = LenBalanceEngine(model, LenBalanceConfig(context_features=True, samples_per_sequence=1), 64)
+    width = feature_size(model.config.hidden_size)
+    lengths = torch.tensor([40, 50, 60, 34, 36, 38, 60, 63])  # prompt k's rows: 2k, 2k+1
+
+    def round_pairs() -> TrainingPairs:
+        pairs = TrainingPairs.empty(8, 1, width)
+        pairs.row, pairs.prompt, pairs.length = torch.arange(8), torch.arange(8) // 2, lengths
+        pairs.y0, pairs.y32 = lengths.float(), (lengths - 32).float()
+        pairs.z32 = torch.randn(8, width)
+        pairs.z, pairs.y, pairs.step = pairs.z32, pairs.y32, torch.full((8,), 32)
+        return pairs
+
+    first = engine.learn(round_pairs(), lengths)
+    assert "predictor/mae_history_plp32" not in first  # nothing to compare with before any history
+    second = engine.learn(round_pairs(), lengths)
+    assert second["predictor/mae_history_static"] == pytest.approx(
+        (lengths - lengths.view(4, 2).float().mean(1).repeat_interleave(2)).abs().float().mean().item())
+    assert second["predictor/mae_naive_static"] == pytest.approx((lengths - lengths.float().mean()).abs().mean().item())
+    assert {"predictor/mae_sibling_static", "predictor/mae_sibling_plp32", "predictor/kendall_plp32"} <= set(second)
+    assert -1.0 <= second["predictor/kendall_plp32"] <= 1.0
+    assert engine.trainer.buffer.features.size(1) == width + CONTEXT_SIZE

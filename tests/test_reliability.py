@@ -22,7 +22,7 @@ from trl import GRPOTrainer
 from rl_lenbalance import LenBalanceCallback, LenBalanceConfig, LenBalanceGRPOTrainer, wrap_trainer
 from rl_lenbalance import train as train_module
 from rl_lenbalance.cli import main as cli_main
-from rl_lenbalance.engine import LenBalanceEngine
+from rl_lenbalance.engine import LenBalanceEngine, TrainingPairs
 from rl_lenbalance.predictor import HeadConfig, OnlineTrainer, PLPHead, feature_size
 from rl_lenbalance.recipe import RecipeError, load_recipe
 from rl_lenbalance.train import parse_overrides
@@ -178,12 +178,15 @@ def test_resume_true_takes_the_last_whole_checkpoint(tmp_path):
 # --- the predictor: health, fallbacks, checkpoints -----------------------------------------------------------------
 
 
-def random_pairs(width: int, rows: int = 8, samples: int = 8) -> dict[str, torch.Tensor]:
+def random_pairs(width: int, rows: int = 8, samples: int = 8) -> TrainingPairs:
     generator = torch.Generator().manual_seed(0)
     lengths = torch.randint(1, 30, (rows,), generator=generator).float()
-    return {"z0": torch.randn(rows, width, generator=generator), "y0": lengths,
-            "z32": torch.zeros(rows, width), "y32": torch.full((rows,), -1.0),
-            "z": torch.randn(rows * samples, width, generator=generator), "y": lengths.repeat(samples)}
+    pairs = TrainingPairs.empty(rows, samples, width)
+    pairs.z0, pairs.y0 = torch.randn(rows, width, generator=generator), lengths
+    pairs.row, pairs.prompt, pairs.length = torch.arange(rows), torch.arange(rows) // 2, lengths.long()
+    pairs.z, pairs.y = torch.randn(rows * samples, width, generator=generator), lengths.repeat_interleave(samples)
+    pairs.step = torch.zeros(rows * samples, dtype=torch.long)
+    return pairs
 
 
 @pytest.fixture
@@ -200,7 +203,7 @@ def test_one_nan_event_counts_as_one_fallback(engine):
         for p in engine.head.parameters():
             p.fill_(float("nan"))
     with pytest.warns(UserWarning, match="falls back to stock ordering"):
-        metrics = engine.learn(pairs, pairs["y0"])
+        metrics = engine.learn(pairs, pairs.y0)
     assert engine.fallbacks == 1 and metrics["predictor/fallbacks"] == 1.0  # NaN predictions, then NaN weights: once
     assert engine.head_is_finite()
 
@@ -209,7 +212,7 @@ def test_non_finite_bin_values_are_caught_and_the_head_reinitialised(engine):
     pairs = random_pairs(feature_size(engine.head.config.hidden_size))
     engine.head.bin_values.fill_(float("nan"))  # parameters stay finite: only a check of the buffers sees it
     with pytest.warns(UserWarning, match="predictions are not finite"):
-        engine.learn(pairs, pairs["y0"])
+        engine.learn(pairs, pairs.y0)
     assert engine.fallbacks == 1 and torch.isfinite(engine.head.bin_values).all()
 
 
@@ -239,7 +242,7 @@ def test_a_second_callback_with_another_config_is_refused(lenbalance_trainer):
 def test_checkpoint_folders_are_written_whole_and_checked_when_read(lenbalance_trainer, tmp_path):
     engine = lenbalance_trainer.lenbalance
     pairs = random_pairs(feature_size(engine.head.config.hidden_size))
-    engine.learn(pairs, pairs["y0"])
+    engine.learn(pairs, pairs.y0)
     folder = tmp_path / "checkpoint-1" / "lenbalance"
     engine.save(folder)
     engine.save(folder)  # over an existing folder
@@ -256,7 +259,7 @@ def test_checkpoint_folders_are_written_whole_and_checked_when_read(lenbalance_t
     with pytest.warns(UserWarning, match="non-finite values.*re-initialising"):
         engine.load(folder)
     assert engine.head_is_finite() and engine.rounds == 1  # the counters and the replay buffer are still restored
-    assert engine.trainer.buffer.size == len(pairs["y"])
+    assert engine.trainer.buffer.size == len(pairs.y)
 
 
 def _truncate(path: Path) -> None:
@@ -268,7 +271,7 @@ def test_a_corrupt_engine_state_resumes_with_the_saved_head_and_the_rest_fresh(l
                                                                                 tmp_path):
     engine = lenbalance_trainer.lenbalance
     pairs = random_pairs(feature_size(engine.head.config.hidden_size))
-    engine.learn(pairs, pairs["y0"])
+    engine.learn(pairs, pairs.y0)
     checkpoint = tmp_path / "checkpoint-1"
     engine.save(checkpoint / "lenbalance")
     saved = {k: v.clone() for k, v in engine.head.state_dict().items()}
@@ -286,7 +289,7 @@ def test_a_corrupt_engine_state_resumes_with_the_saved_head_and_the_rest_fresh(l
 @pytest.mark.parametrize("damage", ["weights", "config"])
 def test_a_corrupt_head_is_started_fresh_and_the_engine_state_kept(engine, tmp_path, damage):
     pairs = random_pairs(feature_size(engine.head.config.hidden_size))
-    engine.learn(pairs, pairs["y0"])
+    engine.learn(pairs, pairs.y0)
     folder = tmp_path / "lenbalance"
     engine.save(folder)
     if damage == "weights":
@@ -299,7 +302,7 @@ def test_a_corrupt_head_is_started_fresh_and_the_engine_state_kept(engine, tmp_p
     with pytest.warns(UserWarning, match=r"cannot read predictor_config.json / predictor.safetensors .*the head's "
                                          r"weights start fresh"):
         fresh.load(folder)
-    assert fresh.rounds == 1 and fresh.trainer.buffer.size == len(pairs["y"])  # the readable state is restored
+    assert fresh.rounds == 1 and fresh.trainer.buffer.size == len(pairs.y)  # the readable state is restored
     assert not torch.equal(fresh.head.net[0].weight, engine.head.net[0].weight)  # the head did not survive
 
 

@@ -1,16 +1,22 @@
 """Online vs offline: the head trained as in the GRPO loop (rounds of fresh rollouts, replay buffer, a few AdamW
-steps per round, the engine's default settings) against the same head trained offline on the same data."""
+steps per round, the engine's default settings) against the same head trained offline on the same data; and the
+replay of rounds saved from the real trainer (`benchmarks/predictor_online.py`) through fresh engines."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
+
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from ..config import LenBalanceConfig
-from ..predictor import HeadConfig, OnlineTrainer, PLPHead
+from ..engine import PLP_REPORT_STEP, LenBalanceEngine, TrainingPairs, head_config, new_trainer
+from ..predictor import PLPHead
 from .dataset import BenchData
 from .metrics import mae
-from .predictors import PREDICTORS, make_pairs
-from .train import FitSettings, score, train_predictor
+from .predictors import PREDICTORS, Pairs, make_pairs
+from .train import FitSettings, fit_head, score, train_predictor
 
 REPORT_STEPS = (0, 32)
 
@@ -21,10 +27,9 @@ def train_online(data: BenchData, round_prompts: int, seed: int) -> tuple[PLPHea
     lb = LenBalanceConfig()
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        head = PLPHead(HeadConfig(int(data.meta["hidden_size"]), data.max_length, lb.num_bins, lb.ce_weight,
-                                  lb.dropout, lb.pooling, int(data.meta["feature_layer"]))).eval()
-        trainer = OnlineTrainer(head, lb.predictor_lr, lb.replay_buffer_size, lb.predictor_batch_size,
-                                lb.predictor_steps_per_round, seed)
+        lb = replace(lb, feature_layer=int(data.meta["feature_layer"]), context_features=False)  # no prompts
+        head = PLPHead(head_config(lb, int(data.meta["hidden_size"]), data.max_length)).eval()
+        trainer = new_trainer(head, lb, seed)
         train_prompts = torch.unique(data.sample_prompt[data.rows("train")])
         order = train_prompts[torch.randperm(len(train_prompts), generator=torch.Generator().manual_seed(seed))]
         history = []
@@ -55,3 +60,84 @@ def online_vs_offline(data: BenchData, round_prompts: int, settings: FitSettings
         "online_mae_all_steps": mae(online_head.predict(test.x), test.y),
         "honest_round_mae": history,
     }
+
+
+VARIANTS = {"plp": LenBalanceConfig(context_features=False), "plp_context": LenBalanceConfig(context_features=True)}
+SUMMARY_ROUNDS = range(10, 20)  # rounds 11-20, counted from 1
+
+
+def load_round(path: Path) -> tuple[TrainingPairs, int]:
+    """A round saved by `benchmarks/predictor_online.py` (features as float32) and its max completion length."""
+    saved = torch.load(path, weights_only=True)
+    pairs = {k: v.float() if v.is_floating_point() else v for k, v in saved["pairs"].items()}
+    return TrainingPairs(**pairs), int(saved["max_length"])
+
+
+def stand_in(hidden_size: int) -> LlamaForCausalLM:
+    """A one-layer causal LM of the policy's hidden size: an engine needs a model to hook, a replay reads none."""
+    return LlamaForCausalLM(LlamaConfig(hidden_size=hidden_size, intermediate_size=8, num_hidden_layers=1,
+                                        num_attention_heads=1, num_key_value_heads=1, vocab_size=8))
+
+
+def replay_rounds(rounds: list[TrainingPairs], max_length: int, config: LenBalanceConfig, seed: int
+                  ) -> tuple[list[dict[str, float]], LenBalanceEngine, list[tuple[torch.Tensor, ...]]]:
+    """Each round's metrics from a fresh engine learning the saved rounds in order, exactly as the trainer's engine
+    did (score before learning, then `learn`); and per round the head's inputs (samples, t=0, t=32) with targets."""
+    hidden = (rounds[0].z0.size(1) - 2) // 3
+    engine = LenBalanceEngine(stand_in(hidden), config, max_length, seed)
+    metrics, inputs = [], []
+    for pairs in rounds:
+        c0, c32, c = engine.round_context(pairs)
+        join = (lambda z, ctx: torch.cat([z, ctx], 1)) if config.context_features else (lambda z, ctx: z)
+        inputs.append((join(pairs.z, c), pairs.y, join(pairs.z0, c0), pairs.y0, join(pairs.z32, c32), pairs.y32))
+        metrics.append(engine.learn(pairs, pairs.length[pairs.row >= 0]))
+    return metrics, engine, inputs
+
+
+def offline_mae(engine: LenBalanceEngine, inputs: list[tuple[torch.Tensor, ...]], seed: int) -> dict[str, float]:
+    """The same head trained offline (best epoch on round 10) on rounds 1-9, scored on rounds 11-20 at t=0, t=32."""
+    def pairs(x: torch.Tensor, y: torch.Tensor) -> Pairs:
+        keep = y >= 0
+        return Pairs(x[keep], torch.zeros(int(keep.sum())), y[keep], torch.zeros(int(keep.sum())))
+
+    train = [pairs(*r[:2]) for r in inputs[: SUMMARY_ROUNDS.start - 1]]
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        head = PLPHead(engine.head.config)
+        fit_head(head, Pairs(*(torch.cat([getattr(p, f) for p in train]) for f in ("x", "t", "y", "row"))),
+                 pairs(*inputs[SUMMARY_ROUNDS.start - 1][:2]), FitSettings(epochs=30, batch_size=256, seed=seed))
+    out = {}
+    for label, k in (("static", 2), ("plp32", 4)):
+        test = [pairs(*r[k : k + 2]) for r in inputs[SUMMARY_ROUNDS.start : SUMMARY_ROUNDS.stop]]
+        out[f"offline_mae_{label}"] = sum(mae(head.predict(p.x), p.y) for p in test) / len(test)
+    return out
+
+
+def evaluate_rounds(folder: Path, setting: str, seed: int = 0) -> dict:
+    """Every saved round of one prompt setting replayed through each head variant; rounds 11-20 averaged; the
+    offline head beside the online one; and what the trainer itself logged each round."""
+    files = sorted(folder.glob("round_*.pt"))
+    loaded = [load_round(path) for path in files]
+    rounds, max_length = [pairs for pairs, _ in loaded], loaded[0][1]
+    report: dict = {"setting": setting, "rounds": len(rounds),
+                    "completions_per_round": [int((p.row >= 0).sum()) for p in rounds],
+                    "distinct_prompts": len({int(k) for p in rounds for k in p.prompt}),
+                    "trainer_logged": [torch.load(f, weights_only=True)["trainer_metrics"] for f in files],
+                    "variants": {}}
+    for name, config in VARIANTS.items():
+        metrics, engine, inputs = replay_rounds(rounds, max_length, config, seed)
+        summary_rounds = [m for i, m in enumerate(metrics) if i in SUMMARY_ROUNDS]
+        keys = sorted({k for m in summary_rounds for k in m if "mae" in k or "kendall" in k})
+        variant = {"per_round": [{k: v for k, v in m.items() if "mae" in k or "kendall" in k} for m in metrics]}
+        if summary_rounds:
+            variant["rounds_11_20"] = {k: sum(m[k] for m in summary_rounds if k in m)
+                                       / sum(k in m for m in summary_rounds) for k in keys}
+            variant["rounds_averaged"] = [i + 1 for i in SUMMARY_ROUNDS if i < len(metrics)]
+        if len(rounds) >= SUMMARY_ROUNDS.stop:
+            variant["rounds_11_20"] |= offline_mae(engine, inputs, seed)
+        report["variants"][name] = variant
+    report["plp_report_step"] = PLP_REPORT_STEP
+    if len(rounds) < SUMMARY_ROUNDS.stop:
+        report["note"] = (f"only {len(rounds)} of {SUMMARY_ROUNDS.stop} rounds ran (time); 'rounds_11_20' averages "
+                          "the rounds in 'rounds_averaged', and the offline head is not trained")
+    return report

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .context import ESTIMATES
 from .features import feature_size
 
 VALUE_MEMORY = 1024  # examples per bin that its read-out value averages over, so the value follows drifting lengths
@@ -30,6 +31,7 @@ class HeadConfig:
     dropout: float = 0.1
     pooling: str = "egtp"
     feature_layer: int = -1
+    context_size: int = 0  # context features after the PLP features (`predictor.context`); 0: none
 
 
 def bin_edges(num_bins: int, max_length: int) -> torch.Tensor:
@@ -57,14 +59,16 @@ def soft_labels(index: torch.Tensor, num_bins: int) -> torch.Tensor:
 
 
 class PLPHead(nn.Module):
-    """`Linear(F, d/2) → LayerNorm → ReLU → Dropout → Linear(d/2, K)` over PLP features, as in the paper."""
+    """`Linear(F, d/2) → LayerNorm → ReLU → Dropout → Linear(d/2, K)` over PLP features, as in the paper. With
+    context features, a learned prior adds each estimate's soft label, -|j - bin(estimate)|, weighted per estimate,
+    to the bin logits: the head can copy the best estimate and learn what the hidden states add to it."""
 
     def __init__(self, config: HeadConfig) -> None:
         super().__init__()
         self.config = config
         width = max(config.hidden_size // 2, 16)
         self.net = nn.Sequential(
-            nn.Linear(feature_size(config.hidden_size), width),
+            nn.Linear(feature_size(config.hidden_size) + config.context_size, width),
             nn.LayerNorm(width),
             nn.ReLU(),
             nn.Dropout(config.dropout),
@@ -75,10 +79,20 @@ class PLPHead(nn.Module):
         self.register_buffer("centers", bin_centers(edges), persistent=False)
         self.register_buffer("bin_values", bin_centers(edges))  # mean remaining length of the examples in each bin
         self.register_buffer("bin_counts", torch.zeros(config.num_bins))
+        if config.context_size:
+            self.prior_weight = nn.Parameter(torch.full((len(ESTIMATES),), 0.5))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """Bin logits (N, K)."""
-        return self.net(features.to(self.net[0].weight.dtype))
+        logits = self.net(features.to(self.net[0].weight.dtype))
+        return logits + self.prior(features[:, -self.config.context_size :]) if self.config.context_size else logits
+
+    def prior(self, context: torch.Tensor) -> torch.Tensor:
+        """Σ_e w_e · -|j - bin(estimate_e)|: (N, K) logits from the estimates leading each context vector."""
+        remaining = context[:, : len(ESTIMATES)].float() * self.config.max_length
+        index = bin_index(remaining, self.edges)  # (N, E)
+        closeness = -(torch.arange(self.config.num_bins, device=index.device) - index.unsqueeze(-1)).abs().float()
+        return (self.prior_weight.unsqueeze(-1) * closeness).sum(1).to(self.net[0].weight.dtype)
 
     def expected_length(self, logits: torch.Tensor) -> torch.Tensor:
         """Expected remaining length Σ_j p̂_j · center_j, in tokens: the loss's regression term."""
