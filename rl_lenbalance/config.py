@@ -44,7 +44,9 @@ class LenBalanceConfig:
         default=False,
         metadata={"help": "Also feed the head its row's context: the prompt's past lengths, its siblings (the same "
                           "prompt's rows) finished so far, and the naive / history / sibling estimates, with a learned "
-                          "prior that can copy the best estimate (docs/benchmarks/predictor_online_cpu.json)."},
+                          "prior that can copy the best estimate. During generation the hooks do not see which siblings "
+                          "finished: predictions count them as running (exact at step 0, what the scheduler reads). "
+                          "Lower online error in docs/benchmarks/predictor_online_cpu.json."},
     )
     predict_every: int = field(
         default=0,
