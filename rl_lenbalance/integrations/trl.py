@@ -343,7 +343,7 @@ class LenBalanceMixin:
             microbatches = [trim_padding(b, self._left_padding_free) for b in microbatches]
         batch = loss_pass.batch
         stock_width = batch["prompt_ids"].size(1) + batch["completion_ids"].size(1)  # stock pads every row to it
-        real = [float(b["prompt_mask"].sum() + b["completion_mask"].sum()) for b in microbatches]
+        real = torch.stack([b["prompt_mask"].sum() + b["completion_mask"].sum() for b in microbatches]).tolist()
         ledger = TrainingLedger(  # a packed micro-batch computes its real tokens only
             loss_tokens=sum(real) if strategy.packs else sum(b["prompt_ids"].numel() + b["completion_ids"].numel()
                                                              for b in microbatches),
