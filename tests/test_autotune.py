@@ -42,11 +42,14 @@ def test_the_choice_is_kept_unless_clearly_beaten_and_dropped_once_it_no_longer_
 @settings(max_examples=200, deadline=None)
 @given(st.integers(0, 10_000))
 def test_noise_around_equal_speeds_never_moves_away_from_stock(seed):
+    """Equally fast strategies whose timings scatter by ±1.4%: no two timings differ by the 3% margin (1.014/0.986 <
+    1.03), so no draw may move the choice. (Wider noise can, by chance, put every stock sample 4% above a candidate's;
+    the spread guard, tested above, makes that rare, not impossible.)"""
     rng = random.Random(seed)
     tuner = Autotuner(ALL, "sorted", samples=3, margin=0.03, recheck_every=5)
     for _ in range(40):
         strategy = tuner.next()
-        tuner.record(strategy, 1.0 + rng.uniform(-0.02, 0.02))  # every strategy equally fast, ±2% noise
+        tuner.record(strategy, 1.0 + rng.uniform(-0.014, 0.014))  # every strategy equally fast
     assert tuner.choice == "stock"
 
 
