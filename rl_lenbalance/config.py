@@ -41,12 +41,12 @@ class LenBalanceConfig:
     ce_weight: float = field(default=0.95, metadata={"help": "λ in the loss λ·CE + (1-λ)·MSE."})
     dropout: float = field(default=0.1, metadata={"help": "Dropout inside the head."})
     context_features: bool = field(
-        default=False,
+        default=True,
         metadata={"help": "Also feed the head its row's context: the prompt's past lengths, its siblings (the same "
                           "prompt's rows) finished so far, and the naive / history / sibling estimates, with a learned "
                           "prior that can copy the best estimate. During generation the hooks do not see which siblings "
                           "finished: predictions count them as running (exact at step 0, what the scheduler reads). "
-                          "Lower online error in docs/benchmarks/predictor_online_cpu.json."},
+                          "Lower online error in docs/benchmarks/predictor_online_cpu.json. false: the hidden states alone."},
     )
     predict_every: int = field(
         default=0,
@@ -147,8 +147,8 @@ class LenBalanceConfig:
         default=0.01,
         metadata={
             "help": "Budget of the predictor's cost (capture hooks, prefills, replays, the head's training) as a share "
-            "of generation time. Rounds whose generation reads no prediction (no waves, re-bucketing or compaction) "
-            "are captured only while the run's measured share is within it; the head learns from those rounds. "
+            "of generation time. Rounds whose generation reads no prediction (no waves or re-bucketing) are "
+            "captured only while the run's measured share is within it; the head learns from those rounds. "
             "Rounds that need the capture always run it. 1.0 or more: capture every round."
         },
     )

@@ -25,13 +25,13 @@ from .schedule import admission_order, balance_rows, padded_tokens, rebucket, wa
 
 
 class Decode(Protocol):
-    """Generate completions for unpadded `prompts` under `captured`'s hooks, exactly as the trainer would.
+    """Generate completions for unpadded `prompts` under `captured`'s hooks (None: no capture), as the trainer would.
 
     `compact`: finished rows may leave the batch. `prefixes`: tokens each row already generated (a continuation).
     `max_steps`: stop after this many tokens (a probe). Returns each row's generated ids, eos included.
     """
 
-    def __call__(self, prompts: list[list[int]], captured: CaptureResult, *, compact: bool,
+    def __call__(self, prompts: list[list[int]], captured: CaptureResult | None, *, compact: bool,
                  prefixes: list[list[int]] | None = None, max_steps: int | None = None) -> list[list[int]]: ...
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import time
+from unittest.mock import patch
 
 import pytest
 from hypothesis import given, settings
@@ -13,6 +14,7 @@ from test_compat import assert_same_update, train
 from trl import GRPOTrainer
 
 from rl_lenbalance import LenBalanceConfig, LenBalanceGRPOTrainer
+from rl_lenbalance.generation import compacted_generate
 from rl_lenbalance.schedule import STRATEGIES, Autotuner, decide, exact_strategies, regrouping_blockers
 
 ALL = list(STRATEGIES)
@@ -116,6 +118,23 @@ def test_settings_with_per_microbatch_statistics_train_stock_micro_batches_trimm
     assert set(ours._autotune.candidates) == {"stock", "stock_trimmed"}
     assert ours.lenbalance_totals.loss_tokens < ours.lenbalance_totals.loss_tokens_stock  # columns were cut
     assert_same_update(stock, ours)
+
+
+def test_past_the_budget_compaction_still_drops_finished_rows_without_hooks(eos_tiny_model_dir, tmp_path):
+    """Compaction reads no prediction: an uncaptured round still decodes through the compacting loop, with no
+    hooks to follow its rows (`on_compact` unset), and only the first round was captured."""
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs["on_compact"])
+        return compacted_generate(*args, **kwargs)
+
+    config = LenBalanceConfig(max_overhead=1e-9, compaction=True, training_plan="sorted")
+    with patch("rl_lenbalance.integrations.trl.compacted_generate", spy):
+        ours = train(LenBalanceGRPOTrainer, eos_tiny_model_dir, tmp_path, lenbalance=config, max_steps=3,
+                     max_completion_length=24)
+    assert ours.lenbalance.rounds == 1 and len(calls) == 3
+    assert calls[0] is not None and calls[1:] == [None, None]
 
 
 def test_an_inexact_training_plan_falls_back_to_stock_trimmed_with_a_note(eos_tiny_model_dir, tmp_path):

@@ -26,9 +26,12 @@ def test_stock_and_lenbalance_learn_the_same_parameters(tiny_model_dir, tmp_path
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads(out.read_text())
-    settings = {(r["loss_type"], r["grad_acc"], r["num_iterations"], r["steps_per_generation"]) for r in results}
-    assert settings == {(l, g, n, g) for l in ("dapo", "grpo", "dr_grpo") for g in (1, 2) for n in (1, 2)} | {
-        ("grpo", 1, 1, 2), ("dapo", 2, 1, 4), ("rloo", 2, 1, 2), ("rloo", 2, 2, 2)}
+    settings = {(r["loss_type"], r["grad_acc"], r["num_iterations"], r["steps_per_generation"], r["plan"])
+                for r in results}
+    assert settings == {(l, g, n, g, "sorted_uneven" if n == 1 else "auto") for l in ("dapo", "grpo", "dr_grpo")
+                        for g in (1, 2) for n in (1, 2)} | {
+        ("grpo", 1, 1, 2, "sorted_uneven"), ("dapo", 2, 1, 4, "sorted_uneven"), ("rloo", 2, 1, 2, "sorted_uneven"),
+        ("rloo", 2, 2, 2, "auto"), ("dapo", 2, 1, 2, "packed"), ("grpo", 2, 2, 2, "packed")}
     for r in results:
         assert r["world_size"] == 2
         assert r["moved"] > 1e-4, r  # parameters really moved, so equality below means something
@@ -42,7 +45,9 @@ def test_stock_and_lenbalance_learn_the_same_parameters(tiny_model_dir, tmp_path
     # micro-batches of unequal rows (row-mean losses reweighted) were trained, for every loss type, where asked for
     uneven = {r["loss_type"] for r in results if any(len(set(sizes)) > 1 for sizes in r["microbatch_rows"])}
     assert uneven == {"dapo", "grpo", "dr_grpo", "rloo"}, [(r["loss_type"], r["microbatch_rows"]) for r in results]
-    assert all(len(set(sizes)) == 1 for r in results if r["num_iterations"] == 2 for sizes in r["microbatch_rows"])
+    assert all(len(set(sizes)) == 1 for r in results if r["plan"] == "auto" for sizes in r["microbatch_rows"])
+    packed = [r for r in results if r["plan"] == "packed"]
+    assert packed and all(r["pad_frac"] == 0.0 for r in packed), packed  # the model saw no padding token
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ PACKED = dict(training_plan="packed", predictor_steps_per_round=2)
 
 @pytest.mark.parametrize(("loss_type", "extra"), [("dapo", {}), ("grpo", {"num_iterations": 2}),
                                                   ("dr_grpo", {"mask_truncated_completions": True}),
-                                                  ("cispo", {})])
+                                                  ("cispo", {}), ("dapo", {"beta": 0.04})])
 def test_packed_training_learns_what_stock_learns_with_no_padding(eos_tiny_model_dir, tmp_path, loss_type, extra):
     run = dict(loss_type=loss_type, max_steps=2, max_completion_length=24, **extra)
     ours = train(LenBalanceGRPOTrainer, eos_tiny_model_dir, tmp_path, lenbalance=LenBalanceConfig(**PACKED), **run)

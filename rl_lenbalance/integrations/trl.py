@@ -175,8 +175,8 @@ class LenBalanceMixin:
             completions, logprobs, stats = run_admitted(prompt_ids, backend, engine, admission)
         else:
             settings = self._rollout_settings()
-            if not (learn or settings.compact or settings.rebucket or settings.wave_size):  # nothing reads a capture
-                return self._uncaptured_round(prompt_ids, args, kwargs)
+            if not (learn or settings.rebucket or settings.wave_size):  # nothing reads a capture
+                return self._uncaptured_round(prompt_ids, backend, settings.compact)
             (completions, stats), logprobs = run_rollout(prompt_ids, backend, engine, settings), None
         metrics, self.lenbalance_last_lengths = engine.learn_round(stats.waves, stats.lengths, stats.own_ids,
                                                                    self._gather_rows) if stats.waves else ({}, [])
@@ -194,14 +194,15 @@ class LenBalanceMixin:
         within = budget >= 1.0 or self.lenbalance.rounds == 0 or totals.predictor_overhead_s <= budget * totals.generate_s
         return bool(self.accelerator.gather(torch.tensor([float(within)], device=self.accelerator.device)).min())
 
-    def _uncaptured_round(self, prompt_ids, stock_args: tuple, stock_kwargs: dict):
-        """Stock's generation, without hooks: the capture is over its budget and nothing reads it this round."""
+    def _uncaptured_round(self, prompt_ids, backend: Backend, compact: bool):
+        """Generation without hooks (the capture is over its budget and nothing reads it this round): stock's own
+        call, or the decode loop that drops finished rows (compaction reads no prediction)."""
         start = time.perf_counter()
-        out = super()._generate_single_turn(prompt_ids, None, {}, *stock_args, **stock_kwargs)
+        completions = backend.decode(prompt_ids, None, compact=compact)
         seconds = torch.tensor([time.perf_counter() - start], device=self.accelerator.device)
         self.lenbalance_totals.generate_s += self.accelerator.gather(seconds).mean().item()  # as every rank counts
         self._log_lenbalance(self._budget_metrics())
-        return out
+        return (completions, None) if isinstance(self, GRPOTrainer) else completions  # GRPO: no logprobs here
 
     def _budget_metrics(self) -> dict[str, float]:
         totals = self.lenbalance_totals
@@ -237,14 +238,15 @@ class LenBalanceMixin:
     def _backend(self, stock_args: tuple, stock_kwargs: dict) -> Backend:
         """TRL's generation, bound once: stock's own call when nothing needs rl-lenbalance's decode loop."""
 
-        def decode(prompts: list[list[int]], captured: CaptureResult, *, compact: bool,
+        def decode(prompts: list[list[int]], captured: CaptureResult | None, *, compact: bool,
                    prefixes: list[list[int]] | None = None, max_steps: int | None = None) -> list[list[int]]:
             if not compact and prefixes is None and max_steps is None:
                 ids = super(LenBalanceMixin, self)._generate_single_turn(prompts, None, {}, *stock_args, **stock_kwargs)
                 return ids[0] if isinstance(ids, tuple) else ids  # GRPO adds logprobs (None on this path)
             with self._generation_model() as model:
                 return compacted_generate(model, prompts, self.generation_config, self._tokenizer.pad_token_id,
-                                          on_compact=captured.compact, min_finished=1 if compact else len(prompts) + 1,
+                                          on_compact=captured.compact if captured else None,
+                                          min_finished=1 if compact else len(prompts) + 1,
                                           prefixes=prefixes, max_steps=max_steps)
 
         def forward(input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> None:

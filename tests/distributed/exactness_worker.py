@@ -93,22 +93,24 @@ def train(cls, loss_type, grad_acc, num_iterations, steps_per_generation=None, *
 
 
 results = []
-SETTINGS = [(*s, None) for s in itertools.product(["dapo", "grpo", "dr_grpo"], [1, 2], [1, 2])]
-SETTINGS += [("grpo", 1, 1, 2), ("dapo", 2, 1, 4)]  # two optimizer steps per generation: stock's shuffle picks rows
-SETTINGS += [("rloo", 2, 1, None), ("rloo", 2, 2, None)]  # RLOOTrainer (its loss: a mean over sequences)
-for loss_type, grad_acc, num_iterations, spg in SETTINGS:
+# (loss_type, grad_acc, num_iterations, steps_per_generation, training_plan); num_iterations=1: uneven micro-batches,
+# 2: 'auto', whose passes over one generation batch alternate strategies
+SETTINGS = [(l, g, n, None, "sorted_uneven" if n == 1 else "auto")
+            for l, g, n in itertools.product(["dapo", "grpo", "dr_grpo"], [1, 2], [1, 2])]
+SETTINGS += [("grpo", 1, 1, 2, "sorted_uneven"), ("dapo", 2, 1, 4, "sorted_uneven")]  # two optimizer steps per
+SETTINGS += [("rloo", 2, 1, None, "sorted_uneven"), ("rloo", 2, 2, None, "auto")]  # generation; RLOOTrainer
+SETTINGS += [("dapo", 2, 1, None, "packed"), ("grpo", 2, 2, None, "packed")]  # one padding-free sequence per micro-batch
+for loss_type, grad_acc, num_iterations, spg, plan in SETTINGS:
     stock_class, our_class = (StockRLOOReplay, LenBalanceRLOOReplay) if loss_type == "rloo" else (
         StockReplay, LenBalanceReplay)
     _, initial, stock = train(stock_class, loss_type, grad_acc, num_iterations, spg)
-    # num_iterations=1: uneven micro-batches; 2: 'auto', whose passes over one generation batch alternate strategies
-    config = LenBalanceConfig(training_plan="sorted_uneven") if num_iterations == 1 else LenBalanceConfig(
-        autotune_samples=1)
+    config = LenBalanceConfig(training_plan=plan, autotune_samples=1)
     lb, _, ours = train(our_class, loss_type, grad_acc, num_iterations, spg, lenbalance_config=config)
     rel = max(((stock[n] - ours[n]).norm() / stock[n].norm().clamp(min=1e-12)).item() for n in stock)
     moved = max(((stock[n] - initial[n]).norm() / initial[n].norm().clamp(min=1e-12)).item() for n in stock)
     logs = [row for row in lb.state.log_history if "lenbalance/train/pad_frac" in row]
     results.append({
-        "loss_type": loss_type, "grad_acc": grad_acc, "num_iterations": num_iterations,
+        "loss_type": loss_type, "grad_acc": grad_acc, "num_iterations": num_iterations, "plan": plan,
         "steps_per_generation": lb.args.steps_per_generation, "microbatch_rows": lb.microbatch_rows,
         "max_rel_diff": rel, "moved": moved,
         "pad_frac": sum(r["lenbalance/train/pad_frac"] for r in logs) / len(logs),
