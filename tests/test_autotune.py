@@ -70,6 +70,15 @@ def test_the_tuner_warms_up_alternates_chooses_and_rechecks():
     assert len(tuner.timings["stock"]) == 3
 
 
+def test_a_pinned_strategy_is_the_choice_and_stays_it():
+    tuner = Autotuner(["sorted"], "sorted", samples=2)
+    assert tuner.choice == "sorted" and tuner.decided
+    for _ in range(10):
+        assert tuner.next() == "sorted"
+        assert not tuner.record("sorted", 1.0)
+    assert tuner.choice == "sorted" and tuner.ratio_vs_stock() is None  # stock never ran: no ratio to report
+
+
 def test_strategies_that_regroup_rows_are_exact_only_without_per_microbatch_statistics():
     assert exact_strategies(regrouping_blockers("dapo")) == ALL == SDPA + ["packed"]
     assert exact_strategies(regrouping_blockers(None)) == ALL  # RLOO: a mean over sequences

@@ -52,7 +52,7 @@ class LossPass:
     shuffle: torch.Tensor | None
     microbatches: list[dict] = field(default_factory=list)
     strategy: str = ""
-    real_tokens: float = 0.0  # every rank's prompt + completion tokens: the work every strategy does
+    stock_tokens: float = 0.0  # every rank's tokens as stock's micro-batches compute them (rows padded to the batch)
     started: float = 0.0
 
 
@@ -357,14 +357,16 @@ class LenBalanceMixin:
         self._log_lenbalance(training_metrics(ranks))
         loss_pass.strategy, loss_pass.microbatches = strategy.name, microbatches
         self._buffered_inputs = microbatches  # where stock keeps its micro-batches (scripts and tests read them)
-        loss_pass.real_tokens = sum(r.real_tokens for r in ranks)
+        loss_pass.stock_tokens = sum(r.loss_tokens_stock for r in ranks)
         loss_pass.started = self._synchronized_clock()
 
     def _end_pass(self, loss_pass: LossPass) -> None:
         """Stop the pass's clock (the slowest rank's seconds), let the autotuner count it, and log what it chose."""
         seconds = self._synchronized_clock() - loss_pass.started
         seconds = self.accelerator.gather(torch.tensor([seconds], device=self.accelerator.device)).max().item()
-        per_ktok = seconds / max(loss_pass.real_tokens / 1000.0, 1e-9)
+        # per 1k tokens of stock's work on this batch: stock's passes measure its rate whatever the batch's padding,
+        # and another strategy's its share of stock's time, so passes over different batches compare like with like
+        per_ktok = seconds / max(loss_pass.stock_tokens / 1000.0, 1e-9)
         autotune = self._autotune
         changed = autotune.record(loss_pass.strategy, per_ktok)
         ratio = autotune.ratio_vs_stock()

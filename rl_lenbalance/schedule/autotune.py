@@ -18,7 +18,7 @@ def spread(samples: Sequence[float]) -> float:
 
 
 def decide(timings: Mapping[str, Sequence[float]], current: str, margin: float) -> str:
-    """The strategy to keep, given each one's timings (seconds per 1k real tokens, lower is better).
+    """The strategy to keep, given each one's timings (seconds per 1k tokens of stock's work, lower is better).
 
     A strategy other than stock wins only if its median beats stock's by more than `margin` and by more than the
     noise of both; the current choice is kept unless the fastest winner beats it by the same rule, and dropped when
@@ -59,6 +59,10 @@ class Autotuner:
     timings: dict[str, list[float]] = field(default_factory=dict)
     _rechecks: int = 0
 
+    def __post_init__(self) -> None:
+        if len(self.candidates) == 1:  # a pinned strategy: nothing to choose
+            self.choice = self.candidates[0]
+
     def next(self) -> str:
         """The strategy of the next pass."""
         measured = self.passes - self.warmup
@@ -86,8 +90,8 @@ class Autotuner:
         del kept[:-self.window]
         if strategy != self.choice and self.passes - self.warmup > self.samples * len(self.candidates):
             self._rechecks += 1
-        if self.passes - self.warmup < self.samples * len(self.candidates):
-            return False  # still measuring every candidate
+        if len(self.candidates) == 1 or self.passes - self.warmup < self.samples * len(self.candidates):
+            return False  # pinned, or still measuring every candidate
         before, self.choice = self.choice, decide(self.timings, self.choice, self.margin)
         return self.choice != before
 
