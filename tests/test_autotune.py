@@ -18,7 +18,6 @@ from rl_lenbalance.generation import compacted_generate
 from rl_lenbalance.schedule import STRATEGIES, Autotuner, decide, exact_strategies, regrouping_blockers
 
 ALL = list(STRATEGIES)
-SDPA = [name for name in ALL if name != "packed"]  # 'auto' measures packing only with variable-length kernels
 
 
 def test_a_clear_win_beyond_margin_and_noise_replaces_stock():
@@ -57,14 +56,15 @@ def test_noise_around_equal_speeds_never_moves_away_from_stock(seed):
 
 def test_the_tuner_warms_up_alternates_chooses_and_rechecks():
     speed = {"stock": 1.0, "stock_trimmed": 0.9, "sorted": 0.7, "sorted_uneven": 1.3}
-    tuner = Autotuner(SDPA, "sorted", warmup=1, samples=2, margin=0.03, recheck_every=3)
+    four = ["stock", "stock_trimmed", "sorted", "sorted_uneven"]
+    tuner = Autotuner(four, "sorted", warmup=1, samples=2, margin=0.03, recheck_every=3)
     order = []
     for _ in range(1 + 8 + 6):
         strategy = tuner.next()
         order.append(strategy)
         tuner.record(strategy, speed[strategy])
     assert order[0] == "sorted"  # warm-up: the least padded strategy, untimed
-    assert order[1:9] == SDPA + SDPA[::-1]  # each candidate twice, the order reversed every round
+    assert order[1:9] == four + four[::-1]  # each candidate twice, the order reversed every round
     assert tuner.choice == "sorted" and tuner.ratio_vs_stock() == pytest.approx(1.0 / 0.7)
     assert order[9:] == ["sorted", "sorted", "stock", "sorted", "sorted", "stock_trimmed"]  # one re-check every 3
     assert len(tuner.timings["stock"]) == 3
@@ -80,7 +80,7 @@ def test_a_pinned_strategy_is_the_choice_and_stays_it():
 
 
 def test_strategies_that_regroup_rows_are_exact_only_without_per_microbatch_statistics():
-    assert exact_strategies(regrouping_blockers("dapo")) == ALL == SDPA + ["packed"]
+    assert exact_strategies(regrouping_blockers("dapo")) == ALL
     assert exact_strategies(regrouping_blockers(None)) == ALL  # RLOO: a mean over sequences
     for blockers in (regrouping_blockers("bnpo"), regrouping_blockers("dapo", entropy_coef=0.01),
                      regrouping_blockers("dapo", use_adaptive_entropy=True),
@@ -104,13 +104,13 @@ def test_auto_never_keeps_a_slowed_strategy_and_learns_what_stock_learns(eos_tin
 
     monkeypatch.setattr(LenBalanceGRPOTrainer, "compute_loss", slowed)
     config = LenBalanceConfig(predictor_steps_per_round=2, autotune_samples=1, autotune_every=0)
-    run = dict(max_steps=8, max_completion_length=24)
+    run = dict(max_steps=9, max_completion_length=24)
     ours = train(LenBalanceGRPOTrainer, eos_tiny_model_dir, tmp_path, lenbalance=config, **run)
     stock = train(GRPOTrainer, eos_tiny_model_dir, tmp_path, **run)
-    assert passes[:5] == ["sorted"] + SDPA  # warm-up, then one timed pass of each candidate
-    assert "sorted" not in passes[5:] and len(passes) == 8 and ours._autotune.choice != "sorted"
+    assert passes[:6] == ["sorted"] + ALL  # warm-up, then one timed pass of each candidate
+    assert "sorted" not in passes[6:] and len(passes) == 9 and ours._autotune.choice != "sorted"
     logged = {k for row in ours.state.log_history for k in row}
-    assert {f"lenbalance/autotune/{name}_s_per_ktok" for name in SDPA} <= logged
+    assert {f"lenbalance/autotune/{name}_s_per_ktok" for name in ALL} <= logged
     assert {"lenbalance/autotune/choice", "lenbalance/autotune/ratio_vs_stock"} <= logged
     assert_same_update(stock, ours)
 

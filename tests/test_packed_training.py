@@ -33,6 +33,16 @@ def test_a_model_that_cannot_pack_falls_back_to_sorted_with_a_note(family_model_
     assert ours._autotune.candidates == ["sorted"]
 
 
-def test_auto_measures_packing_only_where_kernels_skip_masked_blocks(eos_tiny_model_dir, tmp_path):
-    ours = train(LenBalanceGRPOTrainer, eos_tiny_model_dir, tmp_path, max_steps=1)  # sdpa: a dense (N, N) mask
-    assert "packed" not in ours._autotune.candidates and "sorted" in ours._autotune.candidates
+def test_a_pack_too_long_for_a_dense_mask_trains_padded_and_still_learns_what_stock_learns(eos_tiny_model_dir,
+                                                                                         tmp_path, monkeypatch):
+    """Under sdpa a pack of N tokens builds an (N, N) mask: past the limit the micro-batch runs padded (the same
+    rows); 'auto' measures `packed` there too."""
+    run = dict(max_steps=2, max_completion_length=24)
+    monkeypatch.setattr("rl_lenbalance.integrations.trl.DENSE_PACK_MAX_TOKENS", 0)
+    ours = train(LenBalanceGRPOTrainer, eos_tiny_model_dir, tmp_path, lenbalance=LenBalanceConfig(**PACKED), **run)
+    stock = train(GRPOTrainer, eos_tiny_model_dir, tmp_path, **run)
+    pads = [row["lenbalance/train/pad_frac"] for row in ours.state.log_history if "lenbalance/train/pad_frac" in row]
+    assert pads and all(pad > 0.0 for pad in pads)  # every micro-batch ran padded
+    assert_same_update(stock, ours)
+    auto = train(LenBalanceGRPOTrainer, eos_tiny_model_dir, tmp_path, max_steps=1)
+    assert "packed" in auto._autotune.candidates

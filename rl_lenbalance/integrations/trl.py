@@ -35,7 +35,7 @@ from ..capture import CaptureResult
 from ..config import AUTO, LenBalanceConfig
 from ..engine import LenBalanceEngine, private_rng
 from ..generation import compacted_generate, unsupported_options
-from ..packing import packed_logps_and_entropies, packing_unsupported, skips_masked_blocks
+from ..packing import DENSE_PACK_MAX_TOKENS, packed_logps_and_entropies, packing_unsupported, skips_masked_blocks
 from ..ledger import RunTotals, TrainingLedger, gather_ledgers, round_metrics, time_metrics, training_metrics
 from ..rollout import Backend, RolloutSettings, run_admitted, run_rollout
 from ..schedule import (ROW_MEAN_LOSSES, STRATEGIES, Autotuner, Strategy, TrainingPlan, exact_strategies,
@@ -108,6 +108,7 @@ class LenBalanceMixin:
         self.lenbalance_resume_from: str | None = None  # the checkpoint `train` resumes; the callback restores from it
         self._lenbalance_tool_turn = False  # True inside TRL's tool loop (later turns of tools / environments)
         self._left_padding_free = not _absolute_positions(model)  # a row's outputs ignore its left padding
+        self._varlen_attention = skips_masked_blocks(model)  # packs of any length (else under a dense mask)
         if not self._left_padding_free and config.balance_training:
             self._warn_once("positions", f"{type(model).__name__} adds absolute position embeddings, so a row's left "
                             "padding changes its outputs: rl-lenbalance keeps stock's prompt padding and every row on "
@@ -127,8 +128,8 @@ class LenBalanceMixin:
         if "packed" in exact and config.training_plan in (AUTO, "packed"):
             model = self.accelerator.unwrap_model(self.model)
             why = packing_unsupported(model)
-            if why is not None or (config.training_plan == AUTO and not skips_masked_blocks(model)):
-                exact.remove("packed")  # 'auto' measures packing only where kernels skip the masked blocks
+            if why is not None:
+                exact.remove("packed")
             if why is not None and config.training_plan == "packed":
                 self._warn_once("plan", f"lenbalance.training_plan='packed': {why}; using 'sorted' (length-sorted "
                                 "micro-batches, padding trimmed), which is exact.")
@@ -347,8 +348,8 @@ class LenBalanceMixin:
         stock_width = batch["prompt_ids"].size(1) + batch["completion_ids"].size(1)  # stock pads every row to it
         real = torch.stack([b["prompt_mask"].sum() + b["completion_mask"].sum() for b in microbatches]).tolist()
         ledger = TrainingLedger(  # a packed micro-batch computes its real tokens only
-            loss_tokens=sum(real) if strategy.packs else sum(b["prompt_ids"].numel() + b["completion_ids"].numel()
-                                                             for b in microbatches),
+            loss_tokens=sum(r if strategy.packs and self._packs(r) else b["prompt_ids"].numel()
+                            + b["completion_ids"].numel() for r, b in zip(real, microbatches)),
             loss_tokens_stock=len(trained["advantages"]) * stock_width,
             real_tokens=sum(real), rows_moved_in=plan.moved_in,
         )
@@ -439,14 +440,20 @@ class LenBalanceMixin:
         loss_pass = self._lenbalance_pass
         packs = (loss_pass is not None and STRATEGIES.get(loss_pass.strategy, STRATEGIES["stock"]).packs
                  and self.model.training and torch.is_grad_enabled()
-                 and not args and not any(v is not None and v is not False for v in kwargs.values()))
-        if not packs:  # old / reference log-probs (no grad), images, or the router aux loss: stock's forward
+                 and not args and not any(v is not None and v is not False for v in kwargs.values())
+                 and (self._varlen_attention or self._packs(int(attention_mask.sum()))))
+        if not packs:  # old / reference log-probs (no grad), images, the router aux loss, a long dense pack: stock's
             return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
                                                               batch_size, compute_entropy, *args, **kwargs)
         with self.accelerator.autocast():  # TRL's fused LM head, as stock's call: its numbers, no logits
             logps, entropies = packed_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
                                                           self.temperature, compute_entropy, fused_lm_head=True)
         return logps, entropies, None  # no router aux loss: a packing pass never runs with one
+
+    def _packs(self, real_tokens: int) -> bool:
+        """Whether a `packed` micro-batch of `real_tokens` runs as one sequence: always with variable-length
+        kernels; under a dense (N, N) mask only up to `DENSE_PACK_MAX_TOKENS` (else padded, the same rows: exact)."""
+        return self._varlen_attention or real_tokens <= DENSE_PACK_MAX_TOKENS
 
     @_stock_when_reentered
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
