@@ -67,7 +67,9 @@ def test_a_round_through_a_scheduling_backend_submits_longest_predicted_first(eo
         return stand_in.generate(batch, None, 1, None)[1], None
 
     backend = Backend(decode=None, forward=forward, gather=lambda items: items, submit=submit)
-    engine = LenBalanceEngine(model, LenBalanceConfig(), max_length=32)
+    # an untrained head with context features copies the naive estimate (the same for every prompt); without them
+    # its predictions already differ between prompts, so the admission order has something to show
+    engine = LenBalanceEngine(model, LenBalanceConfig(context_features=False), max_length=32)
     with torch.no_grad():
         predicted = _predict_prompt_lengths(prompts, backend, engine)
     settings = RolloutSettings([tokenizer.eos_token_id], 32, admit_by_prediction=True)

@@ -44,10 +44,11 @@ def test_greedy_generation_in_waves_and_compacted_equals_stock_row_for_row(embed
     prompt_ids, _, _ = stock._tokenize_prompts(prompts)
     expected, _ = stock._generate_single_turn(prompt_ids, None, {}, 4)
     assert len({len(c) for c in expected}) >= 3, "the prompts should give varied lengths"
+    # compaction alone reads no prediction: max_overhead=1.0 captures round 2 too (past the budget it has no hooks)
     configs = (LenBalanceConfig(generation_wave_size=4, compaction=False), LenBalanceConfig(
                generation_wave_size=4, rebucket=True, probe_tokens=8, compaction=False),
                LenBalanceConfig(compaction=True, rebucket=True, probe_tokens=8),
-               LenBalanceConfig(compaction=True))
+               LenBalanceConfig(compaction=True, max_overhead=1.0))
     for config in configs:
         ours = make_trainer(LenBalanceGRPOTrainer, embedded_dir, args, lenbalance_config=config)
         for _ in range(2):  # round 1: stock-order waves; round 2: waves ordered (and re-bucketed) by the predictor

@@ -37,7 +37,8 @@ def test_rloo_trains_with_waves_rebucketing_and_balanced_microbatches(eos_tiny_m
 
 
 def test_the_callback_wraps_a_stock_rloo_trainer(eos_tiny_model_dir, tmp_path):
-    trainer = wrap_trainer(make(RLOOTrainer, eos_tiny_model_dir, tmp_path), LenBalanceConfig(compaction=True))
+    trainer = wrap_trainer(make(RLOOTrainer, eos_tiny_model_dir, tmp_path),
+                           LenBalanceConfig(compaction=True, max_overhead=1.0))  # every round captured
     prompt_ids, _, _ = trainer._tokenize_prompts([[{"role": "user", "content": p}] for p in PROMPTS[:2]])
     completions = trainer._generate_single_turn(prompt_ids, None, {})
     assert isinstance(completions, list) and all(isinstance(c, list) for c in completions)  # RLOO: no logprobs
