@@ -46,8 +46,8 @@ class LenBalanceConfig:
                           "prompt's rows) finished so far, and the naive / history / sibling estimates, with a learned "
                           "prior that can copy the best estimate. During generation the hooks do not see which siblings "
                           "finished: predictions count them as running (exact at step 0, what the scheduler reads). "
-                          "Lower online error in docs/benchmarks/predictor_online_cpu.json, but an untrained context head predicts "
-                          "the naive estimate for every row (no order to schedule by) until it learns."},
+                          "Lower online error in docs/benchmarks/predictor_online_cpu.json, but an untrained context "
+                          "head predicts the naive estimate for every row (no order to schedule by) until it learns."},
     )
     predict_every: int = field(
         default=0,

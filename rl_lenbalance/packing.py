@@ -59,11 +59,11 @@ import torch
 
 __all__ = ["packed_logps_and_entropies", "packing_unsupported"]
 
+DENSE_PACK_MAX_TOKENS = 8192  # longest pack run under a dense (N, N) mask (sdpa, eager, flex); longer: padded
+
 # Layer kinds (`config.layer_types` / `layers_block_type`) that keep a recurrent or convolutional state along the
 # sequence: transformers hands them no sequence boundaries (the PyTorch paths take no `seq_idx`), so state would run
 # from one packed row into the next.
-DENSE_PACK_MAX_TOKENS = 8192  # longest pack run under a dense (N, N) mask (sdpa, eager, flex); longer: padded
-
 _STATEFUL_LAYER_MARKERS = ("linear", "mamba", "conv", "recurrent", "ssm", "rwkv", "delta", "lightning")
 # Model types built from such layers that may not list them in `layer_types`
 _STATEFUL_MODEL_MARKERS = ("mamba", "rwkv", "recurrent", "xlstm", "zamba", "jamba", "bamba")

@@ -53,6 +53,7 @@ class LossPass:
     microbatches: list[dict] = field(default_factory=list)
     strategy: str = ""
     stock_tokens: float = 0.0  # every rank's tokens as stock's micro-batches compute them (rows padded to the batch)
+    packed: list[bool] = field(default_factory=list)  # per micro-batch: runs as one padding-free sequence
     started: float = 0.0
 
 
@@ -347,16 +348,18 @@ class LenBalanceMixin:
         batch = loss_pass.batch
         stock_width = batch["prompt_ids"].size(1) + batch["completion_ids"].size(1)  # stock pads every row to it
         real = torch.stack([b["prompt_mask"].sum() + b["completion_mask"].sum() for b in microbatches]).tolist()
+        # under a dense (N, N) mask a long pack runs padded instead (the same rows: exact); varlen kernels pack all
+        packed = [strategy.packs and (self._varlen_attention or r <= DENSE_PACK_MAX_TOKENS) for r in real]
         ledger = TrainingLedger(  # a packed micro-batch computes its real tokens only
-            loss_tokens=sum(r if strategy.packs and self._packs(r) else b["prompt_ids"].numel()
-                            + b["completion_ids"].numel() for r, b in zip(real, microbatches)),
+            loss_tokens=sum(r if p else b["prompt_ids"].numel() + b["completion_ids"].numel()
+                            for r, p, b in zip(real, packed, microbatches)),
             loss_tokens_stock=len(trained["advantages"]) * stock_width,
             real_tokens=sum(real), rows_moved_in=plan.moved_in,
         )
         ranks = gather_ledgers(ledger, self.accelerator.gather, self.accelerator.device)
         self.lenbalance_totals.add_training(ranks, 1)
         self._log_lenbalance(training_metrics(ranks))
-        loss_pass.strategy, loss_pass.microbatches = strategy.name, microbatches
+        loss_pass.strategy, loss_pass.microbatches, loss_pass.packed = strategy.name, microbatches, packed
         self._buffered_inputs = microbatches  # where stock keeps its micro-batches (scripts and tests read them)
         loss_pass.stock_tokens = sum(r.loss_tokens_stock for r in ranks)
         loss_pass.started = self._synchronized_clock()
@@ -438,10 +441,10 @@ class LenBalanceMixin:
         """Stock: the padded micro-batch through the model. In a `packed` pass's loss forward (training, with
         grad): its rows as one padding-free sequence (`packing.packed_logps_and_entropies`), the same values."""
         loss_pass = self._lenbalance_pass
-        packs = (loss_pass is not None and STRATEGIES.get(loss_pass.strategy, STRATEGIES["stock"]).packs
+        packs = (loss_pass is not None and loss_pass.packed
+                 and loss_pass.packed[self._step % self.args.steps_per_generation]  # the micro-batch being trained
                  and self.model.training and torch.is_grad_enabled()
-                 and not args and not any(v is not None and v is not False for v in kwargs.values())
-                 and (self._varlen_attention or self._packs(int(attention_mask.sum()))))
+                 and not args and not any(v is not None and v is not False for v in kwargs.values()))
         if not packs:  # old / reference log-probs (no grad), images, the router aux loss, a long dense pack: stock's
             return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
                                                               batch_size, compute_entropy, *args, **kwargs)
@@ -449,11 +452,6 @@ class LenBalanceMixin:
             logps, entropies = packed_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
                                                           self.temperature, compute_entropy, fused_lm_head=True)
         return logps, entropies, None  # no router aux loss: a packing pass never runs with one
-
-    def _packs(self, real_tokens: int) -> bool:
-        """Whether a `packed` micro-batch of `real_tokens` runs as one sequence: always with variable-length
-        kernels; under a dense (N, N) mask only up to `DENSE_PACK_MAX_TOKENS` (else padded, the same rows: exact)."""
-        return self._varlen_attention or real_tokens <= DENSE_PACK_MAX_TOKENS
 
     @_stock_when_reentered
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
