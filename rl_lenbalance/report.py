@@ -198,13 +198,22 @@ def render_figure(run: OfflineRun, tables: dict[int, list[tuple[float, float]]],
            [(f"{LB}predictor/mae_static", "PLP, prompt only (t=0)", NOW),
             (f"{LB}predictor/mae_plp32", "PLP after 32 tokens", "tab:green"),
             (f"{LB}predictor/mae_naive_static", "naive mean (t=0)", NAIVE),
-            (f"{LB}predictor/mae_naive_plp32", "naive mean (t=32)", "tab:red")],
-           dashed={f"{LB}predictor/mae_naive_static", f"{LB}predictor/mae_naive_plp32"})
+            (f"{LB}predictor/mae_naive_plp32", "naive mean (t=32)", "tab:red"),
+            (f"{LB}predictor/mae_history_plp32", "per-prompt history (t=32)", "tab:brown"),
+            (f"{LB}predictor/mae_sibling_plp32", "siblings finished (t=32)", "tab:olive")],
+           dashed={f"{LB}predictor/mae_{name}" for name in ("naive_static", "naive_plp32", "history_plp32",
+                                                              "sibling_plp32")},
+           note=_kendall_note(run))
     _scatter(axes[7], tables)
     _lines(axes[8], run, "(i) predictor fallbacks and skipped updates (cumulative)", "count",
            [(f"{LB}predictor/fallbacks", "fallbacks to stock scheduling", "tab:red"),
             (f"{LB}predictor/skipped_updates", "skipped (non-finite) updates", NAIVE)], integer=True)
     return figure
+
+
+def _kendall_note(run: OfflineRun) -> str:
+    values = [v for v in series(run, f"{LB}predictor/kendall_plp32")[1] if math.isfinite(v)]
+    return f"Kendall tau at t=32, predicted vs actual remaining: {sum(values) / len(values):.2f} (mean)" if values else ""
 
 
 def _single_rank_note(run: OfflineRun) -> str:

@@ -210,20 +210,21 @@ def test_the_summary_table_leaves_out_what_a_run_did_not_measure():
 
 
 def test_a_saved_head_with_another_contract_is_refused_naming_the_setting():
-    head = HeadConfig(hidden_size=64, max_length=128, pooling="mean", feature_layer=3)
-    check_head(head, LenBalanceConfig(pooling="mean", feature_layer=3), 64, 128, "p")  # the same contract: fine
+    head = HeadConfig(hidden_size=64, max_length=128, pooling="mean", feature_layer=3)  # saved without context
+    plain = {"pooling": "mean", "feature_layer": 3, "context_features": False}
+    check_head(head, LenBalanceConfig(**plain), 64, 128, "p")  # the same contract: fine
     with pytest.raises(ValueError, match=r"feature_layer=3.*feature_layer=-1.*set lenbalance.feature_layer"):
-        check_head(head, LenBalanceConfig(pooling="mean"), 64, 128, "p")
+        check_head(head, LenBalanceConfig(**plain | {"feature_layer": -1}), 64, 128, "p")
     with pytest.raises(ValueError, match=r"pooling='mean'.*pooling='egtp'.*set lenbalance.pooling"):
-        check_head(head, LenBalanceConfig(feature_layer=3), 64, 128, "p")
+        check_head(head, LenBalanceConfig(**plain | {"pooling": "egtp"}), 64, 128, "p")
     with pytest.raises(ValueError, match=r"hidden_size=64, max_length=128.*hidden_size=576, max_length=256"):
-        check_head(head, LenBalanceConfig(pooling="mean", feature_layer=3), 576, 256, "p")
+        check_head(head, LenBalanceConfig(**plain), 576, 256, "p")
     with pytest.raises(ValueError, match=r"context_size=0.*context_size=7.*set lenbalance.context_features"):
-        check_head(head, LenBalanceConfig(pooling="mean", feature_layer=3, context_features=True), 64, 128, "p")
+        check_head(head, LenBalanceConfig(pooling="mean", feature_layer=3), 64, 128, "p")  # the default reads context
     with_context = HeadConfig(hidden_size=64, max_length=128, context_size=7)
-    check_head(with_context, LenBalanceConfig(context_features=True), 64, 128, "p")
+    check_head(with_context, LenBalanceConfig(), 64, 128, "p")
     with pytest.raises(ValueError, match=r"saved with context features"):
-        check_head(with_context, LenBalanceConfig(), 64, 128, "p")
+        check_head(with_context, LenBalanceConfig(context_features=False), 64, 128, "p")
 
 
 def test_the_engine_refuses_a_head_that_would_read_another_layer(tiny_model_dir, tmp_path):

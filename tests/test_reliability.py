@@ -23,7 +23,7 @@ from rl_lenbalance import LenBalanceCallback, LenBalanceConfig, LenBalanceGRPOTr
 from rl_lenbalance import train as train_module
 from rl_lenbalance.cli import main as cli_main
 from rl_lenbalance.engine import LenBalanceEngine, TrainingPairs
-from rl_lenbalance.predictor import HeadConfig, OnlineTrainer, PLPHead, feature_size
+from rl_lenbalance.predictor import CONTEXT_SIZE, HeadConfig, OnlineTrainer, PLPHead, feature_size
 from rl_lenbalance.recipe import RecipeError, load_recipe
 from rl_lenbalance.train import parse_overrides
 
@@ -132,7 +132,7 @@ def _cli_error(capsys, sets: list[str]) -> str:
 
 def test_model_dependent_settings_fail_in_one_line_before_the_weights_load(capsys, tmp_path, no_weights_loading,
                                                                           embedded_dir):
-    PLPHead(HeadConfig(576, 32)).save_pretrained(tmp_path / "checkpoint-3" / "lenbalance")  # max_length 32
+    PLPHead(HeadConfig(576, 32, context_size=CONTEXT_SIZE)).save_pretrained(tmp_path / "checkpoint-3" / "lenbalance")
     out = f"output_dir={tmp_path / 'out'}"
     cases = {
         "lenbalance.feature_layer=99": r"feature_layer=99, but .* has 30 decoder layers: use 0..29, or -1",

@@ -51,6 +51,7 @@ def partial_run(tmp_path_factory) -> Path:
                      f"{P}gen/decode_slots": 500, f"{P}gen/decode_slots_stock": 600, f"{P}gen/real_tokens": 400,
                      f"{P}gen/slot_waste": 0.2, f"{P}gen/slot_waste_stock": 1 / 3,
                      f"{P}predictor/mae_static": 10.0 / step, f"{P}predictor/fallbacks": 0,
+                     f"{P}predictor/mae_history_plp32": 7.0, f"{P}predictor/kendall_plp32": 0.1 + 0.2 * step,
                      f"{P}time/generation_s": 3.0, f"{P}time/loss_phase_s": 1.0 * step, "train/step_time": 4.0,
                      f"{P}autotune/choice": "sorted", f"{P}autotune/ratio_vs_stock": 1.25})
         run.summary["train_runtime"] = 10.0  # as transformers' WandbCallback stores it at the end
@@ -87,6 +88,10 @@ def test_missing_metrics_become_no_data_panels(partial_run, tmp_path):
     labels = [text.get_text() for text in seconds.get_legend().get_texts()]
     assert labels == ["generation phase (6.0 s in all)", "loss phase (3.0 s in all)",
                       "whole step: TRL's step_time (no device sync)"]
+    (mae,) = [ax for ax in figure.axes if ax.get_title(loc="left").startswith("(g) predictor online MAE")]
+    assert [text.get_text() for text in mae.get_legend().get_texts()] == ["PLP, prompt only (t=0)",
+                                                                          "per-prompt history (t=32)"]
+    assert [text.get_text() for text in mae.texts][0].endswith("remaining: 0.40 (mean)")  # Kendall tau of steps 1-2
     paths = build_report(partial_run, tmp_path)
     page = paths.html.read_text()
     assert paths.png.stat().st_size > 10_000 and "<td>20.0%</td><td>33.3%</td>" in page  # decode slots wasted
