@@ -95,6 +95,17 @@ class RolloutStats:
         )
 
 
+def uncaptured_ledger(completions: list[list[int]], compact: bool, seconds: float) -> GenerationLedger:
+    """This rank's ledger of a round decoded without hooks: stock's one call, or the compacting loop, where each row
+    leaves the batch once it finished (one decode slot per generated token)."""
+    lengths = [len(c) for c in completions]
+    stock = padded_tokens(lengths, [range(len(lengths))])
+    return GenerationLedger(decode_slots=sum(lengths) if compact else stock, decode_slots_stock=stock,
+                            decode_steps=max(lengths, default=0), decode_steps_stock=max(lengths, default=0),
+                            real_tokens=sum(lengths), seconds=seconds, hook_seconds=0.0, reprefill_tokens=0,
+                            rows_moved_in=0)
+
+
 def run_rollout(prompts: list[list[int]], backend: Backend, engine: LenBalanceEngine,
                 settings: RolloutSettings) -> tuple[list[list[int]], RolloutStats]:
     """Decode one completion per prompt (this rank's rows) in waves; with `settings.rebucket`, the waves stop after

@@ -144,6 +144,11 @@ def test_past_the_budget_compaction_still_drops_finished_rows_without_hooks(eos_
                      max_completion_length=24)
     assert ours.lenbalance.rounds == 1 and len(calls) == 3
     assert calls[0] is not None and calls[1:] == [None, None]
+    rounds = [row for row in ours.state.log_history if "lenbalance/gen/decode_slots" in row]
+    assert len(rounds) == 3  # the uncaptured rounds are in the ledger too: one slot per token, none on padding
+    assert all(r["lenbalance/gen/decode_slots"] == r["lenbalance/gen/real_tokens"] for r in rounds[1:])
+    assert any(r["lenbalance/gen/decode_slots_stock"] > r["lenbalance/gen/decode_slots"] for r in rounds[1:])
+    assert ours.lenbalance_totals.decode_slots == sum(r["lenbalance/gen/decode_slots"] for r in rounds)
 
 
 def test_an_inexact_training_plan_falls_back_to_stock_trimmed_with_a_note(eos_tiny_model_dir, tmp_path):

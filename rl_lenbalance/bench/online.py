@@ -12,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from ..config import LenBalanceConfig
 from ..engine import PLP_REPORT_STEP, LenBalanceEngine, TrainingPairs, head_config, new_trainer
-from ..predictor import PLPHead
+from ..predictor import PLPHead, feature_size
 from .dataset import BenchData
 from .metrics import mae
 from .predictors import PREDICTORS, Pairs, make_pairs
@@ -63,14 +63,56 @@ def online_vs_offline(data: BenchData, round_prompts: int, settings: FitSettings
 
 
 VARIANTS = {"plp": LenBalanceConfig(context_features=False), "plp_context": LenBalanceConfig(context_features=True)}
+# head inputs tried besides the final hidden state's PLP features (issue 22 item 3), each with context features:
+# "final" (what the trainer recorded), "layerN" (the same PLP features of decoder layer N), "entropy" (`entropy_trend`)
+FEATURE_VARIANTS = {"layer15": ("layer15",), "layer22": ("layer22",), "layer15+final": ("layer15", "final"),
+                    "final+entropy": ("final", "entropy")}
 SUMMARY_ROUNDS = range(10, 20)  # rounds 11-20, counted from 1
+ENTROPY_SCALE = 5.0  # nats (a uniform choice among ~150 tokens)
+OFFLINE_TRAIN_ROUNDS = (3, 6, 9)  # the offline head's training rounds, for its learning curve (is data the limit?)
 
 
-def load_round(path: Path) -> tuple[TrainingPairs, int]:
-    """A round saved by `benchmarks/predictor_online.py` (features as float32) and its max completion length."""
+def load_round(path: Path) -> tuple[TrainingPairs, int, dict]:
+    """A round saved by `benchmarks/predictor_online.py` (features as float32), its max completion length and the
+    other layers' features and token entropies saved beside it (empty in rounds saved without them)."""
     saved = torch.load(path, weights_only=True)
     pairs = {k: v.float() if v.is_floating_point() else v for k, v in saved["pairs"].items()}
-    return TrainingPairs(**pairs), int(saved["max_length"])
+    return TrainingPairs(**pairs), int(saved["max_length"]), saved.get("extra", {})
+
+
+def entropy_trend(entropy: torch.Tensor, rows: list[int], steps: list[int]) -> torch.Tensor:
+    """(N, 4) per (row, step): the mean entropy of the tokens drawn before `step`, of the last 8 of them, their
+    maximum and the last one, over `ENTROPY_SCALE`; zeros at step 0. `entropy`: (B, W), NaN past a row's end."""
+    out = torch.zeros(len(rows), 4)
+    for i, (row, step) in enumerate(zip(rows, steps, strict=True)):
+        seen = entropy[row, :step].float()
+        seen = seen[~seen.isnan()]
+        if len(seen):
+            out[i] = torch.stack([seen.mean(), seen[-8:].mean(), seen.max(), seen[-1]]) / ENTROPY_SCALE
+    return out
+
+
+def with_features(pairs: TrainingPairs, extra: dict, parts: tuple[str, ...]) -> TrainingPairs:
+    """`pairs` whose head inputs (t=0, t=32 and the samples) are `parts` concatenated (see `FEATURE_VARIANTS`).
+    Row r of a round is entry r (one process, one wave: the saved rounds' layout)."""
+    valid = pairs.row[pairs.row >= 0]
+    if not torch.equal(valid, torch.arange(len(valid))):
+        raise ValueError("with_features reads rounds of one process and one wave (row r at entry r)")
+    samples = len(pairs.y) // len(pairs.row)
+    rows = pairs.row.clamp(min=0).tolist()
+
+    def inputs(recorded: torch.Tensor, rows: list[int], steps: list[int]) -> torch.Tensor:
+        columns = {"final": lambda: recorded, "entropy": lambda: entropy_trend(extra["entropy"], rows, steps)}
+        for name, layer in extra.items():
+            if name.startswith("layer"):
+                columns[name] = lambda layer=layer: torch.stack([
+                    layer[step][row].float() if step in layer else torch.zeros(layer[0].size(1))
+                    for row, step in zip(rows, steps, strict=True)])
+        return torch.cat([columns[part]() for part in parts], 1)
+
+    return replace(pairs, z0=inputs(pairs.z0, rows, [0] * len(rows)),
+                   z32=inputs(pairs.z32, rows, [PLP_REPORT_STEP] * len(rows)),
+                   z=inputs(pairs.z, [rows[i // samples] for i in range(len(pairs.y))], pairs.step.clamp(min=0).tolist()))
 
 
 def stand_in(hidden_size: int) -> LlamaForCausalLM:
@@ -79,12 +121,18 @@ def stand_in(hidden_size: int) -> LlamaForCausalLM:
                                         num_attention_heads=1, num_key_value_heads=1, vocab_size=8))
 
 
-def replay_rounds(rounds: list[TrainingPairs], max_length: int, config: LenBalanceConfig, seed: int
+def replay_rounds(rounds: list[TrainingPairs], max_length: int, config: LenBalanceConfig, seed: int,
+                  hidden: int | None = None
                   ) -> tuple[list[dict[str, float]], LenBalanceEngine, list[tuple[torch.Tensor, ...]]]:
     """Each round's metrics from a fresh engine learning the saved rounds in order, exactly as the trainer's engine
-    did (score before learning, then `learn`); and per round the head's inputs (samples, t=0, t=32) with targets."""
-    hidden = (rounds[0].z0.size(1) - 2) // 3
+    did (score before learning, then `learn`); and per round the head's inputs (samples, t=0, t=32) with targets.
+    Inputs wider than one layer's PLP features (`with_features`) need the policy's `hidden` size."""
+    hidden = hidden or (rounds[0].z0.size(1) - 2) // 3
     engine = LenBalanceEngine(stand_in(hidden), config, max_length, seed)
+    extra = rounds[0].z0.size(1) - feature_size(hidden)
+    if extra:  # a head reading those extra columns, trained as the engine's own
+        engine.head = PLPHead(replace(engine.head.config, extra_features=extra)).eval()
+        engine.trainer = new_trainer(engine.head, config, seed)
     metrics, inputs = [], []
     for pairs in rounds:
         c0, c32, c = engine.round_context(pairs)
@@ -94,13 +142,15 @@ def replay_rounds(rounds: list[TrainingPairs], max_length: int, config: LenBalan
     return metrics, engine, inputs
 
 
-def offline_mae(engine: LenBalanceEngine, inputs: list[tuple[torch.Tensor, ...]], seed: int) -> dict[str, float]:
-    """The same head trained offline (best epoch on round 10) on rounds 1-9, scored on rounds 11-20 at t=0, t=32."""
+def offline_mae(engine: LenBalanceEngine, inputs: list[tuple[torch.Tensor, ...]], seed: int,
+                train_rounds: int = SUMMARY_ROUNDS.start - 1) -> dict[str, float]:
+    """The same head trained offline (best epoch on round 10) on rounds 1-`train_rounds`, scored on rounds 11-20 at
+    t=0 and t=32."""
     def pairs(x: torch.Tensor, y: torch.Tensor) -> Pairs:
         keep = y >= 0
         return Pairs(x[keep], torch.zeros(int(keep.sum())), y[keep], torch.zeros(int(keep.sum())))
 
-    train = [pairs(*r[:2]) for r in inputs[: SUMMARY_ROUNDS.start - 1]]
+    train = [pairs(*r[:2]) for r in inputs[:train_rounds]]
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         head = PLPHead(engine.head.config)
@@ -118,14 +168,21 @@ def evaluate_rounds(folder: Path, setting: str, seed: int = 0) -> dict:
     offline head beside the online one; and what the trainer itself logged each round."""
     files = sorted(folder.glob("round_*.pt"))
     loaded = [load_round(path) for path in files]
-    rounds, max_length = [pairs for pairs, _ in loaded], loaded[0][1]
+    rounds, max_length = [pairs for pairs, _, _ in loaded], loaded[0][1]
+    hidden = (rounds[0].z0.size(1) - 2) // 3
+    variants = dict(VARIANTS)
+    if all(extra for _, _, extra in loaded):
+        variants |= {f"context_{name}": (parts, LenBalanceConfig(context_features=True))
+                     for name, parts in FEATURE_VARIANTS.items()}
     report: dict = {"setting": setting, "rounds": len(rounds),
                     "completions_per_round": [int((p.row >= 0).sum()) for p in rounds],
                     "distinct_prompts": len({int(k) for p in rounds for k in p.prompt}),
                     "trainer_logged": [torch.load(f, weights_only=True)["trainer_metrics"] for f in files],
                     "variants": {}}
-    for name, config in VARIANTS.items():
-        metrics, engine, inputs = replay_rounds(rounds, max_length, config, seed)
+    for name, spec in variants.items():
+        parts, config = spec if isinstance(spec, tuple) else (("final",), spec)
+        replayed = [with_features(p, extra, parts) for p, _, extra in loaded] if parts != ("final",) else rounds
+        metrics, engine, inputs = replay_rounds(replayed, max_length, config, seed, hidden)
         summary_rounds = [m for i, m in enumerate(metrics) if i in SUMMARY_ROUNDS]
         keys = sorted({k for m in summary_rounds for k in m if "mae" in k or "kendall" in k})
         variant = {"per_round": [{k: v for k, v in m.items() if "mae" in k or "kendall" in k} for m in metrics]}
@@ -135,6 +192,7 @@ def evaluate_rounds(folder: Path, setting: str, seed: int = 0) -> dict:
             variant["rounds_averaged"] = [i + 1 for i in SUMMARY_ROUNDS if i < len(metrics)]
         if len(rounds) >= SUMMARY_ROUNDS.stop:
             variant["rounds_11_20"] |= offline_mae(engine, inputs, seed)
+            variant["offline_by_train_rounds"] = {k: offline_mae(engine, inputs, seed, k) for k in OFFLINE_TRAIN_ROUNDS}
         report["variants"][name] = variant
     report["plp_report_step"] = PLP_REPORT_STEP
     if len(rounds) < SUMMARY_ROUNDS.stop:

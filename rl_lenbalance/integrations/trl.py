@@ -37,7 +37,7 @@ from ..engine import LenBalanceEngine, private_rng
 from ..generation import compacted_generate, unsupported_options
 from ..packing import DENSE_PACK_MAX_TOKENS, packed_logps_and_entropies, packing_unsupported, skips_masked_blocks
 from ..ledger import RunTotals, TrainingLedger, gather_ledgers, round_metrics, time_metrics, training_metrics
-from ..rollout import Backend, RolloutSettings, run_admitted, run_rollout
+from ..rollout import Backend, RolloutSettings, run_admitted, run_rollout, uncaptured_ledger
 from ..schedule import (ROW_MEAN_LOSSES, STRATEGIES, Autotuner, Strategy, TrainingPlan, exact_strategies,
                         optimizer_steps, plan_training, regrouping_blockers, stock_plan, take_rows, trim_padding)
 from .callback import EngineCallback
@@ -201,9 +201,10 @@ class LenBalanceMixin:
         call, or the decode loop that drops finished rows (compaction reads no prediction)."""
         start = time.perf_counter()
         completions = backend.decode(prompt_ids, None, compact=compact)
-        seconds = torch.tensor([time.perf_counter() - start], device=self.accelerator.device)
-        self.lenbalance_totals.generate_s += self.accelerator.gather(seconds).mean().item()  # as every rank counts
-        self._log_lenbalance(self._budget_metrics())
+        ledger = uncaptured_ledger(completions, compact, time.perf_counter() - start)
+        ranks = gather_ledgers(ledger, self.accelerator.gather, self.accelerator.device)
+        self.lenbalance_totals.add_generation(ranks, 0.0)
+        self._log_lenbalance(round_metrics(ranks, {}) | self._budget_metrics())
         return (completions, None) if isinstance(self, GRPOTrainer) else completions  # GRPO: no logprobs here
 
     def _budget_metrics(self) -> dict[str, float]:

@@ -32,6 +32,7 @@ class HeadConfig:
     pooling: str = "egtp"
     feature_layer: int = -1
     context_size: int = 0  # context features after the PLP features (`predictor.context`); 0: none
+    extra_features: int = 0  # inputs between the PLP features and the context (feature variants benchmarked offline)
 
 
 def bin_edges(num_bins: int, max_length: int) -> torch.Tensor:
@@ -70,7 +71,7 @@ class PLPHead(nn.Module):
         self.config = config
         width = max(config.hidden_size // 2, 16)
         self.net = nn.Sequential(
-            nn.Linear(feature_size(config.hidden_size) + config.context_size, width),
+            nn.Linear(feature_size(config.hidden_size) + config.extra_features + config.context_size, width),
             nn.LayerNorm(width),
             nn.ReLU(),
             nn.Dropout(config.dropout),
