@@ -195,8 +195,9 @@ class LenBalanceEngine:
     def context_at(self, prompts: list[int], step: int) -> torch.Tensor:
         """(B, CONTEXT_SIZE) context of rows of these prompt keys during generation, at `step`. Which siblings
         finished is not visible to the hooks: they count as running (exact at step 0, what the scheduler reads)."""
-        naive = self.baseline.predict_remaining(step)
-        return torch.tensor([context_vector(self.history, naive, p, step, [], self.max_length) for p in prompts])
+        naive, median = self.baseline.predict_remaining(step), self.baseline.predict_median(step)
+        return torch.tensor([context_vector(self.history, naive, p, step, [], self.max_length, median)
+                             for p in prompts])
 
     def round_context(self, pairs: TrainingPairs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Context vectors of the entries at t=0 and t=32 and of the samples, from the round's rows (`pairs` holds
@@ -205,14 +206,15 @@ class LenBalanceEngine:
         for row, prompt, length in zip(pairs.row.tolist(), pairs.prompt.tolist(), pairs.length.tolist(), strict=True):
             if row >= 0:
                 groups.setdefault(prompt, {})[row] = length
-        naive: dict[int, float | None] = {}
+        baseline: dict[int, tuple[float | None, float | None]] = {}  # step -> (naive, median)
 
         def vector(entry: int, step: int) -> list[float]:
             row, prompt = int(pairs.row[entry]), int(pairs.prompt[entry])
-            if step not in naive:
-                naive[step] = self.baseline.predict_remaining(step)
+            if step not in baseline:
+                baseline[step] = self.baseline.predict_remaining(step), self.baseline.predict_median(step)
             siblings = [length for other, length in groups.get(prompt, {}).items() if other != row]
-            return context_vector(self.history, naive[step], prompt, step, siblings, self.max_length)
+            naive, median = baseline[step]
+            return context_vector(self.history, naive, prompt, step, siblings, self.max_length, median)
 
         entries, samples = len(pairs.row), self.config.samples_per_sequence
         zeros = [0.0] * CONTEXT_SIZE

@@ -146,6 +146,8 @@ def test_naive_baseline_is_conditional_mean_remaining():
     base.update([10, 20, 60])
     assert base.predict_remaining(0) == pytest.approx(30)
     assert base.predict_remaining(15) == pytest.approx(((20 - 15) + (60 - 15)) / 2)
+    assert base.predict_median(0) == 20 and base.predict_median(15) == 5  # of (5, 45): the lower middle value
+    assert base.predict_median(60) is None
 
 
 def test_save_and_load_round_trip(tmp_path):
@@ -209,12 +211,12 @@ def test_history_and_sibling_estimates_are_conditional_means_of_past_rows():
 def test_context_vector_falls_back_to_naive_and_reads_finished_siblings():
     history = LengthHistory()
     history.update([1, 1], [20, 40])
-    vector = context_vector(history, naive=50.0, prompt=1, step=10, siblings=[8, 100, 4], max_length=100)
+    vector = context_vector(history, naive=50.0, prompt=1, step=10, siblings=[8, 100, 4], max_length=100, median=30.0)
     assert len(vector) == CONTEXT_SIZE
-    assert vector[:3] == pytest.approx([0.5, 0.2, 0.5])  # naive, history (20), sibling (no support: naive)
-    assert vector[5:] == pytest.approx([2 / 3, 0.06])  # two of three siblings finished, mean length 6
+    assert vector[:4] == pytest.approx([0.5, 0.2, 0.5, 0.3])  # naive, history (20), sibling (no support: naive), median
+    assert vector[6:] == pytest.approx([2 / 3, 0.06])  # two of three siblings finished, mean length 6
     unseen = context_vector(LengthHistory(), naive=None, prompt=2, step=0, siblings=[], max_length=100)
-    assert unseen == pytest.approx([0.5, 0.5, 0.5, 0.0, 0.0, 0.0, 0.0])
+    assert unseen == pytest.approx([0.5, 0.5, 0.5, 0.5, 0.0, 0.0, 0.0, 0.0])
 
 
 def test_kendall_tau():
@@ -230,7 +232,7 @@ def test_the_context_prior_lets_the_head_copy_an_estimate():
     with torch.no_grad():
         head.net[-1].weight.zero_()
         head.net[-1].bias.zero_()
-        head.prior_weight.copy_(torch.tensor([0.0, 5.0, 0.0]))  # trust the history estimate only
+        head.prior_weight.copy_(torch.tensor([0.0, 5.0, 0.0, 0.0]))  # trust the history estimate only
     context = torch.zeros(3, CONTEXT_SIZE)
     context[:, 0] = 0.9  # naive: 115 tokens
     context[:, 1] = torch.tensor([3.0, 20.0, 90.0]) / 128

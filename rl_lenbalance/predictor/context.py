@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-ESTIMATES = ("naive", "history", "sibling")  # the first columns of a context vector, as remaining length / max_length
+ESTIMATES = ("naive", "history", "sibling", "median")  # a context vector's first columns, remaining / max_length
 CONTEXT_SIZE = len(ESTIMATES) + 4
 HISTORY_SCALE = math.log1p(64)  # a prompt seen 64 times reads count feature 1
 MIN_SUPPORT = 8  # past rows an estimate needs before it stops falling back to naive
@@ -76,19 +76,20 @@ def _band(finished: float) -> int:
 
 
 def context_vector(history: LengthHistory, naive: float | None, prompt: int, step: int, siblings: Sequence[int],
-                   max_length: int) -> list[float]:
+                   max_length: int, median: float | None = None) -> list[float]:
     """The context of a row of prompt `prompt` still running at `step`; `siblings`: the other rows of its prompt in
-    this round, as their final length where it is known to be <= step (finished) and anything larger otherwise.
+    this round, as their final length where it is known to be <= step (finished) and anything larger otherwise;
+    `naive` and `median`: the mean and the median remaining length of recent rows past `step`.
 
-    [naive, history, sibling estimates of the remaining length, prompt seen (log count), its mean past length,
-    fraction of siblings finished, their mean length]; lengths over max_length. A missing estimate
+    [naive, history, sibling, median estimates of the remaining length, prompt seen (log count), its mean past
+    length, fraction of siblings finished, their mean length]; lengths over max_length. A missing estimate
     falls back to naive, and naive (no history at all) to half the tokens left."""
     naive = (max_length - step) / 2 if naive is None else naive
     finished = [length for length in siblings if length <= step]
     fraction = len(finished) / len(siblings) if siblings else 0.0
     past = history.prompts.get(prompt, ())
     estimates = (naive, _or(history.history_estimate(prompt, step), naive),
-                 _or(history.sibling_estimate(step, fraction), naive))
+                 _or(history.sibling_estimate(step, fraction), naive), _or(median, naive))
     return [*(e / max_length for e in estimates), math.log1p(len(past)) / HISTORY_SCALE,
             (sum(past) / len(past) / max_length) if past else 0.0, fraction,
             (sum(finished) / len(finished) / max_length) if finished else 0.0]

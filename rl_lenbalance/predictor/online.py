@@ -63,6 +63,11 @@ class NaiveLengthBaseline:
         alive = [length - steps for length in self.lengths if length > steps]
         return sum(alive) / len(alive) if alive else None
 
+    def predict_median(self, steps: int) -> float | None:
+        """Median of (L - t) over remembered lengths L > t (the MAE-optimal constant); None before any history."""
+        alive = torch.tensor([length - steps for length in self.lengths if length > steps], dtype=torch.float32)
+        return alive.median().item() if len(alive) else None
+
     def update(self, lengths: list[int]) -> None:
         self.lengths.extend(int(x) for x in lengths)
 
