@@ -80,16 +80,17 @@ def load_round(path: Path) -> tuple[TrainingPairs, int, dict]:
     return TrainingPairs(**pairs), int(saved["max_length"]), saved.get("extra", {})
 
 
-def entropy_trend(entropy: torch.Tensor, rows: list[int], steps: list[int]) -> torch.Tensor:
+def entropy_trend(entropy: torch.Tensor, rows: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
     """(N, 4) per (row, step): the mean entropy of the tokens drawn before `step`, of the last 8 of them, their
-    maximum and the last one, over `ENTROPY_SCALE`; zeros at step 0. `entropy`: (B, W), NaN past a row's end."""
-    out = torch.zeros(len(rows), 4)
-    for i, (row, step) in enumerate(zip(rows, steps, strict=True)):
-        seen = entropy[row, :step].float()
-        seen = seen[~seen.isnan()]
-        if len(seen):
-            out[i] = torch.stack([seen.mean(), seen[-8:].mean(), seen.max(), seen[-1]]) / ENTROPY_SCALE
-    return out
+    maximum and the last one, over `ENTROPY_SCALE`; zeros at step 0. `entropy`: (B, W), NaN past a row's end (a
+    row running at `step` drew every token before it)."""
+    drawn = entropy.float().nan_to_num(0.0)
+    total = torch.cat([torch.zeros(len(drawn), 1), drawn.cumsum(1)], 1)  # total[:, t]: the first t tokens' sum
+    seen = steps.clamp(min=1)  # tokens drawn before `step` (step 0 is zeroed below)
+    recent, last = seen.clamp(max=8), seen - 1
+    out = torch.stack([total[rows, seen] / seen, (total[rows, seen] - total[rows, seen - recent]) / recent,
+                       drawn.cummax(1).values[rows, last], drawn[rows, last]], 1)
+    return torch.where((steps > 0).unsqueeze(1), out / ENTROPY_SCALE, 0.0)
 
 
 def with_features(pairs: TrainingPairs, extra: dict, parts: tuple[str, ...]) -> TrainingPairs:
@@ -99,20 +100,27 @@ def with_features(pairs: TrainingPairs, extra: dict, parts: tuple[str, ...]) -> 
     if not torch.equal(valid, torch.arange(len(valid))):
         raise ValueError("with_features reads rounds of one process and one wave (row r at entry r)")
     samples = len(pairs.y) // len(pairs.row)
-    rows = pairs.row.clamp(min=0).tolist()
+    rows = pairs.row.clamp(min=0)
 
-    def inputs(recorded: torch.Tensor, rows: list[int], steps: list[int]) -> torch.Tensor:
-        columns = {"final": lambda: recorded, "entropy": lambda: entropy_trend(extra["entropy"], rows, steps)}
-        for name, layer in extra.items():
-            if name.startswith("layer"):
-                columns[name] = lambda layer=layer: torch.stack([
-                    layer[step][row].float() if step in layer else torch.zeros(layer[0].size(1))
-                    for row, step in zip(rows, steps, strict=True)])
-        return torch.cat([columns[part]() for part in parts], 1)
+    def inputs(recorded: torch.Tensor, rows: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+        columns = []
+        for part in parts:
+            if part == "final":
+                columns.append(recorded)
+            elif part == "entropy":
+                columns.append(entropy_trend(extra["entropy"], rows, steps))
+            else:  # "layerN": the PLP features of layer N recorded at each step (zeros at a step never recorded)
+                layer = extra[part]
+                recorded_steps = sorted(layer)
+                table = torch.stack([layer[step].float() for step in recorded_steps])  # (steps, B, F)
+                index = torch.searchsorted(torch.tensor(recorded_steps), steps).clamp(max=len(recorded_steps) - 1)
+                known = torch.tensor(recorded_steps)[index] == steps
+                columns.append(table[index, rows] * known.unsqueeze(1))
+        return torch.cat(columns, 1)
 
-    return replace(pairs, z0=inputs(pairs.z0, rows, [0] * len(rows)),
-                   z32=inputs(pairs.z32, rows, [PLP_REPORT_STEP] * len(rows)),
-                   z=inputs(pairs.z, [rows[i // samples] for i in range(len(pairs.y))], pairs.step.clamp(min=0).tolist()))
+    entries = torch.zeros(len(rows), dtype=torch.long)
+    return replace(pairs, z0=inputs(pairs.z0, rows, entries), z32=inputs(pairs.z32, rows, entries + PLP_REPORT_STEP),
+                   z=inputs(pairs.z, rows.repeat_interleave(samples), pairs.step.clamp(min=0)))
 
 
 def stand_in(hidden_size: int) -> LlamaForCausalLM:
@@ -212,7 +220,8 @@ def evaluate_rounds(folder: Path, setting: str, seed: int = 0) -> dict:
     window = slice(SUMMARY_ROUNDS.start - 1, SUMMARY_ROUNDS.stop - 1)  # the list starts at round 2
     report["running_median_rounds_11_20"] = {
         label: sum(maes[window]) / len(maes[window]) for label, maes in (
-            ("static", running_median_mae(rounds, 0)), ("plp32", running_median_mae(rounds, PLP_REPORT_STEP)))}
+            ("static", running_median_mae(rounds, 0)), ("plp32", running_median_mae(rounds, PLP_REPORT_STEP)))
+        if maes[window]}
     report["plp_report_step"] = PLP_REPORT_STEP
     if len(rounds) < SUMMARY_ROUNDS.stop:
         report["note"] = (f"only {len(rounds)} of {SUMMARY_ROUNDS.stop} rounds ran (time); 'rounds_11_20' averages "
