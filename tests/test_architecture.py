@@ -24,7 +24,7 @@ from rl_lenbalance.ledger import (
     summary_rows,
     training_metrics,
 )
-from rl_lenbalance.predictor import HeadConfig
+from rl_lenbalance.predictor import CONTEXT_SIZE, HeadConfig
 from rl_lenbalance.schedule import optimizer_steps, plan_training, take_rows, trim_padding
 
 PACKAGE = Path(__file__).resolve().parents[1] / "rl_lenbalance"
@@ -219,9 +219,9 @@ def test_a_saved_head_with_another_contract_is_refused_naming_the_setting():
         check_head(head, LenBalanceConfig(**plain | {"pooling": "egtp"}), 64, 128, "p")
     with pytest.raises(ValueError, match=r"hidden_size=64, max_length=128.*hidden_size=576, max_length=256"):
         check_head(head, LenBalanceConfig(**plain), 576, 256, "p")
-    with pytest.raises(ValueError, match=r"context_size=0.*context_size=7.*set lenbalance.context_features"):
+    with pytest.raises(ValueError, match=rf"context_size=0.*context_size={CONTEXT_SIZE}.*set lenbalance.context_feat"):
         check_head(head, LenBalanceConfig(pooling="mean", feature_layer=3), 64, 128, "p")  # the default reads context
-    with_context = HeadConfig(hidden_size=64, max_length=128, context_size=7)
+    with_context = HeadConfig(hidden_size=64, max_length=128, context_size=CONTEXT_SIZE)
     check_head(with_context, LenBalanceConfig(), 64, 128, "p")
     with pytest.raises(ValueError, match=r"saved with context features"):
         check_head(with_context, LenBalanceConfig(context_features=False), 64, 128, "p")
