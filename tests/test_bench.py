@@ -10,7 +10,7 @@ from rl_lenbalance.bench import BenchData, BuildConfig, RunConfig, check_compati
 from rl_lenbalance.bench.cli import main
 from rl_lenbalance.bench.config import STEPS
 from rl_lenbalance.bench.metrics import kendall_tau
-from rl_lenbalance.bench.online import online_vs_offline
+from rl_lenbalance.bench.online import entropy_trend, online_vs_offline, running_median_mae, with_features
 from rl_lenbalance.bench.predictors import PREDICTORS
 from rl_lenbalance.bench.run import run
 from rl_lenbalance.bench.train import FitSettings, score, train_predictor
@@ -155,3 +155,40 @@ def test_small_build_and_run_end_to_end(eos_tiny_model_dir, tmp_path):
     assert set(PREDICTORS) <= set(report["scenarios"]["rl"]["predictors"])
     assert report["scenarios"]["rl"]["cost"]["model_step_ms"] > 0
     assert (tmp_path / "out" / "predictor_mae_vs_tokens.png").stat().st_size > 1000
+
+
+def test_entropy_trend_reads_only_the_tokens_drawn_before_the_step():
+    entropy = torch.tensor([[1.0, 2.0, 3.0, 4.0] + [5.0] * 8, [0.5] * 3 + [float("nan")] * 9])
+    rows, steps = torch.tensor([0, 0, 0, 1]), torch.tensor([0, 2, 10, 3])
+    scale = 5.0
+    expected = torch.tensor([[0.0, 0.0, 0.0, 0.0],  # step 0: nothing drawn yet
+                             [1.5, 1.5, 2.0, 2.0],  # tokens 1, 2: mean, mean of the last (up to) 8, max, last
+                             [40 / 10, 37 / 8, 5.0, 5.0],  # tokens 1, 2, 3, 4, 5 x 6
+                             [0.5, 0.5, 0.5, 0.5]])  # a row that ended at 3 tokens, read at step 3
+    torch.testing.assert_close(entropy_trend(entropy, rows, steps), expected / scale)
+
+
+def test_feature_variants_take_each_sample_from_its_row_and_step():
+    from rl_lenbalance.engine import TrainingPairs
+
+    pairs = TrainingPairs.empty(entries=2, samples=2, width=3)
+    pairs.row[:] = torch.tensor([0, 1])
+    pairs.step[:] = torch.tensor([8, 0, 16, -1])  # the last sample unused
+    layer = {step: torch.full((2, 3), float(step)) + torch.tensor([[0.0], [100.0]]) for step in (0, 8, 32)}
+    out = with_features(pairs, {"layer5": layer}, ("layer5", "final"))
+    assert out.z.shape == (4, 6) and out.z0.shape == (2, 6)
+    assert out.z[:, 0].tolist() == [8.0, 0.0, 0.0, 100.0]  # row 0 at step 8 and 0; step 16 was never recorded: 0
+    assert out.z32[:, 0].tolist() == [32.0, 132.0] and out.z0[:, 0].tolist() == [0.0, 100.0]
+    torch.testing.assert_close(out.z[:, 3:], pairs.z)  # "final": the recorded features, unchanged
+
+
+def test_running_median_scores_each_round_against_the_rounds_before():
+    from rl_lenbalance.engine import TrainingPairs
+
+    rounds = []
+    for lengths in ([10, 20, 60], [30, 40]):
+        pairs = TrainingPairs.empty(entries=len(lengths), samples=1, width=1)
+        pairs.row[:], pairs.length[:] = torch.arange(len(lengths)), torch.tensor(lengths)
+        rounds.append(pairs)
+    assert running_median_mae(rounds, 0) == [pytest.approx((10 + 20) / 2)]  # median 20 against 30 and 40
+    assert running_median_mae(rounds, 15) == [pytest.approx((10 + 20) / 2)]  # of (5, 45): 5, against 15 and 25

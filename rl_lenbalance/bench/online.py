@@ -186,6 +186,15 @@ def running_median_mae(rounds: list[TrainingPairs], step: int) -> list[float]:
     return out
 
 
+def length_profile(rounds: list[TrainingPairs], max_length: int) -> dict[str, float]:
+    """How the stream's completions end: the share that ran to `max_length`, the share still running at t=32, and
+    among those the share that ran to the cap (what a prediction at t=32 mostly has to tell)."""
+    lengths = torch.cat([pairs.length[pairs.row >= 0] for pairs in rounds])
+    running = lengths > PLP_REPORT_STEP
+    return {"capped": (lengths >= max_length).float().mean().item(), "running_at_32": running.float().mean().item(),
+            "capped_among_running_at_32": (lengths[running] >= max_length).float().mean().item()}
+
+
 def evaluate_rounds(folder: Path, setting: str, seed: int = 0) -> dict:
     """Every saved round of one prompt setting replayed through each head variant; rounds 11-20 averaged; the
     offline head beside the online one; and what the trainer itself logged each round."""
@@ -222,6 +231,7 @@ def evaluate_rounds(folder: Path, setting: str, seed: int = 0) -> dict:
         label: sum(maes[window]) / len(maes[window]) for label, maes in (
             ("static", running_median_mae(rounds, 0)), ("plp32", running_median_mae(rounds, PLP_REPORT_STEP)))
         if maes[window]}
+    report["length_profile"] = length_profile(rounds, max_length)
     report["plp_report_step"] = PLP_REPORT_STEP
     if len(rounds) < SUMMARY_ROUNDS.stop:
         report["note"] = (f"only {len(rounds)} of {SUMMARY_ROUNDS.stop} rounds ran (time); 'rounds_11_20' averages "
