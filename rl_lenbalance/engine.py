@@ -59,8 +59,10 @@ def check_head(head: HeadConfig, config: LenBalanceConfig, hidden_size: int, max
              "max_length": "set max_completion_length to the head's, or train a new head",
              "pooling": "set lenbalance.pooling to the head's",
              "feature_layer": "set lenbalance.feature_layer to the head's",
-             "context_size": "set lenbalance.context_features to match the head (it was saved "
-                             + ("with" if head.context_size else "without") + " context features)"}
+             "context_size": ("the head reads another set of context features (saved by another rl-lenbalance "
+                              "version): train a new head" if head.context_size and wanted.context_size else
+                              "set lenbalance.context_features to match the head (it was saved "
+                              + ("with" if head.context_size else "without") + " context features)")}
     wrong = [name for name, value in expected.items() if getattr(head, name) != value]
     if wrong:
         raise ValueError(
