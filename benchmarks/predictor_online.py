@@ -28,7 +28,7 @@ from trl import GRPOConfig  # noqa: E402
 
 from rl_lenbalance import LenBalanceConfig, LenBalanceGRPOTrainer  # noqa: E402
 from rl_lenbalance.capture import GenerationCapture, outputs_of  # noqa: E402
-from rl_lenbalance.generation import left_pad  # noqa: E402
+from rl_lenbalance.generation import prompt_then_completion  # noqa: E402
 from rl_lenbalance.models import load_model  # noqa: E402
 from rl_lenbalance.tasks import REWARD_FUNCS, arithmetic_dataset  # noqa: E402
 
@@ -55,17 +55,13 @@ def extra_features(model: torch.nn.Module, config: LenBalanceConfig, max_length:
         capture = GenerationCapture(model, lambda z: z.new_zeros(len(z)), replace(config, feature_layer=layer),
                                     max_length)
         out[f"layer{layer}"] = capture.replay(prompts, completions, forward).recorded
-    input_ids, mask, positions = left_pad(prompts, 0, "cpu")
-    width, prompt_width = max(map(len, completions)), input_ids.size(1)
-    generated = torch.zeros(len(prompts), width, dtype=torch.long)
-    generated_mask = torch.zeros_like(generated)
-    for row, completion in enumerate(completions):
-        generated[row, : len(completion)] = torch.tensor(completion)
-        generated_mask[row, : len(completion)] = 1
+    width = max(map(len, completions))
+    input_ids, mask, positions = prompt_then_completion(prompts, completions, width, 0)
     with outputs_of({"norm": model.get_decoder()}) as seen:
-        forward(torch.cat([input_ids, generated], 1), torch.cat([mask, generated_mask], 1),
-                torch.cat([positions, positions[:, -1:] + generated_mask.cumsum(1)], 1))
-    entropy = capture._entropy(seen["norm"])[:, prompt_width - 1 : prompt_width - 1 + width]
+        forward(input_ids, mask, positions)
+    prompt_width = input_ids.size(1) - width
+    entropy = capture.entropy(seen["norm"])[:, prompt_width - 1 : prompt_width - 1 + width]
+    generated_mask = mask[:, prompt_width:]
     out["entropy"] = entropy.masked_fill(generated_mask == 0, float("nan")).half()
     return out
 

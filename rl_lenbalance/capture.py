@@ -18,7 +18,7 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from .config import LenBalanceConfig
-from .generation import left_pad
+from .generation import prompt_then_completion
 from .predictor import StreamingPool, plp_features, pool_tokens, token_entropy
 from .timing import DeviceTimer
 
@@ -246,19 +246,14 @@ class GenerationCapture:
         predicted: list[torch.Tensor] = []
         for start in range(0, len(prompts), ENTROPY_CHUNK_ROWS):
             rows = range(start, min(start + ENTROPY_CHUNK_ROWS, len(prompts)))
-            input_ids, mask, positions = left_pad([prompts[r] for r in rows], 0, self.device)
-            width_p = input_ids.size(1)
-            generated = torch.zeros(len(rows), width, dtype=torch.long, device=self.device)
-            generated_mask = torch.zeros_like(generated)
-            for k, r in enumerate(rows):
-                generated[k, : len(completions[r])] = torch.tensor(completions[r], device=self.device)
-                generated_mask[k, : len(completions[r])] = 1
-            full_mask = torch.cat([mask, generated_mask], 1)
-            full_positions = torch.cat([positions, positions[:, -1:] + generated_mask.cumsum(1)], 1)
+            input_ids, full_mask, full_positions = prompt_then_completion(
+                [prompts[r] for r in rows], [completions[r] for r in rows], width, 0, self.device)
+            width_p = input_ids.size(1) - width
+            mask = full_mask[:, :width_p]
             with outputs_of({"norm": self.norm, "feature": self.feature_module}) as seen:
-                forward(torch.cat([input_ids, generated], 1), full_mask, full_positions)
+                forward(input_ids, full_mask, full_positions)
             hidden, feature = seen["norm"], seen["feature"]
-            entropy = self._entropy(hidden)
+            entropy = self.entropy(hidden)
             prompt = pool_tokens(feature[:, :width_p], entropy[:, :width_p], mask.bool(), self.config.pooling)
             pool, seen_steps = StreamingPool(len(rows), feature.size(-1), device=feature.device), 0
             for step in recorded:
@@ -289,14 +284,14 @@ class GenerationCapture:
         width = feature.size(1)
         lengths = torch.tensor([len(prompts[r]) for r in first_row.values()], device=feature.device)
         mask = torch.arange(width, device=feature.device).unsqueeze(0) >= (width - lengths).unsqueeze(1)
-        prompt = pool_tokens(feature[distinct], self._entropy(hidden[distinct]), mask, self.config.pooling)[expand]
+        prompt = pool_tokens(feature[distinct], self.entropy(hidden[distinct]), mask, self.config.pooling)[expand]
         result.prompt_features = prompt
         result.rows = torch.arange(len(prompts), device=feature.device)
         stream = Stream(prompt, StreamingPool(len(prompts), feature.size(-1), device=feature.device), result.rows)
         self._predict_and_record(None, prompt, result)
         return stream
 
-    def _entropy(self, hidden: torch.Tensor) -> torch.Tensor:
+    def entropy(self, hidden: torch.Tensor) -> torch.Tensor:
         """Next-token entropy (B, T) at every position of final hidden states (B, T, H), through lm_head in chunks
         of `ENTROPY_CHUNK_ROWS` rows (bounds the (rows, T, V) logits in memory)."""
         return torch.cat([token_entropy(F.linear(hidden[i : i + ENTROPY_CHUNK_ROWS], self.lm_head.weight,

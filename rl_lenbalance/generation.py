@@ -90,6 +90,20 @@ def left_pad(prompts: list[list[int]], pad_token_id: int, device: torch.device |
     return input_ids, attention_mask, position_ids
 
 
+def prompt_then_completion(prompts: list[list[int]], completions: list[list[int]], width: int, pad_token_id: int,
+                           device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask, position_ids) for teacher forcing: each prompt padded on the left (as `left_pad`),
+    then its completion padded on the right to `width`, numbered on from the prompt's last position."""
+    input_ids, mask, positions = left_pad(prompts, pad_token_id, device)
+    generated = torch.full((len(prompts), width), pad_token_id, dtype=torch.long, device=device)
+    generated_mask = torch.zeros_like(generated)
+    for row, completion in enumerate(completions):
+        generated[row, : len(completion)] = torch.tensor(completion, device=device)
+        generated_mask[row, : len(completion)] = 1
+    return (torch.cat([input_ids, generated], 1), torch.cat([mask, generated_mask], 1),
+            torch.cat([positions, positions[:, -1:] + generated_mask.cumsum(1)], 1))
+
+
 def _logits_processor(config: GenerationConfig, attention_mask: torch.Tensor) -> LogitsProcessorList:
     """The processors `generate` builds for the SUPPORTED options, in its order (`_get_logits_processor`)."""
     processors = LogitsProcessorList()
