@@ -235,6 +235,8 @@ def load_recipe(path: str | Path, overrides: dict | None = None) -> Recipe:
     task = _parse("task", "task.", TaskArguments, values.pop("task", None) or {})
     lenbalance = _parse("lenbalance", "lenbalance.", LenBalanceConfig, values.pop("lenbalance", None) or {})
     resume = _checked("resume_from_checkpoint", bool | str | None, values.pop("resume_from_checkpoint", None))
+    if "gradient_checkpointing" not in values:  # TRL's default under transformers' new name: the old one warns
+        values.setdefault("activation_checkpointing", GRPOConfig.gradient_checkpointing)
     training = _parse("top-level (GRPOConfig)", "", GRPOConfig, values, extra=SECTIONS)
     _check_training(training)
     try:

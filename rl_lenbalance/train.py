@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from . import ledger
+from . import console, ledger
 from .schedule import STRATEGIES
 from .recipe import Recipe, RecipeError, load_recipe, parse_yaml, preflight
 
@@ -73,8 +73,9 @@ def run(recipe_path: str, overrides: dict | None = None) -> dict[str, Any]:
     os.environ.setdefault("WANDB_DIR", recipe.training.output_dir)
     _check_writable(recipe.training.output_dir)
     checkpoint = resume_checkpoint(recipe)
-    with warnings_on_their_own_line():
+    with warnings_on_their_own_line(), console.trl_deprecations_silenced():
         trainer = build_trainer(recipe)
+        console.use_step_lines(trainer)
         start = time.perf_counter()
         trainer.train(resume_from_checkpoint=checkpoint)
     summary = summarize(trainer, time.perf_counter() - start)
