@@ -10,12 +10,13 @@ from unittest.mock import patch
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_compat import assert_same_update, train
 from trl import GRPOTrainer
 
 from rl_lenbalance import LenBalanceConfig, LenBalanceGRPOTrainer
 from rl_lenbalance.generation import compacted_generate
 from rl_lenbalance.schedule import STRATEGIES, Autotuner, decide, exact_strategies, regrouping_blockers
+
+from helpers import assert_same_update, train
 
 ALL = list(STRATEGIES)
 

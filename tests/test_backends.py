@@ -11,8 +11,8 @@ from trl import GRPOTrainer
 from rl_lenbalance import LenBalanceConfig, LenBalanceGRPOTrainer
 from rl_lenbalance.schedule import admission_order, balance_rows
 
+from helpers import make_args, make_trainer
 from stand_ins import StandInVLLM, with_stand_in
-from test_grpo import make_args, make_trainer
 
 
 @pytest.mark.parametrize("mode", ["colocate", "server"])

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ from rich.console import Console
 
 from rl_lenbalance.compare import CompareError, Turnstile, _rng_state, add_ratios, compare_recipe, print_comparison
 
-QUICKSTART = Path(__file__).parents[1] / "recipes" / "quickstart.yaml"
+from helpers import QUICKSTART
 
 
 def test_turnstile_alternates_the_order_every_round_and_isolates_rng_streams():

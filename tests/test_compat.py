@@ -11,42 +11,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 from rl_lenbalance import LenBalanceConfig, LenBalanceGRPOTrainer
 
-PROMPTS = ["What is 2+2?", "List 5 fruits.", "Write a poem about the sea.", "Hi", "Explain gravity.", "Count to 9."]
-
-
-def reward(completion_ids, **kwargs):
-    return [len(c) / 16.0 + (c[0] % 7) / 7.0 for c in completion_ids]  # varies inside every group
-
-
-def train(cls, model_dir, tmp_path, tokenizer=None, trainer_kwargs=None, lenbalance=None, dtype=torch.float64,
-          model_kwargs=None, **overrides):
-    """One short SGD run of `cls` (stock or rl-lenbalance); returns the trainer."""
-    values = dict(output_dir=str(tmp_path / cls.__name__), per_device_train_batch_size=4, num_generations=4,
-                  gradient_accumulation_steps=2, max_completion_length=16, max_steps=2, use_cpu=True,
-                  report_to="none", save_strategy="no", logging_steps=1, seed=0, beta=0.0, loss_type="dapo",
-                  temperature=1.0, top_k=0, learning_rate=1e-2, optim="sgd", max_grad_norm=0.0,
-                  gradient_checkpointing=False)
-    values.update(overrides)
-    tokenizer = tokenizer or AutoTokenizer.from_pretrained(model_dir, padding_side="left")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **(model_kwargs or {}))
-    dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": p}]} for p in PROMPTS * 4])
-    lenbalance = lenbalance or LenBalanceConfig(predictor_steps_per_round=5, max_overhead=1.0)  # every round learns
-    extra = {"lenbalance_config": lenbalance} if cls is LenBalanceGRPOTrainer else {}
-    trainer = cls(model=model, processing_class=tokenizer, reward_funcs=reward, args=GRPOConfig(**values),
-                  train_dataset=dataset, **(trainer_kwargs or {}), **extra)
-    trainer.initial = {n: p.detach().clone() for n, p in model.named_parameters()}
-    trainer.train()
-    return trainer
-
-
-def assert_same_update(stock, ours, tol: float = 1e-8) -> None:
-    """The parameters moved, and both trainers moved them to the same place (up to float64 reordering error)."""
-    theirs = dict(stock.model.named_parameters())
-    assert max(((p - stock.initial[n]).norm() / p.norm()).item() for n, p in theirs.items()) > 1e-6
-    rel = max(((theirs[n] - p).norm() / theirs[n].norm()).item() for n, p in ours.model.named_parameters())
-    assert rel < tol, rel
-    losses = [[r["loss"] for r in t.state.log_history if "loss" in r] for t in (stock, ours)]
-    assert losses[0] == pytest.approx(losses[1], rel=1e-6, abs=1e-6)  # a GRPO loss is ~0: compare absolutely
+from helpers import assert_same_update, train, varied_reward
 
 
 def add(a: int, b: int) -> int:
@@ -211,7 +176,7 @@ def test_vllm_and_continuous_batching_are_admitted_and_images_generate_as_stock_
 
     monkeypatch.setattr(GRPOTrainer, "_generate_single_turn", stock)
     trainer = LenBalanceGRPOTrainer(
-        model=AutoModelForCausalLM.from_pretrained(tiny_model_dir), reward_funcs=reward,
+        model=AutoModelForCausalLM.from_pretrained(tiny_model_dir), reward_funcs=varied_reward,
         processing_class=AutoTokenizer.from_pretrained(tiny_model_dir, padding_side="left"),
         args=GRPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", per_device_train_batch_size=4,
                         num_generations=4, max_completion_length=8),

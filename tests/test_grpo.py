@@ -3,34 +3,11 @@ trains online, metrics reach the trainer's logs, checkpoints carry the predictor
 
 import pytest
 import torch
-from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer
-from trl import GRPOConfig, GRPOTrainer
+from trl import GRPOTrainer
 
 from rl_lenbalance import LenBalanceCallback, LenBalanceConfig, LenBalanceGRPOTrainer, wrap_trainer
 
-PROMPTS = ["What is 2+2?", "List 5 fruits.", "Write a poem about the sea.", "Hi", "Explain gravity.", "Count to 9."]
-
-
-def reward(completion_ids, **kwargs):
-    return [len(c) / 32.0 for c in completion_ids]
-
-
-def make_args(tmp_path, **overrides):
-    values = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, num_generations=4,
-                  gradient_accumulation_steps=2, max_completion_length=32, max_steps=2, use_cpu=True,
-                  report_to="none", save_strategy="no", logging_steps=1, seed=0, beta=0.0, loss_type="dapo",
-                  temperature=1.0, top_k=0)
-    values.update(overrides)
-    return GRPOConfig(**values)
-
-
-def make_trainer(cls, model_dir, args, **kwargs):
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": p}]} for p in PROMPTS * 4])
-    return cls(model=model, processing_class=tokenizer, reward_funcs=reward, args=args, train_dataset=dataset,
-               **kwargs)
+from helpers import PROMPTS, chat, make_args, make_trainer
 
 
 @pytest.mark.slow
@@ -40,7 +17,7 @@ def test_greedy_generation_in_waves_and_compacted_equals_stock_row_for_row(embed
     to the same length.)"""
     args = make_args(tmp_path, generation_kwargs={"do_sample": False}, max_completion_length=48)
     stock = make_trainer(GRPOTrainer, embedded_dir, args)
-    prompts = [[{"role": "user", "content": p}] for p in PROMPTS for _ in range(2)]
+    prompts = chat([p for p in PROMPTS for _ in range(2)])
     prompt_ids, _, _ = stock._tokenize_prompts(prompts)
     expected, _ = stock._generate_single_turn(prompt_ids, None, {}, 4)
     assert len({len(c) for c in expected}) >= 3, "the prompts should give varied lengths"

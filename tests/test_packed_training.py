@@ -4,10 +4,11 @@ the update equals stock GRPOTrainer's (float64 tiny models, same seed); models t
 from __future__ import annotations
 
 import pytest
-from test_compat import assert_same_update, train
 from trl import GRPOTrainer
 
 from rl_lenbalance import LenBalanceConfig, LenBalanceGRPOTrainer
+
+from helpers import assert_same_update, train
 
 PACKED = dict(training_plan="packed", predictor_steps_per_round=2)
 

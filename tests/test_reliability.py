@@ -16,7 +16,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
-from test_grpo import make_args, make_trainer
 from trl import GRPOTrainer
 
 from rl_lenbalance import LenBalanceCallback, LenBalanceConfig, LenBalanceGRPOTrainer, wrap_trainer
@@ -27,7 +26,7 @@ from rl_lenbalance.predictor import CONTEXT_SIZE, HeadConfig, OnlineTrainer, PLP
 from rl_lenbalance.recipe import RecipeError, load_recipe
 from rl_lenbalance.train import parse_overrides
 
-QUICKSTART = Path(__file__).parents[1] / "recipes" / "quickstart.yaml"
+from helpers import QUICKSTART, make_args, make_trainer
 
 
 @pytest.fixture(autouse=True)

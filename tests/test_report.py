@@ -13,7 +13,8 @@ from rl_lenbalance.report import (HTML_NAME, PNG_NAME, build_report, load_length
                                   loss_tokens_saved, main, render_figure)
 from rl_lenbalance.wandb_offline import find_runs, read_run
 
-QUICKSTART = Path(__file__).parents[1] / "recipes" / "quickstart.yaml"
+from helpers import QUICKSTART
+
 P = "train/lenbalance/"
 
 

@@ -2,24 +2,18 @@
 completions TRL receives keep RLOO's return type."""
 
 import torch
-from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import RLOOConfig, RLOOTrainer
 
 from rl_lenbalance import LenBalanceConfig, LenBalanceRLOOTrainer, wrap_trainer
 
-PROMPTS = ["What is 2+2?", "List 5 fruits.", "Write a poem about the sea.", "Hi", "Explain gravity.", "Count to 9."]
+from helpers import PROMPTS, chat, make_trainer
 
 
 def make(cls, model_dir, tmp_path, **kwargs):
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     args = RLOOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, num_generations=4,
                       gradient_accumulation_steps=2, max_completion_length=32, max_steps=3, use_cpu=True,
                       report_to="none", save_strategy="no", logging_steps=1, seed=0, temperature=1.0, top_k=0)
-    dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": p}]} for p in PROMPTS * 4])
-    return cls(model=model, processing_class=tokenizer, args=args, train_dataset=dataset,
-               reward_funcs=lambda completion_ids, **kw: [len(c) / 32.0 for c in completion_ids], **kwargs)
+    return make_trainer(cls, model_dir, args, **kwargs)
 
 
 def test_rloo_trains_with_waves_rebucketing_and_balanced_microbatches(eos_tiny_model_dir, tmp_path):
@@ -39,7 +33,7 @@ def test_rloo_trains_with_waves_rebucketing_and_balanced_microbatches(eos_tiny_m
 def test_the_callback_wraps_a_stock_rloo_trainer(eos_tiny_model_dir, tmp_path):
     trainer = wrap_trainer(make(RLOOTrainer, eos_tiny_model_dir, tmp_path),
                            LenBalanceConfig(compaction=True, max_overhead=1.0))  # every round captured
-    prompt_ids, _, _ = trainer._tokenize_prompts([[{"role": "user", "content": p}] for p in PROMPTS[:2]])
+    prompt_ids, _, _ = trainer._tokenize_prompts(chat(PROMPTS[:2]))
     completions = trainer._generate_single_turn(prompt_ids, None, {})
     assert isinstance(completions, list) and all(isinstance(c, list) for c in completions)  # RLOO: no logprobs
     trainer.train()

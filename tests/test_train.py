@@ -1,14 +1,12 @@
 """The main job end to end on the embedded SmolLM2, its wandb offline run read back, and recipe errors."""
 
-from pathlib import Path
-
 import pytest
 
 from rl_lenbalance.recipe import RecipeError, load_recipe
 from rl_lenbalance.train import build_trainer, parse_overrides
 from rl_lenbalance.wandb_offline import find_runs, read_run
 
-QUICKSTART = Path(__file__).parents[1] / "recipes" / "quickstart.yaml"
+from helpers import QUICKSTART
 
 
 @pytest.mark.slow

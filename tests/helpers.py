@@ -1,0 +1,86 @@
+"""What several test modules build the same way: the prompts, the rewards, the trainer builders and the check that
+rl-lenbalance's update is stock's. (Fixtures live in conftest.py, the vLLM stand-in in stand_ins.py; the
+tests/distributed workers run as scripts of their own.)"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import GRPOConfig
+
+from rl_lenbalance import LenBalanceConfig, LenBalanceGRPOTrainer
+
+QUICKSTART = Path(__file__).parents[1] / "recipes" / "quickstart.yaml"
+PROMPTS = ["What is 2+2?", "List 5 fruits.", "Write a poem about the sea.", "Hi", "Explain gravity.", "Count to 9."]
+
+
+def chat(prompts: list[str]) -> list[list[dict]]:
+    """Each prompt as a one-turn conversation, as TRL's conversational datasets hold it."""
+    return [[{"role": "user", "content": p}] for p in prompts]
+
+
+def prompt_dataset() -> Dataset:
+    """PROMPTS four times over, conversational: 24 rows."""
+    return Dataset.from_list([{"prompt": conversation} for conversation in chat(PROMPTS * 4)])
+
+
+def length_reward(completion_ids, **kwargs) -> list[float]:
+    return [len(c) / 32.0 for c in completion_ids]
+
+
+def varied_reward(completion_ids, **kwargs) -> list[float]:
+    return [len(c) / 16.0 + (c[0] % 7) / 7.0 for c in completion_ids]  # varies inside every group
+
+
+def make_args(tmp_path: Path, **overrides) -> GRPOConfig:
+    """GRPO on CPU, 2 steps of 8 rows (groups of 4) in 2 micro-batches, sampled, no checkpoints, no reporting."""
+    values = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, num_generations=4,
+                  gradient_accumulation_steps=2, max_completion_length=32, max_steps=2, use_cpu=True,
+                  report_to="none", save_strategy="no", logging_steps=1, seed=0, beta=0.0, loss_type="dapo",
+                  temperature=1.0, top_k=0)
+    values.update(overrides)
+    return GRPOConfig(**values)
+
+
+def make_trainer(cls, model_dir, args, **kwargs):
+    """`cls` (a GRPO or RLOO trainer, stock or rl-lenbalance) on the float32 model in `model_dir`, rewarding length,
+    over `prompt_dataset()`; `kwargs` go to the trainer."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    return cls(model=model, processing_class=tokenizer, reward_funcs=length_reward, args=args,
+               train_dataset=prompt_dataset(), **kwargs)
+
+
+def train(cls, model_dir, tmp_path, tokenizer=None, trainer_kwargs=None, lenbalance=None, dtype=torch.float64,
+          model_kwargs=None, **overrides):
+    """One short SGD run of `cls` (stock or rl-lenbalance); returns the trainer, its initial parameters in
+    `trainer.initial`."""
+    values = dict(output_dir=str(tmp_path / cls.__name__), per_device_train_batch_size=4, num_generations=4,
+                  gradient_accumulation_steps=2, max_completion_length=16, max_steps=2, use_cpu=True,
+                  report_to="none", save_strategy="no", logging_steps=1, seed=0, beta=0.0, loss_type="dapo",
+                  temperature=1.0, top_k=0, learning_rate=1e-2, optim="sgd", max_grad_norm=0.0,
+                  activation_checkpointing=False)
+    values.update(overrides)
+    tokenizer = tokenizer or AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **(model_kwargs or {}))
+    lenbalance = lenbalance or LenBalanceConfig(predictor_steps_per_round=5, max_overhead=1.0)  # every round learns
+    extra = {"lenbalance_config": lenbalance} if cls is LenBalanceGRPOTrainer else {}
+    trainer = cls(model=model, processing_class=tokenizer, reward_funcs=varied_reward, args=GRPOConfig(**values),
+                  train_dataset=prompt_dataset(), **(trainer_kwargs or {}), **extra)
+    trainer.initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer.train()
+    return trainer
+
+
+def assert_same_update(stock, ours, tol: float = 1e-8) -> None:
+    """The parameters moved, and both trainers moved them to the same place (up to float64 reordering error)."""
+    theirs = dict(stock.model.named_parameters())
+    assert max(((p - stock.initial[n]).norm() / p.norm()).item() for n, p in theirs.items()) > 1e-6
+    rel = max(((theirs[n] - p).norm() / theirs[n].norm()).item() for n, p in ours.model.named_parameters())
+    assert rel < tol, rel
+    losses = [[r["loss"] for r in t.state.log_history if "loss" in r] for t in (stock, ours)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6, abs=1e-6)  # a GRPO loss is ~0: compare absolutely
