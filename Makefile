@@ -1,4 +1,5 @@
-# Two commands on a fresh machine:  `make demo` (set up + run the main job),  `make test` (set up + run the tests).
+# Two commands on a fresh machine:  `make demo` (set up + run the main job),  `make test` (set up + run the tests);
+# `make test-fast` leaves out the tests marked slow (a minute or more each on 2 CPU cores).
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -6,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test setup setup-test
+.PHONY: demo test test-fast setup setup-test
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,3 +24,6 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q tests
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" tests

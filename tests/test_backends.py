@@ -98,7 +98,6 @@ def test_admission_orders_blocks_and_balances_equal_shares():
     assert balance_rows([5, 5, 5, 5], num_ranks=2) == [[0, 1], [2, 3]]  # nothing to gain: nothing moves
 
 
-@pytest.mark.slow
 def test_continuous_batching_is_predicted_and_greedy_completions_are_stocks(eos_tiny_model_dir, tmp_path):
     args = make_args(tmp_path, max_steps=2, use_transformers_continuous_batching=True, generation_kwargs={"do_sample": False}, bf16=False,
                      max_completion_length=16, per_device_train_batch_size=4, gradient_accumulation_steps=1,

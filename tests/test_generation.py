@@ -55,7 +55,6 @@ def tiny(eos_tiny_model_dir):
     return model, tokenizer, _chat_prompts(tokenizer, questions)
 
 
-@pytest.mark.slow
 def test_greedy_equals_generate_on_the_embedded_model(embedded_dir):
     model, tokenizer = _load(embedded_dir)
     prompts = _chat_prompts(tokenizer)
@@ -165,7 +164,6 @@ def test_unsupported_options_are_refused(tiny):
         compacted_generate(model, prompts, GenerationConfig(max_new_tokens=4, min_new_tokens=2), pad_token_id=2)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("compact", [True, False])
 def test_a_probe_then_a_regrouped_continuation_decodes_what_one_call_decodes(embedded_dir, compact):
     """Early re-bucketing's two calls: rows still running after the probe are continued in another order, from

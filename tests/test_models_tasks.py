@@ -211,7 +211,6 @@ def test_load_model_local_folder(tiny_model_dir):
     assert model.dtype == torch.float32
 
 
-@pytest.mark.slow
 def test_load_embedded_model(embedded_dir):
     model, tokenizer = load_model()
     assert isinstance(model, LlamaForCausalLM)
