@@ -300,7 +300,7 @@ def _lines(ax, run: OfflineRun, title: str, ylabel: str, keys: list[tuple[str, s
            totals: set[str] = frozenset(), exploring: list[float] = (), plans: dict[float, str] | None = None,
            markers: dict[str, str] | None = None) -> None:
     """One line per (key, label, color); the labels of `totals` keys end with their sum over the run (seconds).
-    `exploring` steps are shaded; `plans` (a short run's plan of each step) are written along the bottom; `markers`
+    `exploring` steps are shaded; `plans` (a short run's plan of each step) label the step ticks; `markers`
     gives keys another marker than "o" (a hollow "o" when given), so that equal values stay visible."""
     drawn, missing = 0, []
     for key, label, color in keys:
@@ -321,15 +321,10 @@ def _lines(ax, run: OfflineRun, title: str, ylabel: str, keys: list[tuple[str, s
         _no_data(ax, title, [WANDB_PREFIX + key for key, _, _ in keys])
         return
     _mark_exploration(ax, exploring)
-    if plans and len(plans) <= 16:
-        from matplotlib.transforms import blended_transform_factory
-
-        below = blended_transform_factory(ax.transData, ax.transAxes)
-        for step, name in plans.items():
-            ax.text(step, 0.03, name, rotation=90, ha="center", va="bottom", fontsize=7, color="0.3",
-                    transform=below)
-        note = "\n".join(filter(None, (note, "text: the loss plan each step ran")))
     _finish(ax, title, ylabel, integer, missing, note)
+    if plans and len(plans) <= 12:  # a short run: each step's tick names its plan
+        ax.set_xticks(list(plans), [f"{step:g}\n{name}" for step, name in plans.items()], fontsize=8)
+        ax.set_xlabel("training step and its loss plan")
 
 
 def _tokens_saved(ax, run: OfflineRun, exploring: list[float] = ()) -> None:

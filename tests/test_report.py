@@ -128,7 +128,7 @@ def test_panels_mark_exploration_uncaptured_rounds_and_the_tables_round(partial_
     figure = render_figure(run, load_length_tables(run), "t")
     for letter in ("b", "d"):
         assert "tuner measuring plans" in _legend(_panel(figure, letter)), letter
-    assert [t.get_text() for t in _panel(figure, "b").texts] == ["sorted", "stock"]  # each step's plan, by name
+    assert [t.get_text() for t in _panel(figure, "b").get_xticklabels()] == ["1\nsorted", "2\nstock"]  # by name
     overhead = _panel(figure, "f")
     assert "round not captured (no hooks)" in _legend(overhead)
     captured = [line for line in overhead.lines if line.get_label().startswith("captured round")]
