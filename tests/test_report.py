@@ -219,15 +219,24 @@ def test_report_of_a_real_run(trained_run, tmp_path):
     page = paths.html.read_text()
     assert _embedded_png(page) == paths.png.read_bytes()
     assert "http://" not in page and "https://" not in page and "<script" not in page  # self-contained
-    summary = json.loads((trained_run / "lenbalance_summary.json").read_text())
+    def strict(constant: str):
+        raise ValueError(f"lenbalance_summary.json holds {constant}, which is not JSON")
+
+    summary = json.loads((trained_run / "lenbalance_summary.json").read_text(), parse_constant=strict)
     for label, value in (("loss-forward tokens that are padding", summary["loss_pad_frac"]),
                          ("stock", summary["loss_pad_frac_stock"])):
         assert f"{value:.1%}" in page, label
     assert "decode slots wasted on padding" in page and "predictor MAE at t=0" in page
     assert "whole step (wall time / steps)" in page and "loss phase (forward, backward)" in page
-    assert "training plan" not in page  # nothing autotuned: no plan
+    plan = re.escape(summary["plan_by_step"]["1"])  # one step: the tuner is still measuring
+    assert re.search(rf"<td>training plan</td><td>measuring: pass 1 of \d+, no choice yet</td>", page)
+    assert re.search(rf"<td>plan of each step</td><td>1 {plan}</td>", page)
+    assert summary["autotune_state"] == "measuring" and "plan #" not in page
 
     run = read_run(paths.run_dir)
+    stored = {key.removeprefix("lenbalance/"): value for key, value in run.summary.items()
+              if key.startswith("lenbalance/")}  # the wandb run summary, as written at the end of training
+    assert stored == {key: value for key, value in summary.items() if value is not None}
     tables = load_length_tables(run)
     rows = run.config["per_device_train_batch_size"] * run.config["steps_per_generation"]  # one process
     assert list(tables) == [1] and len(tables[1]) == rows  # one step; every row was predicted at t=0
@@ -242,3 +251,39 @@ def test_report_accepts_the_wandb_file_and_defaults_out_next_to_it(trained_run):
     (wandb_file,) = folder.glob("*.wandb")
     paths = main([str(wandb_file)])
     assert paths.html == folder / "report" / HTML_NAME and paths.png.is_file()
+
+
+@pytest.mark.slow
+def test_a_run_whose_capture_stopped_says_so_and_logs_no_stale_table(eos_tiny_model_dir, tmp_path, monkeypatch):
+    """Past the overhead budget, rounds run without capture: the lengths table of round 1 is logged once (not again
+    under later steps), and the summary and report rebuilt from the logged metrics say why, name each step's plan
+    and keep the run's summary in the wandb run."""
+    import wandb
+    from test_compat import train
+
+    from rl_lenbalance import LenBalanceConfig, LenBalanceGRPOTrainer
+
+    wandb.teardown()
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    config = LenBalanceConfig(predictor_steps_per_round=2, max_overhead=1e-9)
+    trainer = train(LenBalanceGRPOTrainer, eos_tiny_model_dir, tmp_path, lenbalance=config, max_steps=3,
+                    max_completion_length=24, report_to="wandb")
+    wandb.finish()
+    wandb.teardown()
+    assert trainer.lenbalance.rounds == 1
+
+    run = read_run(locate_run(tmp_path))
+    assert list(load_length_tables(run)) == [1]  # round 1's table, at step 1 only
+    assert {row["round"] for row in run.tables[f"{P}lengths"]} == {1}
+    rows = {label: now for label, now, _ in summary_rows(logged_summary(run))}
+    assert rows["rounds the predictor captured"] == "1 in 3 steps"
+    assert "lenbalance.max_overhead" in rows["why capture stopped"]
+    assert any(label.startswith("predictor MAE at t=0, round 1 of 1 captured (step 1") for label in rows)
+    names = rows["plan of each step"]
+    assert re.fullmatch(r"(\d+(-\d+)? [a-z_]+(, )?)+", names) and names.startswith("1 ")
+    assert rows["training plan"].startswith("measuring: pass 3 of ")
+    assert run.summary["lenbalance/captured_rounds"] == 1 and run.summary["lenbalance/steps"] == 3
+    assert run.summary["lenbalance/plan_by_step"].keys() == {"1", "2", "3"}
+
+    page = build_report(tmp_path, tmp_path / "report").html.read_text()
+    assert "why capture stopped" in page and "plan of each step" in page and "plan #" not in page
