@@ -422,7 +422,11 @@ def render_html(title: str, folder: Path, png: bytes, rows: list[tuple[str, str,
     """One self-contained page: the totals table and the PNG inline as base64; no scripts, no external assets.
     Readable on a phone: a viewport tag, the table scrolls sideways inside its box, the image fits the width."""
     esc = html.escape
-    body = "\n".join(f"<tr><td>{esc(a)}</td><td>{esc(b)}</td><td>{esc(c)}</td></tr>" for a, b, c in rows)
+
+    def cell(text: str) -> str:  # numbers align right, sentences (a plan per step, why capture stopped) left
+        return f'<td class="text">{esc(text)}</td>' if len(text) > 30 else f"<td>{esc(text)}</td>"
+
+    body = "\n".join(f"<tr><td>{esc(a)}</td>{cell(b)}{cell(c)}</tr>" for a, b, c in rows)
     image = base64.b64encode(png).decode("ascii")
     return f"""<!DOCTYPE html>
 <html lang="en">
@@ -440,6 +444,7 @@ th, td {{ border: 1px solid #ccc; padding: 4px 10px; vertical-align: top; }}
 td:first-child {{ min-width: 12em; }}
 td:nth-child(2) {{ max-width: 40em; }}
 td:nth-child(n+2), th:nth-child(n+2) {{ text-align: right; }}
+td.text {{ text-align: left; }}
 th {{ background: #f3f3f3; }}
 img {{ max-width: 100%; height: auto; }}
 code {{ font-size: 90%; overflow-wrap: anywhere; }}
