@@ -4,7 +4,8 @@ A rank fills one `GenerationLedger` per rollout round and one `TrainingLedger` p
 adapter gathers every rank's, `to_metrics` reduces them to the logged `lenbalance/*` metrics, and `RunTotals` sums
 them over the run; `time_metrics` turns the totals' phase seconds into logged metrics. `summary` (over `RunTotals`, or
 `logged_totals` rebuilt from logged metrics) and `summary_rows` are the one summary behind the CLI table, the
-example, `rl-lenbalance compare` and the report. Framework-free: a `gather` callable stands in for the ranks.
+example, `rl-lenbalance compare` and the report; `summary_json` and `wandb_summary` are its forms for
+`lenbalance_summary.json` and the wandb run summary. Framework-free: a `gather` callable stands in for the ranks.
 """
 
 from __future__ import annotations
