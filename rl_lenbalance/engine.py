@@ -257,8 +257,9 @@ class LenBalanceEngine:
             y = y[valid]
             predicted = self.predict(inputs(z[valid], ctx[valid])).cpu()
             metrics[f"predictor/mae_{label}"] = (predicted - y).abs().mean().item()
-            if self.baseline.predict_remaining(step) is not None:
-                for k, name in enumerate(ESTIMATES):
+            history = self.baseline.predict_remaining(step) is not None
+            for k, name in enumerate(ESTIMATES):  # before any history, naive is half the tokens left (its fallback)
+                if history or name == "naive":
                     metrics[f"predictor/mae_{name}_{label}"] = (ctx[valid, k] * self.max_length - y).abs().mean().item()
             if label == "plp32" and valid.sum() > 1:
                 metrics["predictor/kendall_plp32"] = kendall_tau(predicted, y)
@@ -284,6 +285,7 @@ class LenBalanceEngine:
 
     def _update_health(self, metrics: dict[str, float]) -> None:
         mae, naive = metrics.get("predictor/mae_static"), metrics.get("predictor/mae_naive_static")
+        naive = naive if self.baseline.predict_remaining(0) is not None else None  # judged against history only
         if mae is None:
             return
         if not torch.isfinite(torch.tensor(mae)):

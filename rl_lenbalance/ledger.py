@@ -4,11 +4,13 @@ A rank fills one `GenerationLedger` per rollout round and one `TrainingLedger` p
 adapter gathers every rank's, `to_metrics` reduces them to the logged `lenbalance/*` metrics, and `RunTotals` sums
 them over the run; `time_metrics` turns the totals' phase seconds into logged metrics. `summary` (over `RunTotals`, or
 `logged_totals` rebuilt from logged metrics) and `summary_rows` are the one summary behind the CLI table, the
-example, `rl-lenbalance compare` and the report. Framework-free: a `gather` callable stands in for the ranks.
+example, `rl-lenbalance compare` and the report; `summary_json` and `wandb_summary` are its forms for
+`lenbalance_summary.json` and the wandb run summary. Framework-free: a `gather` callable stands in for the ranks.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import astuple, dataclass
@@ -16,6 +18,9 @@ from typing import Any
 
 import torch
 
+from .schedule.strategies import STRATEGIES
+
+PLAN_NAMES = tuple(STRATEGIES)  # a plan logged as a number is its index here (`autotune/strategy`, `autotune/choice`)
 Gather = Callable[[torch.Tensor], torch.Tensor]  # (1, n) on this rank -> (ranks, n): every rank's row, rank order
 
 
@@ -209,37 +214,74 @@ def logged_totals(logged: Sequence[LoggedRow], passes: int = 1) -> RunTotals:
     )
 
 
-def plan_name(choice: str | float, names: Sequence[str] = ()) -> str:
-    """An autotuned training plan logged as its name, or as an index into `names` ("plan #i" without them)."""
+def plan_name(choice: str | float, names: Sequence[str] = PLAN_NAMES) -> str:
+    """A training plan logged as its name or as its index into `names` (`schedule.STRATEGIES`)."""
     if isinstance(choice, str):
         return choice
     index = int(choice)
-    return names[index] if 0 <= index < len(names) else f"plan #{index}"
+    return names[index] if 0 <= index < len(names) else f"unknown plan (index {index})"
+
+
+def _plan_state(logged: Sequence[LoggedRow], names: Sequence[str]) -> dict[str, Any]:
+    """The summary's training-plan entries: the plan each logged step ran (`plan_by_step`), and the tuner's state,
+    "chosen" (`autotune_choice`, `autotune_ratio_vs_stock`) or "measuring" (`autotune_pass` of
+    `autotune_passes_to_measure`); empty when no plan was logged."""
+    by_step = {f"{row['step']:g}": plan_name(row["lenbalance/autotune/strategy"], names) for row in logged
+               if "step" in row and (isinstance(row.get("lenbalance/autotune/strategy"), str)
+                                     or finite(row.get("lenbalance/autotune/strategy")))}
+    out: dict[str, Any] = {"plan_by_step": by_step} if by_step else {}
+    choice = _last(logged, "autotune/choice")
+    if choice is not None:
+        ratio = _last(logged, "autotune/ratio_vs_stock")
+        return out | {"autotune_state": "chosen", "autotune_choice": plan_name(choice, names),
+                      "autotune_ratio_vs_stock": math.nan if ratio is None else ratio}
+    passes, needed = _last(logged, "autotune/pass"), _last(logged, "autotune/passes_to_measure")
+    if passes is None or needed is None:
+        return out
+    return out | {"autotune_state": "measuring", "autotune_pass": int(passes), "autotune_passes_to_measure": int(needed)}
+
+
+def _predictor_state(logged: Sequence[LoggedRow], steps: int) -> dict[str, Any]:
+    """The summary's predictor entries, all from the last round that scored the head: its MAE and the naive
+    estimate's (NaN where not logged), that round's number among the captured ones and its step, how many rounds were
+    captured, and why capture stopped when fewer rounds than steps were."""
+    keys = ("mae_static", "mae_plp32", "mae_naive_static", "mae_naive_plp32")
+    scored = [row for row in logged if any(finite(row.get(f"lenbalance/predictor/{key}")) for key in keys[:2])]
+    row = scored[-1] if scored else {}
+    out = {key: row[f"lenbalance/predictor/{key}"] if finite(row.get(f"lenbalance/predictor/{key}")) else math.nan
+           for key in keys}
+    captured = _last(logged, "predictor/captured_rounds")
+    round_ = row.get("lenbalance/predictor/captured_rounds")
+    out |= {"predictor_round": int(round_) if finite(round_) else None,
+            "predictor_step": row["step"] if finite(row.get("step")) else None,
+            "captured_rounds": math.nan if captured is None else int(captured)}
+    if captured is not None and captured < steps:
+        out["capture_stopped"] = (
+            f"after round {int(captured)}, the predictor's cost passed lenbalance.max_overhead of generation time; "
+            "nothing on this path reads the predictions (no generation waves or re-bucketing), so later rounds ran "
+            f"without capture and the head learned from {int(captured)} round{'s' if captured != 1 else ''} only "
+            "(lenbalance.max_overhead: 1.0 captures every round)")
+    return out
 
 
 def summary(totals: RunTotals, logged: Sequence[LoggedRow], steps: int, wall_s: float = math.nan,
-            fallbacks: int | None = None, plan_names: Sequence[str] = ()) -> dict[str, Any]:
+            fallbacks: int | None = None, plan_names: Sequence[str] = PLAN_NAMES) -> dict[str, Any]:
     """The run's summary (`lenbalance_summary.json`), the one behind every table: seconds per phase, padding against
-    stock TRL (`waste`), predictor error. `totals` are the run's (`RunTotals`, or `logged_totals(logged)`); `logged`
-    are the trainer's log rows, read for what only they hold: the predictor's last values, `fallbacks` unless given,
-    and the autotuned training plan (`autotune/choice`: a name, or an index into `plan_names`;
-    `autotune/ratio_vs_stock`), whose two entries are present only when it was logged. Anything else not measured is
-    NaN."""
+    stock TRL (`waste`), the training plan (`_plan_state`) and the predictor (`_predictor_state`). `totals` are the
+    run's (`RunTotals`, or `logged_totals(logged)`); `logged` are the trainer's log rows, read for what only they
+    hold: the predictor's values, `fallbacks` unless given, and the plan (`autotune/*`: names, or indices into
+    `plan_names`). Anything else not measured is NaN (`summary_json` writes it as null)."""
 
     def last(key: str) -> float:
         value = _last(logged, key)
         return math.nan if value is None else value
 
-    out = {
+    return {
         "steps": steps,
         "wall_s": wall_s,
         "generation_s": totals.generate_s,
         "generation_phase_s": totals.generation_phase_s,
         "loss_phase_s": totals.loss_phase_s,
-        "mae_static": last("predictor/mae_static"),
-        "mae_plp32": last("predictor/mae_plp32"),
-        "mae_naive_static": last("predictor/mae_naive_static"),
-        "mae_naive_plp32": last("predictor/mae_naive_plp32"),
         "decode_slot_waste": waste(totals.decode_slots, totals.generated_tokens),
         "decode_slot_waste_stock": waste(totals.decode_slots_stock, totals.generated_tokens),
         "decode_slots": totals.decode_slots,
@@ -254,22 +296,74 @@ def summary(totals: RunTotals, logged: Sequence[LoggedRow], steps: int, wall_s: 
         "fallbacks": last("predictor/fallbacks") if fallbacks is None else fallbacks,
         "skipped_updates": last("predictor/skipped_updates"),
         "nonfinite_grad_steps": totals.nonfinite_grad_steps,
-    }
-    choice = _last(logged, "autotune/choice")
-    if choice is not None:
-        out |= {"autotune_choice": plan_name(choice, plan_names),
-                "autotune_ratio_vs_stock": last("autotune/ratio_vs_stock")}
-    return out
+    } | _predictor_state(logged, steps) | _plan_state(logged, plan_names)
 
 
 def training_plan(summary: Mapping[str, Any]) -> str | None:
-    """"<choice> (<ratio>× stock)" of a summary's autotuned training plan (its choice may be a plain name), or None
-    when the run logged none."""
+    """The tuner's state in a summary: "<choice> (<ratio>× stock)" once chosen (a plain name for a summary that has
+    only its choice), "measuring: pass n of m, no choice yet" before; None when the run logged no plan."""
     choice = summary.get("autotune_choice")
-    if choice is None:
+    if choice is not None:
+        ratio = summary.get("autotune_ratio_vs_stock")
+        return plan_name(choice) + (f" ({ratio:.2f}× stock)" if finite(ratio) else "")
+    if summary.get("autotune_state") == "measuring":
+        return (f"measuring: pass {summary['autotune_pass']} of {summary['autotune_passes_to_measure']}, "
+                "no choice yet")
+    return None
+
+
+def plans_by_step(summary: Mapping[str, Any], most: int = 8) -> str | None:
+    """The plan each step ran, as "1 sorted, 2 stock, 3-5 sorted" (runs of a plan joined), or each plan's count of
+    steps when that takes more than `most` runs; None when the summary has none."""
+    by_step = summary.get("plan_by_step") or {}
+    if not by_step:
         return None
-    ratio = summary.get("autotune_ratio_vs_stock")
-    return plan_name(choice) + (f" ({ratio:.2f}× stock)" if finite(ratio) else "")
+    runs: list[list] = []  # [first step, last step, plan]
+    for step, name in by_step.items():
+        if runs and runs[-1][2] == name:
+            runs[-1][1] = step
+        else:
+            runs.append([step, step, name])
+    if len(runs) <= most:
+        return ", ".join(f"{a}{'' if a == b else f'-{b}'} {name}" for a, b, name in runs)
+    counts: dict[str, int] = {}
+    for name in by_step.values():
+        counts[name] = counts.get(name, 0) + 1
+    return ", ".join(f"{name}: {n} steps" for name, n in sorted(counts.items(), key=lambda item: -item[1]))
+
+
+def predictor_label(summary: Mapping[str, Any]) -> str:
+    """Where a summary's predictor figures come from: "round r of n captured (step s)", "before online training" in
+    round 1 (the MAE is scored before the head trains on its round); empty when unknown."""
+    round_, captured, step = (summary.get(k) for k in ("predictor_round", "captured_rounds", "predictor_step"))
+    if not finite(round_):
+        return ""
+    details = [f"step {step:g}"] if finite(step) else []
+    details += ["before online training"] if round_ == 1 else []
+    return (f"round {round_:.0f}" + (f" of {captured:.0f} captured" if finite(captured) else "")
+            + (f" ({', '.join(details)})" if details else ""))
+
+
+def summary_json(summary: Mapping[str, Any]) -> str:
+    """A summary as strict JSON (`lenbalance_summary.json`): NaN and infinities, which JSON lacks, become null."""
+
+    def strict(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, Mapping):
+            return {key: strict(v) for key, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [strict(v) for v in value]
+        return value
+
+    return json.dumps(strict(summary), indent=2, allow_nan=False)
+
+
+def wandb_summary(summary: Mapping[str, Any]) -> dict[str, Any]:
+    """A summary's entries for the wandb run summary (`run.summary.update`), under `lenbalance/`: its finite numbers,
+    strings and the plan of each step; what was not measured is left out."""
+    return {f"lenbalance/{key}": value for key, value in summary.items()
+            if finite(value) or isinstance(value, (str, Mapping))}
 
 
 SECONDS_NOTE = ("Seconds: measured on this rank, per optimizer step, with the run's total in brackets; stock TRL's "
@@ -307,16 +401,22 @@ def summary_rows(summary: Mapping[str, Any]) -> list[tuple[str, str, str]]:
         rows.append(("loss phase (forward, backward), this rank", seconds(summary["loss_phase_s"]), ""))
     if (plan := training_plan(summary)) is not None:
         rows.append(("training plan", plan, ""))
+    if (by_step := plans_by_step(summary)) is not None:
+        rows.append(("plan of each step", by_step, ""))
     if has("loss_pad_frac", "loss_pad_frac_stock"):
         rows.append(("loss-forward tokens that are padding", pct(summary["loss_pad_frac"]),
                      pct(summary["loss_pad_frac_stock"])))
-    for label, key in (("predictor MAE, prompt only (t=0), last round", "static"),
-                       ("predictor MAE, PLP after 32 tokens, last round", "plp32")):
+    where = predictor_label(summary) or "last round"
+    for label, key in (("predictor MAE at t=0", "static"), ("predictor MAE at t=32", "plp32")):
         if has(f"mae_{key}"):
-            naive = f"naive {summary[f'mae_naive_{key}']:.1f} tok" if has(f"mae_naive_{key}") else ""
-            rows.append((label, f"{summary[f'mae_{key}']:.1f} tok", naive))
+            naive = f"naive {summary[f'mae_naive_{key}']:.1f} tok" if has(f"mae_naive_{key}") else "naive: not logged"
+            rows.append((f"{label}, {where}", f"{summary[f'mae_{key}']:.1f} tok", naive))
+    if has("captured_rounds"):
+        rows.append(("rounds the predictor captured", f"{summary['captured_rounds']:.0f} in {steps:.0f} steps", ""))
+    if summary.get("capture_stopped"):
+        rows.append(("why capture stopped", summary["capture_stopped"], ""))
     if has("predictor_overhead_frac"):
-        rows.append(("predictor overhead (% of generation time)", pct(summary["predictor_overhead_frac"]), ""))
+        rows.append(("predictor overhead, whole run (% of generation time)", pct(summary["predictor_overhead_frac"]), ""))
     if has("fallbacks"):
         rows.append(("predictor fallbacks", f"{summary['fallbacks']:.0f}", ""))
     return rows

@@ -29,7 +29,9 @@ TABLE = f"{WANDB_PREFIX}{LB}lengths"
 PNG_NAME, HTML_NAME = "lenbalance_report.png", "lenbalance_report.html"
 SUMMARY_NAME = "lenbalance_summary.json"  # written by `rl_lenbalance.train.run` into output_dir
 
-NOW, STOCK, NAIVE = "tab:blue", "tab:gray", "tab:orange"
+DPI = 150
+NOW, STOCK, NAIVE, WHOLE = "tab:blue", "tab:gray", "tab:orange", "black"
+EXPLORING = "tab:olive"  # shading of the steps whose loss plan the tuner was measuring
 
 
 @dataclass(frozen=True)
@@ -72,7 +74,7 @@ def build_report(run_dir: str | Path, out_dir: str | Path) -> ReportPaths:
     summary = _find_summary(folder) or logged_summary(run)
     title = _title(run, summary)
     figure = render_figure(run, load_length_tables(run), title)
-    figure.savefig(png, dpi=80)
+    figure.savefig(png, dpi=DPI)
     page = out / HTML_NAME
     page.write_text(render_html(title, folder, png.read_bytes(), ledger.summary_rows(summary)), encoding="utf-8")
     return ReportPaths(png=png, html=page, run_dir=folder)
@@ -176,44 +178,79 @@ def render_figure(run: OfflineRun, tables: dict[int, list[tuple[float, float]]],
     figure = Figure(figsize=(16, 12.5), layout="constrained")
     figure.suptitle(title, fontsize=13)
     axes = figure.subplots(3, 3).ravel()
+    exploring = _exploring_steps(run)
     _lines(axes[0], run, "(a) seconds per optimizer step, this rank", "seconds",
            [(f"{LB}time/generation_s", "generation phase", "tab:purple"), (f"{LB}time/loss_phase_s", "loss phase", NOW),
-            ("step_time", "whole step: TRL's step_time (no device sync)", STOCK)], dashed={"step_time"},
+            ("step_time", "this run's whole step: TRL's step_time (no device sync)", WHOLE)], dashed={"step_time"},
            totals={f"{LB}time/generation_s", f"{LB}time/loss_phase_s"},
            note="stock TRL's seconds: rl-lenbalance compare")
     _lines(axes[1], run, "(b) loss-forward tokens that are padding", "% of computed tokens",
            [(f"{LB}train/pad_frac", "rl-lenbalance", NOW), (f"{LB}train/pad_frac_stock", "stock TRL", STOCK)],
-           percent=True)
+           percent=True, exploring=exploring, plans=_plans_by_step(run))
     _lines(axes[2], run, "(c) decode slots wasted on padding", "% of decode slots",
            [(f"{LB}gen/slot_waste", "rl-lenbalance", NOW), (f"{LB}gen/slot_waste_stock", "stock TRL", STOCK)],
            percent=True)
-    _tokens_saved(axes[3], run)
+    _tokens_saved(axes[3], run, exploring)
     _lines(axes[4], run, "(e) rank imbalance: max / mean loss tokens per rank", "max / mean (1 = balanced)",
            [(f"{LB}train/rank_imbalance", "rl-lenbalance", NOW),
             (f"{LB}train/rank_imbalance_stock", "stock TRL", STOCK)],
            note=_single_rank_note(run))
-    _lines(axes[5], run, "(f) predictor overhead (% of generation time)", "%",
-           [(f"{LB}predictor/overhead_frac", "hooks + online training", NOW)], percent=True)
-    _lines(axes[6], run, "(g) predictor online MAE (before training on the round)", "tokens",
+    _overhead(axes[5], run)
+    captured = _captured_note(run)
+    _lines(axes[6], run, "(g) predictor MAE per captured round (scored before training on it)", "tokens",
            [(f"{LB}predictor/mae_static", "PLP, prompt only (t=0)", NOW),
             (f"{LB}predictor/mae_plp32", "PLP after 32 tokens", "tab:green"),
-            (f"{LB}predictor/mae_naive_static", "naive mean (t=0)", NAIVE),
-            (f"{LB}predictor/mae_naive_plp32", "naive mean (t=32)", "tab:red"),
+            (f"{LB}predictor/mae_naive_static", "naive estimate (t=0)", NAIVE),
+            (f"{LB}predictor/mae_naive_plp32", "naive estimate (t=32)", "tab:red"),
             (f"{LB}predictor/mae_history_plp32", "per-prompt history (t=32)", "tab:brown"),
             (f"{LB}predictor/mae_sibling_plp32", "siblings finished (t=32)", "tab:olive")],
            dashed={f"{LB}predictor/mae_{name}" for name in ("naive_static", "naive_plp32", "history_plp32",
                                                               "sibling_plp32")},
-           note=_kendall_note(run))
-    _scatter(axes[7], tables)
+           note="\n".join(note for note in (captured, _kendall_note(run)) if note))
+    _scatter(axes[7], tables, _captured_rounds(run), captured)
     _lines(axes[8], run, "(i) predictor fallbacks and skipped updates (cumulative)", "count",
            [(f"{LB}predictor/fallbacks", "fallbacks to stock scheduling", "tab:red"),
-            (f"{LB}predictor/skipped_updates", "skipped (non-finite) updates", NAIVE)], integer=True)
+            (f"{LB}predictor/skipped_updates", "skipped (non-finite) updates", NAIVE)], integer=True,
+           markers={f"{LB}predictor/fallbacks": "o", f"{LB}predictor/skipped_updates": "x"})
     return figure
+
+
+def _exploring_steps(run: OfflineRun) -> list[float]:
+    """The steps whose loss pass measured a plan before the tuner chose one (`autotune/exploring`)."""
+    steps, values = series(run, f"{LB}autotune/exploring")
+    return [step for step, value in zip(steps, values) if value]
+
+
+def _plans_by_step(run: OfflineRun) -> dict[float, str]:
+    """The loss plan each step ran, by name (`autotune/strategy`)."""
+    return {step: ledger.plan_name(value) for step, value in zip(*series(run, f"{LB}autotune/strategy"))}
+
+
+def _captured_rounds(run: OfflineRun) -> dict[float, int]:
+    """The rounds the predictor had captured by each step (`predictor/captured_rounds`)."""
+    return {step: int(value) for step, value in zip(*series(run, f"{LB}predictor/captured_rounds"))}
+
+
+def _captured_note(run: OfflineRun) -> str:
+    rounds = _captured_rounds(run)
+    if not rounds:
+        return ""
+    steps = len(logged_rows(run))
+    return f"{max(rounds.values())} of {steps} steps' rounds captured" + (
+        "\n(round 1: before online training)" if max(rounds.values()) == 1 else "")
+
+
+def _mark_exploration(ax, steps: list[float]) -> None:
+    """Shade the steps the tuner spent measuring plans (one legend entry)."""
+    for i, step in enumerate(steps):
+        ax.axvspan(step - 0.5, step + 0.5, color=EXPLORING, alpha=0.15, linewidth=0,
+                   label="tuner measuring plans" if i == 0 else None)
 
 
 def _kendall_note(run: OfflineRun) -> str:
     values = [v for v in series(run, f"{LB}predictor/kendall_plp32")[1] if math.isfinite(v)]
-    return f"Kendall tau at t=32, predicted vs actual remaining: {sum(values) / len(values):.2f} (mean)" if values else ""
+    return (f"Kendall tau at t=32, predicted vs actual\nremaining: {sum(values) / len(values):.2f} (mean)"
+            if values else "")
 
 
 def _single_rank_note(run: OfflineRun) -> str:
@@ -229,26 +266,42 @@ def _no_data(ax, title: str, missing: list[str]) -> None:
             transform=ax.transAxes, wrap=True)
 
 
-def _finish(ax, title: str, ylabel: str, integer: bool = False, missing: list[str] = ()) -> None:
+def _finish(ax, title: str, ylabel: str, integer: bool = False, missing: list[str] = (), note: str = "") -> None:
+    """Title, axes on whole training steps (a step or two get a margin, never fractional ticks), and the legend
+    with `note` as its title (inside the panel, placed clear of the data)."""
     from matplotlib.ticker import MaxNLocator
 
     ax.set_title(title, fontsize=10, loc="left")
     ax.set_xlabel("training step")
     ax.set_ylabel(ylabel)
+    lo, hi = ax.dataLim.intervalx
+    if math.isfinite(lo) and hi - lo < 2:
+        ax.set_xlim(math.floor(lo) - 1, math.ceil(hi) + 1)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if integer:
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylim(-0.1, max(1.0, ax.get_ylim()[1]) + 0.1)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _legend(ax, note)
     if missing:
         ax.text(0.01, 0.01, "not logged: " + ", ".join(missing), fontsize=7, color="0.4", transform=ax.transAxes)
 
 
+def _legend(ax, note: str = "") -> None:
+    """A legend whose entries all show at full opacity, `note` as its title."""
+    legend = ax.legend(fontsize=8, title=note or None, title_fontsize=7, framealpha=0.9)
+    legend.get_title().set_color("0.35")
+    for handle in legend.legend_handles:
+        handle.set_alpha(1.0)
+
+
 def _lines(ax, run: OfflineRun, title: str, ylabel: str, keys: list[tuple[str, str, str]], percent: bool = False,
            dashed: set[str] = frozenset(), integer: bool = False, note: str = "",
-           totals: set[str] = frozenset()) -> None:
-    """One line per (key, label, color); the labels of `totals` keys end with their sum over the run (seconds)."""
+           totals: set[str] = frozenset(), exploring: list[float] = (), plans: dict[float, str] | None = None,
+           markers: dict[str, str] | None = None) -> None:
+    """One line per (key, label, color); the labels of `totals` keys end with their sum over the run (seconds).
+    `exploring` steps are shaded; `plans` (a short run's plan of each step) label the step ticks; `markers`
+    gives keys another marker than "o" (a hollow "o" when given), so that equal values stay visible."""
     drawn, missing = 0, []
     for key, label, color in keys:
         steps, values = series(run, key)
@@ -259,18 +312,22 @@ def _lines(ax, run: OfflineRun, title: str, ylabel: str, keys: list[tuple[str, s
             label += f" ({sum(values):.1f} s in all)"
         if percent:
             values = [100 * v for v in values]
-        ax.plot(steps, values, marker="o", markersize=4, label=label, color=color,
-                linestyle="--" if key in dashed else "-")
+        marker = (markers or {}).get(key, "o")
+        hollow = markers is not None and marker == "o"
+        ax.plot(steps, values, marker=marker, markersize=8 if hollow else 5, label=label, color=color,
+                markerfacecolor="none" if hollow else color, linestyle="--" if key in dashed else "-")
         drawn += 1
     if not drawn:
         _no_data(ax, title, [WANDB_PREFIX + key for key, _, _ in keys])
         return
-    if note:
-        ax.text(0.5, 0.9, note, ha="center", fontsize=8, color="0.4", transform=ax.transAxes)
-    _finish(ax, title, ylabel, integer, missing)
+    _mark_exploration(ax, exploring)
+    _finish(ax, title, ylabel, integer, missing, note)
+    if plans and len(plans) <= 12:  # a short run: each step's tick names its plan
+        ax.set_xticks(list(plans), [f"{step:g}\n{name}" for step, name in plans.items()], fontsize=8)
+        ax.set_xlabel("training step and its loss plan")
 
 
-def _tokens_saved(ax, run: OfflineRun) -> None:
+def _tokens_saved(ax, run: OfflineRun, exploring: list[float] = ()) -> None:
     title = "(d) padded tokens saved vs stock TRL (cumulative)"
     loss_steps, loss_saved = loss_tokens_saved(run)
     gen_steps, slots = series(run, f"{LB}gen/decode_slots")
@@ -286,33 +343,66 @@ def _tokens_saved(ax, run: OfflineRun) -> None:
     if gen:
         ax.plot([s for s, _ in gen], _cumulative([v for _, v in gen]), marker="s", markersize=4,
                 color="tab:purple", label="decode slots")
+    _mark_exploration(ax, exploring)
     _finish(ax, title, "tokens")
 
 
-def _scatter(ax, tables: dict[int, list[tuple[float, float]]]) -> None:
+def _overhead(ax, run: OfflineRun) -> None:
+    """(f): the run's predictor cost so far over its generation time (what `lenbalance.max_overhead` bounds), each
+    captured round's own share, and the rounds that ran without capture shaded as such (not drawn as a zero cost)."""
+    title = "(f) predictor overhead (% of generation time)"
+    run_steps, shares = series(run, f"{LB}predictor/overhead_frac_run")
+    steps, rounds = series(run, f"{LB}predictor/overhead_frac")
+    captured = _captured_rounds(run)
+    if not run_steps and not steps:
+        _no_data(ax, title, [f"{WANDB_PREFIX}{LB}predictor/overhead_frac(_run)"])
+        return
+    if run_steps:
+        ax.plot(run_steps, [100 * v for v in shares], marker="o", markersize=5, color=NOW,
+                label="whole run so far (bounded by lenbalance.max_overhead)")
+    previous, uncaptured = 0, []
+    for step in sorted(captured):
+        uncaptured += [step] if captured[step] == previous else []
+        previous = captured[step]
+    own = [(step, 100 * value) for step, value in zip(steps, rounds) if step not in uncaptured]
+    if own:
+        ax.plot([s for s, _ in own], [v for _, v in own], marker="s", markersize=5, linestyle="none",
+                color="tab:purple", label="captured round: hooks + online training")
+    for i, step in enumerate(uncaptured):
+        ax.axvspan(step - 0.5, step + 0.5, color="0.6", alpha=0.2, linewidth=0,
+                   label="round not captured (no hooks)" if i == 0 else None)
+    _finish(ax, title, "%")
+
+
+def _scatter(ax, tables: dict[int, list[tuple[float, float]]], captured: dict[float, int] | None = None,
+             note: str = "") -> None:
+    """(h): the last logged round's predictions at t=0 against the actual lengths, earlier logged rounds behind;
+    the title names the round (`captured`: the rounds captured by each step) and the step."""
     title = "(h) predicted (t=0) vs actual completion length"
     pairs = [(step, p, a) for step, rows in sorted(tables.items()) for p, a in rows]
     if not pairs:
         _no_data(ax, title, [f"{TABLE} (wandb.Table; lenbalance.log_table_every)"])
         return
     last = max(tables)
+    round_ = (captured or {}).get(float(last))
+    name = f"round {round_} (step {last})" if round_ is not None else f"step {last}"
     earlier = [(p, a) for step, p, a in pairs if step != last]
     recent = [(p, a) for step, p, a in pairs if step == last]
     if earlier:
         ax.scatter([a for _, a in earlier], [p for p, _ in earlier], s=14, alpha=0.35, color=STOCK,
-                   label=f"earlier steps ({len(earlier)} rows)")
+                   label=f"earlier logged rounds ({len(earlier)} rows)")
     if recent:
         mae = sum(abs(p - a) for p, a in recent) / len(recent)
         ax.scatter([a for _, a in recent], [p for p, _ in recent], s=18, alpha=0.8, color=NOW,
-                   label=f"step {last} ({len(recent)} rows, MAE {mae:.1f})")
+                   label=f"{name}: {len(recent)} rows, MAE {mae:.1f}")
     values = [v for _, p, a in pairs for v in (p, a)]
     lo, hi = min(values), max(values)
     ax.plot([lo, hi], [lo, hi], color="k", linewidth=0.8, linestyle=":", label="predicted = actual")
-    ax.set_title(title, fontsize=10, loc="left")
+    ax.set_title(f"{title}\n{name}", fontsize=10, loc="left")
     ax.set_xlabel("actual length (tokens)")
     ax.set_ylabel("predicted length (tokens)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _legend(ax, note)
 
 
 # --- totals and HTML --------------------------------------------------------------------------------------------
@@ -329,33 +419,48 @@ def logged_summary(run: OfflineRun) -> dict[str, Any]:
 
 
 def render_html(title: str, folder: Path, png: bytes, rows: list[tuple[str, str, str]]) -> str:
-    """One self-contained page: the PNG inline as base64 and the totals table; no scripts, no external assets."""
+    """One self-contained page: the totals table and the PNG inline as base64; no scripts, no external assets.
+    Readable on a phone: a viewport tag, the table scrolls sideways inside its box, the image fits the width."""
     esc = html.escape
-    body = "\n".join(f"<tr><td>{esc(a)}</td><td>{esc(b)}</td><td>{esc(c)}</td></tr>" for a, b, c in rows)
+
+    def cell(text: str) -> str:  # numbers align right, sentences (a plan per step, why capture stopped) left
+        return f'<td class="text">{esc(text)}</td>' if len(text) > 30 else f"<td>{esc(text)}</td>"
+
+    body = "\n".join(f"<tr><td>{esc(a)}</td>{cell(b)}{cell(c)}</tr>" for a, b, c in rows)
     image = base64.b64encode(png).decode("ascii")
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{esc(title)}</title>
 <style>
-body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
+body {{ font-family: system-ui, sans-serif; margin: 1em auto; padding: 0 1em; max-width: 1200px; color: #222;
+       line-height: 1.4; }}
+h1 {{ font-size: 1.3em; overflow-wrap: anywhere; }}
+.table {{ overflow-x: auto; max-width: 100%; }}
 table {{ border-collapse: collapse; margin: 1em 0; }}
-th, td {{ border: 1px solid #ccc; padding: 4px 10px; }}
+th, td {{ border: 1px solid #ccc; padding: 4px 10px; vertical-align: top; }}
+td:first-child {{ min-width: 12em; }}
+td:nth-child(2) {{ max-width: 40em; }}
 td:nth-child(n+2), th:nth-child(n+2) {{ text-align: right; }}
+td.text {{ text-align: left; }}
 th {{ background: #f3f3f3; }}
-img {{ max-width: 100%; }}
-code {{ font-size: 90%; }}
+img {{ max-width: 100%; height: auto; }}
+code {{ font-size: 90%; overflow-wrap: anywhere; }}
+@media (max-width: 600px) {{ body {{ padding: 0 0.5em; font-size: 15px; }} th, td {{ padding: 3px 6px; }} }}
 </style>
 </head>
 <body>
 <h1>{esc(title)}</h1>
 <p>wandb offline run: <code>{esc(str(folder))}</code></p>
 <h2>Totals</h2>
+<div class="table">
 <table>
 <tr><th>metric</th><th>rl-lenbalance</th><th>stock TRL (same batch)</th></tr>
 {body}
 </table>
+</div>
 <p>{esc(ledger.SECONDS_NOTE)}</p>
 <h2>Per step</h2>
 <img alt="rl-lenbalance report panels" src="data:image/png;base64,{image}">

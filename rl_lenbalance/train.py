@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -79,10 +78,10 @@ def run(recipe_path: str, overrides: dict | None = None) -> dict[str, Any]:
         start = time.perf_counter()
         trainer.train(resume_from_checkpoint=checkpoint)
     summary = summarize(trainer, time.perf_counter() - start)
-    _finish_wandb()
+    _finish_wandb(summary if trainer.accelerator.is_main_process else None)
     if trainer.accelerator.is_main_process:
         print_summary(summary)
-        Path(recipe.training.output_dir, "lenbalance_summary.json").write_text(json.dumps(summary, indent=2))
+        Path(recipe.training.output_dir, "lenbalance_summary.json").write_text(ledger.summary_json(summary))
     return summary
 
 
@@ -141,10 +140,14 @@ def resume_checkpoint(recipe: Recipe) -> str | None:
     return resume
 
 
-def _finish_wandb() -> None:
-    """Close the run the trainer's WandbCallback opened (it leaves it open), so its files are complete."""
+def _finish_wandb(summary: dict[str, Any] | None) -> None:
+    """Store `summary` in the wandb run summary (the callback stored it with TRL's `train_runtime`; this has the
+    wall time of `lenbalance_summary.json`) and close the run the trainer's WandbCallback opened (it leaves it open),
+    so its files are complete."""
     wandb = sys.modules.get("wandb")  # imported only when the run reports to wandb
     if wandb is not None and wandb.run is not None:
+        if summary is not None:
+            wandb.run.summary.update(ledger.wandb_summary(summary))
         wandb.finish()
 
 

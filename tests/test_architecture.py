@@ -201,9 +201,9 @@ def test_the_summary_table_leaves_out_what_a_run_did_not_measure():
     assert result["loss_pad_frac"] == pytest.approx(0.2) and result["loss_pad_frac_stock"] == pytest.approx(0.6)
     assert result["predictor_overhead_frac"] == pytest.approx(0.5 / 2.0) and math.isnan(result["mae_plp32"])
     rows = {label: values for label, *values in summary_rows(result)}
-    assert rows["predictor MAE, prompt only (t=0), last round"] == ["7.5 tok", ""]
+    assert rows["predictor MAE at t=0, last round"] == ["7.5 tok", "naive: not logged"]
     assert rows["loss-forward tokens that are padding"] == ["20.0%", "60.0%"]
-    assert not any("after 32 tokens" in label for label in rows)
+    assert not any("t=32" in label for label in rows)
 
 
 # --- the saved head's contract -------------------------------------------------------------------------------------

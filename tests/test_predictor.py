@@ -262,6 +262,10 @@ def test_engine_metrics_score_every_estimate_and_rank_rows(tiny_model_dir):
 
     first = engine.learn(round_pairs(), lengths)
     assert "predictor/mae_history_plp32" not in first  # nothing to compare with before any history
+    # the naive estimate is logged beside round 1's MAE (half the tokens left) but judges the head only from round 2
+    assert first["predictor/mae_naive_static"] == pytest.approx((lengths - 32).abs().float().mean().item())
+    assert first["predictor/mae_naive_plp32"] == pytest.approx((lengths - 32 - 16).abs().float().mean().item())
+    assert engine.rounds_worse_than_naive == 0
     second = engine.learn(round_pairs(), lengths)
     assert second["predictor/mae_history_static"] == pytest.approx(
         (lengths - lengths.view(4, 2).float().mean(1).repeat_interleave(2)).abs().float().mean().item())

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 
 import pytest
 from rich.console import Console
 
 from rl_lenbalance.ledger import (GenerationLedger, RunTotals, TrainingLedger, logged_totals, round_metrics, summary,
-                                  summary_rows, time_metrics, training_metrics, waste)
+                                  summary_json, summary_rows, time_metrics, training_metrics, wandb_summary, waste)
+from rl_lenbalance.schedule import STRATEGIES
 from rl_lenbalance.train import print_summary
 
 STEPS = [  # (generation ledger, predictor train seconds, training ledger, generation-phase s, loss-phase s)
@@ -60,7 +62,7 @@ def test_wasted_is_nan_when_nothing_was_computed_and_such_rows_are_left_out():
     result = summary(nothing, [{"lenbalance/predictor/mae_static": 4.0}], steps=1)
     assert math.isnan(result["decode_slot_waste"]) and math.isnan(result["loss_pad_frac"])
     labels = [label for label, *_ in summary_rows(result)]
-    assert labels == ["steps", "predictor MAE, prompt only (t=0), last round"]  # no seconds, padding or plan rows
+    assert labels == ["steps", "predictor MAE at t=0, last round"]  # no seconds, padding or plan rows
 
 
 def test_rows_show_seconds_per_step_and_in_all_next_to_each_phases_padding():
@@ -77,18 +79,88 @@ def test_rows_show_seconds_per_step_and_in_all_next_to_each_phases_padding():
         "loss-forward tokens that are padding")
 
 
-def test_the_training_plan_is_shown_when_logged_by_name_or_index_and_omitted_when_absent():
+def test_the_training_plan_is_shown_by_name_when_chosen_and_omitted_when_absent():
     logged = [{"lenbalance/autotune/choice": 0.0}, {"lenbalance/autotune/choice": 1.0,
                                                      "lenbalance/autotune/ratio_vs_stock": 1.5}]
     result = summary(RunTotals(), logged, steps=2, plan_names=["stock", "sorted_budget"])
     assert (result["autotune_choice"], result["autotune_ratio_vs_stock"]) == ("sorted_budget", 1.5)
     assert ("training plan", "sorted_budget (1.50× stock)", "") in summary_rows(result)
-    assert summary(RunTotals(), logged, steps=2)["autotune_choice"] == "plan #1"  # names unknown
+    assert summary(RunTotals(), logged, steps=2)["autotune_choice"] == "stock_trimmed"  # schedule.STRATEGIES' names
     assert summary(RunTotals(), [{"lenbalance/autotune/choice": "packed"}], steps=1)["autotune_choice"] == "packed"
     assert ("training plan", "packed", "") in summary_rows({"steps": 1, "autotune_choice": "packed"})  # a plain string
     absent = summary(RunTotals(), [{"lenbalance/predictor/mae_static": 3.0}], steps=1)
-    assert "autotune_choice" not in absent and "autotune_ratio_vs_stock" not in absent
-    assert not any(label == "training plan" for label, *_ in summary_rows(absent))
+    assert "autotune_choice" not in absent and "autotune_state" not in absent and "plan_by_step" not in absent
+    assert not any(label.startswith(("training plan", "plan of each step")) for label, *_ in summary_rows(absent))
+
+
+def _tuned(strategies: list[str], chosen: str | None = None) -> list[dict]:
+    """Log rows of steps that ran `strategies` as the adapter logs them (`autotune/*` as indices), the last
+    step with a choice when `chosen`."""
+    names = list(STRATEGIES)
+    rows = [{"step": float(step), "lenbalance/autotune/strategy": float(names.index(name)),
+             "lenbalance/autotune/exploring": 1.0, "lenbalance/autotune/pass": float(step),
+             "lenbalance/autotune/passes_to_measure": 10.0} for step, name in enumerate(strategies, start=1)]
+    if chosen:
+        rows[-1] |= {"lenbalance/autotune/choice": float(names.index(chosen)), "lenbalance/autotune/ratio_vs_stock": 1.31}
+    return rows
+
+
+def test_the_summary_names_every_steps_plan_and_says_the_tuner_is_still_measuring():
+    result = summary(RunTotals(), _tuned(["sorted", "stock", "stock_trimmed", "sorted"]), steps=4)
+    assert result["plan_by_step"] == {"1": "sorted", "2": "stock", "3": "stock_trimmed", "4": "sorted"}
+    assert (result["autotune_state"], result["autotune_pass"], result["autotune_passes_to_measure"]) == (
+        "measuring", 4, 10)
+    rows = {label: now for label, now, _ in summary_rows(result)}
+    assert rows["training plan"] == "measuring: pass 4 of 10, no choice yet"
+    assert rows["plan of each step"] == "1 sorted, 2 stock, 3 stock_trimmed, 4 sorted"
+    chosen = summary(RunTotals(), _tuned(["sorted", "stock", "stock", "sorted"], chosen="sorted"), steps=4)
+    assert chosen["autotune_state"] == "chosen" and "autotune_pass" not in chosen
+    rows = {label: now for label, now, _ in summary_rows(chosen)}
+    assert rows["training plan"] == "sorted (1.31× stock)" and rows["plan of each step"] == "1 sorted, 2-3 stock, 4 sorted"
+    long_run = summary(RunTotals(), _tuned(["stock", "sorted"] * 10), steps=20)
+    assert {label: now for label, now, _ in summary_rows(long_run)}["plan of each step"] == (
+        "stock: 10 steps, sorted: 10 steps")
+    assert not any("plan #" in str(value) for value in [*result.values(), *chosen.values()])
+
+
+def _captured_once(steps: int) -> list[dict]:
+    """Log rows of a run whose capture stopped after round 1 (the budget), as the adapter logs them."""
+    rows = [{"step": float(step), "lenbalance/predictor/captured_rounds": 1.0,
+             "lenbalance/predictor/overhead_frac": 0.044 if step == 1 else 0.0} for step in range(1, steps + 1)]
+    rows[0] |= {"lenbalance/predictor/mae_static": 57.4, "lenbalance/predictor/mae_naive_static": 64.0,
+                "lenbalance/predictor/mae_plp32": 47.8, "lenbalance/predictor/mae_naive_plp32": 48.0}
+    return rows
+
+
+def test_predictor_figures_name_their_round_and_sit_beside_the_naive_estimate():
+    result = summary(RunTotals(), _captured_once(4), steps=4)
+    assert (result["predictor_round"], result["predictor_step"], result["captured_rounds"]) == (1, 1.0, 1)
+    rows = {label: (now, naive) for label, now, naive in summary_rows(result)}
+    assert rows["predictor MAE at t=0, round 1 of 1 captured (step 1, before online training)"] == (
+        "57.4 tok", "naive 64.0 tok")
+    assert rows["predictor MAE at t=32, round 1 of 1 captured (step 1, before online training)"] == (
+        "47.8 tok", "naive 48.0 tok")
+    assert rows["rounds the predictor captured"] == ("1 in 4 steps", "")
+    why = rows["why capture stopped"][0]
+    assert "after round 1" in why and "lenbalance.max_overhead" in why and "nothing on this path reads" in why
+    every = summary(RunTotals(), _captured_once(1), steps=1)  # one step, one round: nothing stopped
+    assert "capture_stopped" not in every
+    assert not any(label == "why capture stopped" for label, *_ in summary_rows(every))
+
+
+def test_the_summary_json_is_strict_and_the_wandb_summary_keeps_what_was_measured():
+    result = summary(RunTotals(), _captured_once(4) + _tuned(["sorted"]), steps=4, wall_s=math.inf)
+    assert math.isnan(result["loss_pad_frac"]) and math.isinf(result["wall_s"])
+
+    def refuse(constant: str):
+        raise ValueError(f"not strict JSON: {constant}")
+
+    parsed = json.loads(summary_json(result), parse_constant=refuse)
+    assert parsed["loss_pad_frac"] is None and parsed["wall_s"] is None and parsed["mae_static"] == 57.4
+    assert parsed["plan_by_step"] == {"1": "sorted"}
+    stored = wandb_summary(result)
+    assert stored["lenbalance/mae_static"] == 57.4 and stored["lenbalance/autotune_state"] == "measuring"
+    assert "lenbalance/loss_pad_frac" not in stored and "lenbalance/wall_s" not in stored
 
 
 def test_the_summary_table_fits_an_80_column_terminal():

@@ -1,27 +1,31 @@
 """`EngineCallback`: keeps a trainer's rl-lenbalance engine in its checkpoints and shapes its wandb run.
 
 It reads the trainer only through what the adapter gives it (`lenbalance`, `lenbalance_config`,
-`lenbalance_resume_from`, `lenbalance_last_lengths`) and never imports the adapter.
+`lenbalance_resume_from`, `lenbalance_last_lengths`, `lenbalance_totals`) and never imports the adapter.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .. import ledger
+
 SUBFOLDER = "lenbalance"  # checkpoint-N/lenbalance/: the head and its online-training state
 WANDB_PREFIX = "train/lenbalance/"  # transformers' WandbCallback puts training logs under "train/"
 
 
 class EngineCallback(TrainerCallback):
-    """Saves the engine with every trainer checkpoint, restores it when `train` resumes one, and plots the
-    predicted-vs-actual lengths table on wandb."""
+    """Saves the engine with every trainer checkpoint, restores it when `train` resumes one, logs the
+    predicted-vs-actual lengths table to wandb, and stores the run's summary in the wandb run summary."""
 
     def __init__(self, trainer) -> None:
         self.trainer = trainer
+        self._table_round: int | None = None  # the captured round whose lengths table was logged last
 
     def on_train_begin(self, args, state, control, **kwargs):
         resumed = self.trainer.lenbalance_resume_from  # the checkpoint `train(resume_from_checkpoint=...)` loaded
@@ -44,15 +48,32 @@ class EngineCallback(TrainerCallback):
                                                       SUBFOLDER))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        """Log the last captured round's predicted-vs-actual table once, at the first log after that round (rounds
+        that ran without capture leave no new table: the last one is not logged again under a later step)."""
         run = _wandb_run()
         every = self.trainer.lenbalance_config.log_table_every
-        pairs = self.trainer.lenbalance_last_lengths
-        if run is None or not every or not pairs or not state.is_world_process_zero or state.global_step % every:
+        pairs, captured = self.trainer.lenbalance_last_lengths, self.trainer.lenbalance.rounds
+        if (run is None or not every or not pairs or not state.is_world_process_zero or state.global_step % every
+                or captured == self._table_round):
             return
         import wandb
 
-        table = wandb.Table(columns=["predicted_length", "actual_length"], data=[list(p) for p in pairs])
+        self._table_round = captured
+        table = wandb.Table(columns=["predicted_length", "actual_length", "round"],
+                            data=[[*pair, captured] for pair in pairs])
         run.log({f"{WANDB_PREFIX}lengths": table, "train/global_step": state.global_step})
+
+    def on_train_end(self, args, state, control, **kwargs):
+        """Store the run's summary (`ledger.summary`, wall time: TRL's `train_runtime`) in the wandb run summary."""
+        run = _wandb_run()
+        if run is None or not state.is_world_process_zero:
+            return
+        runtime = next((row["train_runtime"] for row in reversed(state.log_history) if "train_runtime" in row),
+                       math.nan)
+        trainer = self.trainer
+        run.summary.update(ledger.wandb_summary(ledger.summary(trainer.lenbalance_totals, state.log_history,
+                                                               state.global_step, runtime,
+                                                               trainer.lenbalance.fallbacks)))
 
 
 def _wandb_run():

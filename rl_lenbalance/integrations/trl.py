@@ -373,10 +373,15 @@ class LenBalanceMixin:
         # and another strategy's its share of stock's time, so passes over different batches compare like with like
         per_ktok = seconds / max(loss_pass.stock_tokens / 1000.0, 1e-9)
         autotune = self._autotune
+        exploring = not autotune.decided  # this pass measured (or warmed up) a candidate, before any choice
         changed = autotune.record(loss_pass.strategy, per_ktok)
         ratio = autotune.ratio_vs_stock()
-        chosen = {"autotune/choice": float(list(STRATEGIES).index(autotune.choice))} if autotune.decided else {}
-        self._log_lenbalance({f"autotune/{loss_pass.strategy}_s_per_ktok": per_ktok} | chosen
+        names = list(STRATEGIES)
+        chosen = {"autotune/choice": float(names.index(autotune.choice))} if autotune.decided else {}
+        self._log_lenbalance({f"autotune/{loss_pass.strategy}_s_per_ktok": per_ktok,
+                              "autotune/strategy": float(names.index(loss_pass.strategy)),
+                              "autotune/exploring": float(exploring), "autotune/pass": float(autotune.passes),
+                              "autotune/passes_to_measure": float(autotune.passes_to_measure)} | chosen
                              | ({"autotune/ratio_vs_stock": ratio} if ratio is not None and autotune.decided else {}))
         if changed and self.accelerator.is_main_process:
             faster = f", {ratio:.2f}× faster than stock on this device" if ratio is not None else ""

@@ -100,6 +100,11 @@ class Autotuner:
         """Whether `choice` comes from measurements (or is the only candidate)."""
         return len(self.candidates) == 1 or self.passes - self.warmup >= self.samples * len(self.candidates)
 
+    @property
+    def passes_to_measure(self) -> int:
+        """The passes (warm-up included) before the first choice: 0 for a single candidate."""
+        return 0 if len(self.candidates) == 1 else self.warmup + self.samples * len(self.candidates)
+
     def ratio_vs_stock(self) -> float | None:
         """Stock's median time over the choice's (>1: the choice is faster), once both were measured."""
         if not self.timings.get(STOCK) or not self.timings.get(self.choice):
