@@ -260,7 +260,7 @@ def test_a_run_whose_capture_stopped_says_so_and_logs_no_stale_table(eos_tiny_mo
     under later steps), and the summary and report rebuilt from the logged metrics say why, name each step's plan
     and keep the run's summary in the wandb run."""
     import wandb
-    from test_compat import train
+    from helpers import train
 
     from rl_lenbalance import LenBalanceConfig, LenBalanceGRPOTrainer
 
