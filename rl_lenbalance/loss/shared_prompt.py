@@ -263,18 +263,21 @@ def plan_shared_prompt(groups: Sequence[int], prompt_lengths: Sequence[int], com
             holds = [any(groups[r] == groups[row] for r in rows_) for rows_ in bins]
             fits = [b for b in range(len(bins))
                     if loads[b] + completion_lengths[row] + (0 if holds[b] else prompt) <= token_budget]
-            if not fits:
-                bins.append([])
-                loads.append(0)
-                holds.append(False)
-                fits = [len(bins) - 1]
+            if not fits:  # alone: an empty micro-batch, or a new one
+                fits = [next((b for b in range(len(bins)) if not bins[b]), len(bins))]
+                if fits[0] == len(bins):
+                    bins.append([])
+                    loads.append(0)
+                    holds.append(False)
             target = min(fits, key=lambda b: (not holds[b], loads[b]))  # its group's part first, then least loaded
             bins[target].append(row)
             loads[target] = cost(bins[target])
     while any(not rows for rows in bins):  # fewer groups than micro-batches: split the largest micro-batch
         empty = next(b for b, rows in enumerate(bins) if not rows)
         largest = max(range(len(bins)), key=lambda b: (len(bins[b]) > 1, loads[b]))
+        if len(bins[largest]) < 2:
+            break
         rows = sorted(bins[largest], key=lambda r: (groups[r], r))
         bins[largest], bins[empty] = rows[:len(rows) // 2], rows[len(rows) // 2:]
         loads[largest], loads[empty] = cost(bins[largest]), cost(bins[empty])
-    return [sorted(rows) for rows in bins]
+    return [sorted(rows) for rows in bins if rows]
