@@ -86,7 +86,7 @@ def packed_forward(model, input_ids, attention_mask, logits_to_keep):
 def run(model, forward, step, microbatches) -> tuple[float, torch.Tensor, torch.Tensor]:
     """Forward + backward of every micro-batch (gradients accumulate): seconds, the step's log-probs, entropies."""
     input_ids, attention_mask, width = step
-    logps = torch.zeros(input_ids.shape[0], width)
+    logps = torch.zeros(input_ids.shape[0], width, dtype=torch.promote_types(model.dtype, torch.float32))
     entropy = torch.zeros_like(logps)
     model.zero_grad(set_to_none=True)
     start = time.perf_counter()
