@@ -28,7 +28,7 @@ from rl_lenbalance.predictor import CONTEXT_SIZE, HeadConfig
 from rl_lenbalance.schedule import optimizer_steps, plan_training, take_rows, trim_padding
 
 PACKAGE = Path(__file__).resolve().parents[1] / "rl_lenbalance"
-PURE = ["rollout", "ledger", "engine", "capture", "schedule", "predictor"]  # never reach TRL or accelerate
+PURE = ["rollout", "ledger", "engine", "capture", "schedule", "predictor", "loss"]  # never reach TRL or accelerate
 
 
 def _module_file(name: str) -> Path | None:
