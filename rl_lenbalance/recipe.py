@@ -286,8 +286,8 @@ def load_recipe(path: str | Path, overrides: dict | None = None) -> Recipe:
         base = values.get(key) or {}
         values[key] = base | value if isinstance(value, dict) and isinstance(base, dict) else value
     if "output_dir" in values and not str(values["output_dir"] or "").strip():  # TRL would train into trainer_output/
-        raise RecipeError(f"output_dir={values['output_dir']!r} is empty: set it to the folder for this run's "
-                          "checkpoints and summary, e.g. --set output_dir=outputs/run1.")
+        raise RecipeError("output_dir is empty: set it to the folder for this run's checkpoints and summary, e.g. "
+                          "--set output_dir=outputs/run1.")
     model = _parse("model", "model.", ModelArguments, values.pop("model", None) or {})
     task = _parse("task", "task.", TaskArguments, values.pop("task", None) or {})
     lenbalance = _parse("lenbalance", "lenbalance.", LenBalanceConfig, values.pop("lenbalance", None) or {})

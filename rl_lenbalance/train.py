@@ -78,6 +78,7 @@ def run(recipe_path: str, overrides: dict | None = None) -> dict[str, Any]:
         with claim_output_dir(recipe.training.output_dir):
             return _train(recipe)
     except KeyboardInterrupt:
+        _close_progress_bars()
         raise Interrupted(_interrupted_message(recipe.training.output_dir)) from None
 
 
@@ -128,6 +129,15 @@ class Interrupted(KeyboardInterrupt):
     """Ctrl-C during `run`; the message names the last checkpoint and the override that resumes it."""
 
 
+def _close_progress_bars() -> None:
+    """Close the progress bars an interrupted run left open now: each would print itself again at exit, after the
+    message that says how to resume."""
+    from tqdm import tqdm
+
+    for bar in list(tqdm._instances):  # tqdm keeps no public list of its open bars
+        bar.close()
+
+
 def _interrupted_message(output_dir: str) -> str:
     whole = _whole_checkpoints(output_dir)
     if whole:
@@ -172,6 +182,9 @@ def output_dir_lock(output_dir: str) -> Iterator[None]:
         return
     path = Path(output_dir, LOCK_NAME)
     fd = _lock(path, output_dir)
+    if fd is None:
+        yield
+        return
     try:
         left = os.read(fd, 64).decode(errors="replace").strip()
         if left:
@@ -185,9 +198,9 @@ def output_dir_lock(output_dir: str) -> Iterator[None]:
         os.close(fd)
 
 
-def _lock(path: Path, output_dir: str) -> int:
+def _lock(path: Path, output_dir: str) -> int | None:
     """A descriptor of `path` (created if missing) holding its exclusive flock; RecipeError naming the holder's PID
-    when another process holds it."""
+    when another process holds it; None, with a warning, on a file system without flock."""
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -198,6 +211,12 @@ def _lock(path: Path, output_dir: str) -> int:
             raise RecipeError(f"output_dir={output_dir!r} is in use by another rl-lenbalance run (PID {holder}, "
                               f"which holds {path}); a second run would overwrite its checkpoints. Wait for it to "
                               "end, or set another output_dir.") from None
+        except OSError as error:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            warnings.warn(f"rl-lenbalance: cannot lock {path} ({error.strerror or error}): nothing stops a second run "
+                          "from writing into this output_dir meanwhile.")
+            return None
         try:
             if os.path.samestat(os.fstat(fd), os.stat(path)):
                 return fd

@@ -206,7 +206,8 @@ def test_an_empty_or_list_recipe_is_one_line(tmp_path, capsys, no_model_loading,
 @pytest.mark.parametrize("value", ["", "''", "' '", "null"])
 def test_an_empty_output_dir_is_refused(capsys, no_model_loading, value):
     line = _one_line_error(capsys, ["train", str(QUICKSTART), "--set", f"output_dir={value}"])
-    assert re.search(r"output_dir=.* is empty: set it to the folder for this run's checkpoints and summary", line)
+    assert line == ("rl-lenbalance: error: output_dir is empty: set it to the folder for this run's checkpoints and "
+                    "summary, e.g. --set output_dir=outputs/run1.")
 
 
 # --- the predictor's files, before any weights load ----------------------------------------------------------------
