@@ -232,13 +232,13 @@ def preflight(recipe: Recipe) -> None:
 def _check_safetensors_header(path: Path) -> None:
     """Raise OSError if `path` is not a whole safetensors file: its header is read and checked to cover the file
     (a truncated copy fails here), no weights are loaded."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(path, framework="pt"):
             pass
-    except Exception as error:  # safetensors raises its own SafetensorError (not an OSError) for a damaged file
-        raise OSError(f"cannot read {path} ({error}); it is damaged (a truncated copy?): copy it again, or unset "
+    except (SafetensorError, OSError) as error:
+        raise OSError(f"cannot read {path} ({error}); copy the head again (a partial copy?), or unset "
                       "lenbalance.predictor_path to train a head from scratch.") from error
 
 

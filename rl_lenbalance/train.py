@@ -139,6 +139,7 @@ def _close_progress_bars() -> None:
 
 
 def _interrupted_message(output_dir: str) -> str:
+    """What an interrupted run says: the checkpoint to resume and the override that does it, or that none was saved."""
     whole = _whole_checkpoints(output_dir)
     if whole:
         return (f"interrupted; the last checkpoint is {whole[-1]}. To resume from it, run the same command with "
@@ -175,9 +176,9 @@ def output_dir_lock(output_dir: str) -> Iterator[None]:
     """Hold `output_dir/.lenbalance.lock` (an `flock`, with this process's PID in the file) while a run writes
     there: a second run into the same folder stops at once with a RecipeError naming the first one's PID, instead
     of overwriting its checkpoints. The kernel drops the lock when its process ends, however it ends; a file left
-    by a killed run is taken over with a warning. Only a launch's main process (RANK 0) locks: every rank of one
+    by a killed run is taken over with a note. Only a launch's main process (RANK 0) locks: every rank of one
     `accelerate launch` shares its output_dir."""
-    if os.environ.get("RANK", "0") != "0":
+    if not _launch_main_process():
         yield
         return
     path = Path(output_dir, LOCK_NAME)
@@ -188,14 +189,19 @@ def output_dir_lock(output_dir: str) -> Iterator[None]:
     try:
         left = os.read(fd, 64).decode(errors="replace").strip()
         if left:
-            warnings.warn(f"rl-lenbalance: {path} was left by PID {left}, which ended without releasing it (killed?); "
-                          "this run takes it over.")
+            print(f"rl-lenbalance: note: {path} was left by PID {left}, which ended without releasing it (killed?); "
+                  "this run takes it over.", file=sys.stderr)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
     finally:
         path.unlink(missing_ok=True)
         os.close(fd)
+
+
+def _launch_main_process() -> bool:
+    """Whether this is the main process of its launch (RANK 0, or no launcher), known before any trainer exists."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _lock(path: Path, output_dir: str) -> int | None:
@@ -294,7 +300,7 @@ def run_command(parser: argparse.ArgumentParser, recipe_path: str, sets: list[st
     except RecipeError as error:  # a recipe or --set value that cannot be used: the message says what to change
         parser.exit(2, f"rl-lenbalance: error: {error}\n")
     except KeyboardInterrupt as error:
-        parser.exit(130, f"rl-lenbalance: {error or 'interrupted.'}\n" if os.environ.get("RANK", "0") == "0" else None)
+        parser.exit(130, f"rl-lenbalance: {error or 'interrupted.'}\n" if _launch_main_process() else None)
 
 
 def parse_overrides(items: list[str]) -> dict:
