@@ -4,9 +4,29 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import sys
+from collections.abc import Callable
 
 from .schedule import STRATEGIES
+
+MIN_COMPARE_STEPS = 2  # compare_recipe's one warm-up step, then at least one timed step
+
+
+def _checked(kind: type, valid: Callable[[float], bool], hint: str) -> Callable[[str], float]:
+    """An argparse `type`: the text read as `kind`, refused (exit 2, one line) unless `valid`, saying `hint`."""
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not valid(value):
+            raise argparse.ArgumentTypeError(f"{text} is not valid: use {hint}")
+        return value
+
+    return parse
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -19,12 +39,16 @@ def main(argv: list[str] | None = None) -> None:
                        help="Override recipe keys, e.g. --set max_steps=2 lenbalance.compaction=false.")
     compare = commands.add_parser("compare", help="Stock TRL vs rl-lenbalance on this machine, in seconds per phase.")
     compare.add_argument("recipe", help="A recipe YAML, e.g. recipes/quickstart.yaml.")
-    compare.add_argument("--steps", type=int, default=4, help="Optimizer steps per trainer, the warm-up step included.")
+    compare.add_argument("--steps", default=4, type=_checked(int, lambda n: n >= MIN_COMPARE_STEPS,
+                                                             f"{MIN_COMPARE_STEPS} or more (a warm-up step, then the "
+                                                             "timed ones)"),
+                         help=f"Optimizer steps per trainer, the warm-up step included ({MIN_COMPARE_STEPS} or more).")
     compare.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="Override recipe keys, as for train.")
     compare.add_argument("--plans", nargs="*", default=[], choices=list(STRATEGIES), metavar="STRATEGY",
                          help="Also run rl-lenbalance with lenbalance.training_plan pinned to each of these loss "
                               f"strategies ({', '.join(STRATEGIES)}), to see what 'auto' chose from.")
-    compare.add_argument("--turn-timeout", type=float, default=3600.0, metavar="SECONDS",
+    compare.add_argument("--turn-timeout", default=3600.0, metavar="SECONDS",
+                         type=_checked(float, lambda s: 0 < s < math.inf, "a number of seconds above 0"),
                          help="Stop with an error when one trainer spends longer than this on one optimizer step.")
     report = commands.add_parser("report", help="PNG panels + one self-contained HTML page of a finished run.")
     report.add_argument("run_dir", help="A training output_dir, a wandb offline-run-* folder, or its .wandb file.")
@@ -32,15 +56,11 @@ def main(argv: list[str] | None = None) -> None:
     commands.add_parser("bench", add_help=False, help="The predictor benchmark: `rl-lenbalance bench --help`.")
     args, rest = parser.parse_known_args(argv)
     if args.command == "train" and not rest:
-        from .recipe import RecipeError
-        from .train import parse_overrides, run
+        from .train import run_command
 
-        try:
-            run(args.recipe, parse_overrides(args.set))
-        except RecipeError as error:  # a recipe or --set value that cannot be used: the message says what to change
-            parser.exit(2, f"rl-lenbalance: error: {error}\n")
+        run_command(parser, args.recipe, args.set)
     elif args.command == "compare" and not rest:
-        from .compare import compare_recipe
+        from .compare import CompareError, compare_recipe
         from .recipe import RecipeError
         from .train import parse_overrides
 
@@ -49,6 +69,12 @@ def main(argv: list[str] | None = None) -> None:
                            plans=args.plans)
         except RecipeError as error:
             parser.exit(2, f"rl-lenbalance: error: {error}\n")
+        except CompareError as error:
+            print(f"rl-lenbalance: error: {error}", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            # A trainer's thread may still be inside its step (a hang cannot be stopped); the interpreter's teardown
+            # would end under it in a C++ abort (exit 134), so leave without it.
+            os._exit(2)
     elif args.command == "report" and not rest:
         from .report import main as report_main
 

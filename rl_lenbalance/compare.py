@@ -349,7 +349,7 @@ def compare_recipe(recipe_path: str, overrides: dict | None = None, steps: int =
     from .train import build_trainer
 
     if steps <= warmup:
-        raise ValueError(f"--steps={steps} leaves no step after the {warmup} warm-up step(s); use --steps {warmup + 2} "
+        raise ValueError(f"--steps={steps} leaves no step after the {warmup} warm-up step(s); use --steps {warmup + 1} "
                          "or more.")
     fixed = {"max_steps": steps, "save_strategy": "no", "report_to": "none", "disable_tqdm": True}
     recipe = load_recipe(recipe_path, (overrides or {}) | fixed)

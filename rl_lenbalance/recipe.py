@@ -174,7 +174,8 @@ def _read(path: str | Path) -> dict:
     except yaml.YAMLError as error:
         raise RecipeError(f"Recipe file {str(path)!r} is not valid YAML: {error}") from error
     if values is None:
-        return {}
+        raise RecipeError(f"Recipe file {str(path)!r} is empty (or holds only comments); write its settings as in "
+                          "recipes/quickstart.yaml.")
     if not isinstance(values, dict):
         raise RecipeError(f"Recipe file {str(path)!r} must be a mapping of keys to values (as in recipes/), "
                           f"got a {type(values).__name__}.")
@@ -198,12 +199,14 @@ def _check_training(training) -> None:
 
 
 def preflight(recipe: Recipe) -> None:
-    """Check what needs only the model's config and the saved predictor's JSON, before any weights load: the model
-    path, `lenbalance.feature_layer` against the model's layers, and `lenbalance.predictor_path`'s head against
-    this run (the same `check_head` the engine applies)."""
+    """Check what needs only the model's config and the saved predictor's JSON and safetensors header, before any
+    weights load: the model path, `lenbalance.feature_layer` against the model's layers, `lenbalance.predictor_path`'s
+    head against this run (the same `check_head` the engine applies) and its weights file, and, when
+    `resume_from_checkpoint` names a checkpoint folder, the head saved in its `lenbalance/` against this run."""
     from .engine import check_head
     from .models import model_config
     from .predictor import read_head_config
+    from .predictor.head import WEIGHTS_NAME
 
     name, lenbalance = recipe.model.name_or_path, recipe.lenbalance
     try:
@@ -219,8 +222,59 @@ def preflight(recipe: Recipe) -> None:
             head = read_head_config(lenbalance.predictor_path)
             check_head(head, lenbalance, text.hidden_size, recipe.training.max_completion_length,
                        lenbalance.predictor_path)
+            _check_safetensors_header(Path(lenbalance.predictor_path, WEIGHTS_NAME))
         except (OSError, ValueError, TypeError) as error:
             raise RecipeError(f"lenbalance.predictor_path: {error}") from error
+    if isinstance(recipe.resume_from_checkpoint, str):
+        _check_resumed_head(recipe, text.hidden_size)
+
+
+def _check_safetensors_header(path: Path) -> None:
+    """Raise OSError if `path` is not a whole safetensors file: its header is read and checked to cover the file
+    (a truncated copy fails here), no weights are loaded."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt"):
+            pass
+    except (SafetensorError, OSError) as error:
+        raise OSError(f"cannot read {path} ({error}); copy the head again (a partial copy?), or unset "
+                      "lenbalance.predictor_path to train a head from scratch.") from error
+
+
+_HEAD_SETTINGS = {  # a saved head's contract (`engine.check_head`) -> the setting of this run that gives it back
+    "hidden_size": lambda head: f"model.name_or_path at the model it was trained on (hidden_size={head.hidden_size})",
+    "max_length": lambda head: f"max_completion_length={head.max_length}",
+    "pooling": lambda head: f"lenbalance.pooling={head.pooling}",
+    "feature_layer": lambda head: f"lenbalance.feature_layer={head.feature_layer}",
+    "context_size": lambda head: f"lenbalance.context_features={str(bool(head.context_size)).lower()}",
+}
+
+
+def _check_resumed_head(recipe: Recipe, hidden_size: int) -> None:
+    """Refuse to resume a checkpoint whose saved length head was trained with another contract than this run's
+    settings give (e.g. another max_completion_length): `engine.load` would refuse it only after the model loads."""
+    from .engine import head_config
+    from .predictor import read_head_config
+    from .predictor.head import CONFIG_NAME
+
+    folder = Path(recipe.resume_from_checkpoint, "lenbalance")
+    if not (folder / CONFIG_NAME).is_file():
+        return  # no head saved there: resuming warns and starts the predictor fresh
+    try:
+        saved = read_head_config(folder)
+    except (OSError, ValueError, TypeError):
+        return  # unreadable: resuming warns and starts the head fresh
+    wanted = head_config(recipe.lenbalance, hidden_size, recipe.training.max_completion_length)
+    wrong = [name for name in _HEAD_SETTINGS if getattr(saved, name) != getattr(wanted, name)]
+    if wrong:
+        raise RecipeError(
+            f"resume_from_checkpoint: the length head in {folder} was trained with "
+            + ", ".join(f"{name}={getattr(saved, name)!r}" for name in wrong) + "; this run has "
+            + ", ".join(f"{name}={getattr(wanted, name)!r}" for name in wrong) + ". Fix: resume with the settings "
+            "the checkpoint was trained with (" + ", ".join(_HEAD_SETTINGS[name](saved) for name in wrong)
+            + "), or start a new run in another output_dir."
+        )
 
 
 def load_recipe(path: str | Path, overrides: dict | None = None) -> Recipe:
@@ -231,6 +285,9 @@ def load_recipe(path: str | Path, overrides: dict | None = None) -> Recipe:
     for key, value in (overrides or {}).items():  # a section's overrides update that section, key by key
         base = values.get(key) or {}
         values[key] = base | value if isinstance(value, dict) and isinstance(base, dict) else value
+    if "output_dir" in values and not str(values["output_dir"] or "").strip():  # TRL would train into trainer_output/
+        raise RecipeError("output_dir is empty: set it to the folder for this run's checkpoints and summary, e.g. "
+                          "--set output_dir=outputs/run1.")
     model = _parse("model", "model.", ModelArguments, values.pop("model", None) or {})
     task = _parse("task", "task.", TaskArguments, values.pop("task", None) or {})
     lenbalance = _parse("lenbalance", "lenbalance.", LenBalanceConfig, values.pop("lenbalance", None) or {})

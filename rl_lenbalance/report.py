@@ -477,6 +477,10 @@ def main(argv: list[str] | None = None) -> ReportPaths:
     args = parser.parse_args(argv)
     source = Path(args.run_dir)
     out = Path(args.out) if args.out else (source.parent if source.is_file() else source) / "report"
+    blocker = next((path for path in (out, *out.parents) if path.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        parser.exit(2, f"rl-lenbalance report: error: --out {str(out)!r}: {str(blocker)!r} is a file, and the report "
+                       f"is a folder ({HTML_NAME} and {PNG_NAME}); pass a folder (new or existing) with --out.\n")
     try:
         paths = build_report(source, out)
     except FileNotFoundError as error:

@@ -230,7 +230,7 @@ def test_report_of_a_real_run(trained_run, tmp_path):
     assert "decode slots wasted on padding" in page and "predictor MAE at t=0" in page
     assert "whole step (wall time / steps)" in page and "loss phase (forward, backward)" in page
     plan = re.escape(summary["plan_by_step"]["1"])  # one step: the tuner is still measuring
-    assert re.search(rf"<td>training plan</td><td[^>]*>measuring: pass 1 of \d+, no choice yet</td>", page)
+    assert re.search(r"<td>training plan</td><td[^>]*>measuring: pass 1 of \d+, no choice yet</td>", page)
     assert re.search(rf"<td>plan of each step</td><td[^>]*>1 {plan}</td>", page)
     assert summary["autotune_state"] == "measuring" and "plan #" not in page
 
