@@ -5,7 +5,7 @@ Offline, from real rollouts of a recipe (by default the quickstart: embedded Smo
 and position-averaged expectation, see `rl_lenbalance.bench.spec`), the measured cost of a decode step that verifies
 P positions per row, and the two combined into a predicted generation time per round against stock.
 
-    flock /tmp/cpu.lock python benchmarks/spec_offline.py --rounds 3 --out docs/benchmarks/spec_offline_cpu.json
+    flock /tmp/cpu.lock python benchmarks/spec_offline.py --rounds 4 --out docs/benchmarks/spec_offline_cpu.json
     # smoke test
     python benchmarks/spec_offline.py --rounds 1 --prompts 2 --max-new-tokens 16 --cost-rows 8 --cost-positions 1 3 \
         --cost-repeats 1 --out /tmp/spec.json
@@ -96,17 +96,19 @@ def step_costs(model, rows: list[int], positions: list[int], context: int, repea
     for r in rows:
         cache = DynamicCache(config=model.config)
         generator = torch.Generator().manual_seed(r)
-        model(input_ids=torch.randint(vocab, (r, context), generator=generator), cache=cache, use_cache=True,
-              logits_to_keep=1)
+        model(input_ids=torch.randint(vocab, (r, context), generator=generator),
+              attention_mask=torch.ones(r, context, dtype=torch.long), cache=cache, use_cache=True, logits_to_keep=1)
         for p in positions:
             ids = torch.randint(vocab, (r, p), generator=generator)
             position_ids = torch.arange(context, context + p).expand(r, -1)
+            attention_mask = torch.ones(r, context + p, dtype=torch.long)  # as the decode loop passes one
             seconds = []
             for _ in range(repeats + 1):  # the first is a warm-up
                 start = time.perf_counter()
-                model(input_ids=ids, position_ids=position_ids, cache=cache, use_cache=True, logits_to_keep=p)
+                model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                      use_cache=True, logits_to_keep=p)
                 seconds.append(time.perf_counter() - start)
-                cache.crop(context)
+                cache.crop(-p)
             table[r, p] = statistics.median(seconds[1:])
             print(f"step cost rows={r} positions={p}: {1000 * table[r, p]:.1f} ms", flush=True)
     return table
@@ -119,7 +121,7 @@ def ratio(a: float, b: float) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="recipes/quickstart.yaml")
-    parser.add_argument("--rounds", type=int, default=3, help="Generate calls of --prompts prompts each.")
+    parser.add_argument("--rounds", type=int, default=4, help="Generate calls of --prompts prompts each.")
     parser.add_argument("--prompts", type=int, default=8, help="Prompts per generate call.")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="Default: the recipe's.")
     parser.add_argument("--ks", type=int, nargs="+", default=[2, 4, 8])
@@ -194,6 +196,8 @@ def main() -> None:
     for source, siblings in SOURCES.items():
         for k in args.ks:
             walks = [walk for g in groups for walk in lockstep_walk(g["prompt"], g["texts"], k, siblings, cap)]
+            walks_3gram = [walk for g in groups  # drafting only where the last 3 tokens matched
+                           for walk in lockstep_walk(g["prompt"], g["texts"], k, siblings, cap, min_n=3)]
             averaged = [statistics.mean(expected_accepted(known[:k]) + 1 for known in g["known"][source][row])
                         for g in groups for row in range(group)]
             drafted = [sum(1 for known in g["known"][source][row] if known) / len(g["texts"][row])
@@ -204,6 +208,8 @@ def main() -> None:
                 acceptance.append({
                     "source": source, "k": k, "rows": rows_name, "n_rows": len(rows),
                     "walk_tokens_per_step": round(sum(lengths[r] for r in rows) / sum(len(walks[r]) for r in rows), 3),
+                    "walk_tokens_per_step_3gram_only": round(
+                        sum(lengths[r] for r in rows) / sum(len(walks_3gram[r]) for r in rows), 3),
                     "expected_tokens_per_step_position_mean": round(statistics.mean(averaged[r] for r in rows), 3),
                     "positions_with_a_draft": round(statistics.mean(drafted[r] for r in rows), 3),
                 })
@@ -212,23 +218,28 @@ def main() -> None:
                 n = prompts_per_round * group
                 rounds = [range(s, min(s + n, len(lengths))) for s in range(0, len(lengths), n)]
                 sums = dict.fromkeys(("stock", "compaction", "walk_fixed_k", "walk_k_where_matched",
+                                      "walk_k_where_matched_ragged", "walk_k_where_3gram_matched",
                                       "position_mean_fixed_k"), 0.0)
-                steps = dict.fromkeys(("stock", "walk"), 0)
+                steps = dict.fromkeys(("stock", "speculation_walk", "speculation_walk_3gram_only"), 0)
                 for rr in rounds:
                     round_lengths = [lengths[r] for r in rr]
                     round_walks = [walks[r] for r in rr]
                     sums["stock"] += schedule_seconds(stock_schedule(round_lengths), cost)
                     sums["compaction"] += schedule_seconds(stock_schedule(round_lengths, compaction=True), cost)
-                    sums["walk_fixed_k"] += schedule_seconds(walk_schedule(round_walks, k, False), cost)
-                    sums["walk_k_where_matched"] += schedule_seconds(walk_schedule(round_walks, k, True), cost)
+                    sums["walk_fixed_k"] += schedule_seconds(walk_schedule(round_walks, k), cost)
+                    sums["walk_k_where_matched"] += schedule_seconds(walk_schedule(round_walks, k, "matched"), cost)
+                    sums["walk_k_where_matched_ragged"] += schedule_seconds(
+                        walk_schedule(round_walks, k, "ragged"), cost)
+                    sums["walk_k_where_3gram_matched"] += schedule_seconds(
+                        walk_schedule([walks_3gram[r] for r in rr], k, "matched"), cost)
                     sums["position_mean_fixed_k"] += schedule_seconds(
                         averaged_schedule(round_lengths, [averaged[r] for r in rr], k), cost)
                     steps["stock"] += max(round_lengths)
-                    steps["walk"] += max(len(w) for w in round_walks)
+                    steps["speculation_walk"] += max(len(w) for w in round_walks)
+                    steps["speculation_walk_3gram_only"] += max(len(walks_3gram[r]) for r in rr)
                 prediction.append({
                     "source": source, "k": k, "rows_per_round": n, "rounds": len(rounds),
-                    "decode_steps_per_round": {"stock": steps["stock"] / len(rounds),
-                                               "speculation_walk": steps["walk"] / len(rounds)},
+                    "decode_steps_per_round": {name: n / len(rounds) for name, n in steps.items()},
                     "seconds_per_round": {name: round(s / len(rounds), 3) for name, s in sums.items()},
                     "speedup_vs_stock": {name: ratio(sums["stock"], s) for name, s in sums.items() if name != "stock"},
                     "speedup_vs_compaction": {name: ratio(sums["compaction"], s) for name, s in sums.items()

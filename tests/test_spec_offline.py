@@ -26,6 +26,9 @@ def test_draft_prefers_the_longest_then_latest_match_and_stays_within_the_visibl
     assert draft(own, index, 8, k=2) == [2, 9]  # visible ends with (8, 1): no; (1): at index 1 -> 2, 9
     # the continuation never reads past the visible part
     assert draft(own, index, 6, k=8) == [9, 7, 2]
+    # with min_n = 2 a lone 1-gram match drafts nothing
+    assert draft(own, index, 6, k=2, min_n=2) == []
+    assert draft(own, index, len(own), k=3, min_n=2) == [9, 7, 2]
 
 
 def test_draft_searches_siblings_only_up_to_what_they_have_generated():
@@ -76,6 +79,7 @@ def test_schedules_and_interpolated_cost():
     assert stock_schedule([3, 1]) == [(2, 1)] * 3
     assert stock_schedule([3, 1], compaction=True) == [(2, 1), (1, 1), (1, 1)]
     walks = [[(2, 3), (0, 1)], [(0, 1)]]
-    assert walk_schedule(walks, k=2, matched_only=False) == [(2, 3), (1, 3)]
-    assert walk_schedule(walks, k=2, matched_only=True) == [(2, 3), (1, 1)]
-    assert math.isclose(sum(cost(r, p) for r, p in walk_schedule(walks, 2, True)), cost(2, 3) + cost(1, 1))
+    assert walk_schedule(walks, k=2) == [(2, 3), (1, 3)]
+    assert walk_schedule(walks, k=2, verify="matched") == [(2, 3), (1, 1)]
+    assert walk_schedule(walks, k=2, verify="ragged") == [(2, 2), (1, 1)]
+    assert math.isclose(sum(cost(r, p) for r, p in walk_schedule(walks, 2, "matched")), cost(2, 3) + cost(1, 1))

@@ -34,14 +34,15 @@ def ngram_index(tokens: Sequence[int], max_n: int = 3) -> NgramIndex:
 
 
 def draft(own: Sequence[int], own_index: NgramIndex, visible: int, k: int,
-          others: Sequence[tuple[Sequence[int], NgramIndex, int]] = (), max_n: int = 3) -> list[int]:
+          others: Sequence[tuple[Sequence[int], NgramIndex, int]] = (), max_n: int = 3, min_n: int = 1
+          ) -> list[int]:
     """Up to `k` tokens that followed the latest earlier occurrence of the last n tokens of `own[:visible]`.
 
-    n goes from `max_n` down to 1 (longest match first); for each n, `own[:visible]` (prompt and output so far) is
+    n goes from `max_n` down to `min_n` (longest match first); for each n, `own[:visible]` (prompt and output so far) is
     searched first, then each `(tokens, index, visible)` of `others` (siblings' outputs so far), each only within
     its visible part. An empty list when nothing matches.
     """
-    for n in range(min(max_n, visible), 0, -1):
+    for n in range(min(max_n, visible), min_n - 1, -1):
         suffix = tuple(own[visible - n:visible])
         for tokens, index, seen in ((own, own_index, visible), *others):
             starts = index.get(suffix, ())
@@ -73,7 +74,7 @@ def expected_accepted(probs: Sequence[float]) -> float:
 
 
 def lockstep_walk(prompt: Sequence[int], texts: Sequence[Sequence[int]], k: int, siblings: bool, cap: int,
-                  max_n: int = 3) -> list[list[tuple[int, int]]]:
+                  max_n: int = 3, min_n: int = 1) -> list[list[tuple[int, int]]]:
     """Per row of one group, `(draft length, tokens advanced)` at each decode step of speculative decoding that
     produces `texts` (each row's completion, eos included if it ended), drafting up to `k` tokens (never past `cap`
     new tokens) from the row's prompt and output so far and, with `siblings`, the others' outputs so far."""
@@ -89,7 +90,7 @@ def lockstep_walk(prompt: Sequence[int], texts: Sequence[Sequence[int]], k: int,
             if pos >= len(text):
                 continue
             others = [(texts[o], out_index[o], before[o]) for o in range(len(texts)) if o != row] if siblings else ()
-            proposal = draft(own[row], own_index[row], len(prompt) + pos, min(k, cap - pos - 1), others, max_n)
+            proposal = draft(own[row], own_index[row], len(prompt) + pos, min(k, cap - pos - 1), others, max_n, min_n)
             advanced = min(match_length(proposal, text[pos:]) + 1, len(text) - pos)
             walks[row].append((len(proposal), advanced))
             position[row] += advanced
@@ -113,7 +114,7 @@ def position_drafts(prompt: Sequence[int], texts: Sequence[Sequence[int]], row: 
 
 # ------------------------------------------------------------------------------------------------------- cost side
 
-Schedule = list[tuple[int, int]]  # per decode step: (rows in the batch, positions verified per row)
+Schedule = list[tuple[int, float]]  # per decode step: (rows in the batch, positions verified per row)
 
 
 def interpolated_cost(table: dict[tuple[int, int], float]) -> Callable[[int, int], float]:
@@ -123,7 +124,7 @@ def interpolated_cost(table: dict[tuple[int, int], float]) -> Callable[[int, int
     positions = sorted({p for _, p in table})
     grid = np.array([[table[r, p] for p in positions] for r in rows])
 
-    def cost(r: int, p: int) -> float:
+    def cost(r: int, p: float) -> float:
         by_rows = [float(np.interp(r, rows, grid[:, j])) for j in range(len(positions))]
         return float(np.interp(p, positions, by_rows))
 
@@ -136,13 +137,17 @@ def stock_schedule(lengths: Sequence[int], compaction: bool = False) -> Schedule
             for step in range(max(lengths))]
 
 
-def walk_schedule(walks: Sequence[Sequence[tuple[int, int]]], k: int, matched_only: bool) -> Schedule:
-    """Speculation's decode steps, finished rows leaving: every row verifies k + 1 positions, or with
-    `matched_only` 1 + the longest draft any running row found (1 when none matched: a plain step)."""
+def walk_schedule(walks: Sequence[Sequence[tuple[int, int]]], k: int, verify: str = "fixed") -> Schedule:
+    """Speculation's decode steps, finished rows leaving. Positions verified per row: `fixed`, k + 1 for every
+    row; `matched`, 1 + the longest draft any running row found (a padded batch; 1 when none matched: a plain
+    step); `ragged`, 1 + the running rows' mean draft length (a batch without padding, each row its own length)."""
+    if verify not in ("fixed", "matched", "ragged"):
+        raise ValueError(f"verify must be 'fixed', 'matched' or 'ragged', got {verify!r}")
     schedule = []
     for step in range(max(len(walk) for walk in walks)):
-        running = [walk[step][0] for walk in walks if len(walk) > step]
-        schedule.append((len(running), 1 + max(running) if matched_only else k + 1))
+        drafts = [walk[step][0] for walk in walks if len(walk) > step]
+        positions = {"fixed": k + 1, "matched": 1 + max(drafts), "ragged": 1 + sum(drafts) / len(drafts)}[verify]
+        schedule.append((len(drafts), positions))
     return schedule
 
 
