@@ -168,7 +168,7 @@ def main() -> None:
                     for pos, proposal in enumerate(position_drafts(prompt, texts, row, max(args.ks), siblings, cap)):
                         m = match_length(proposal, text[pos:])
                         per_position.append([float(probs[row][pos + j, proposal[j]])
-                                             for j in range(min(m + 1, len(proposal)))])
+                                             for j in range(min(m + 1, len(proposal), len(text) - pos))])
                     known[source].append(per_position)
             sampled_logp = [float(torch.log(probs[row][torch.arange(len(t)), torch.tensor(t)]).mean())
                             for row, t in enumerate(texts)]
