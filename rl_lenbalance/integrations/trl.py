@@ -20,7 +20,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 from accelerate.utils import gather_object, pad_across_processes
@@ -107,6 +107,7 @@ class LenBalanceMixin:
         self._lenbalance_logged_totals = RunTotals()  # the totals at the last training log (per-step seconds)
         self.lenbalance_last_lengths: list[tuple[float, int]] = []  # (predicted at t=0, actual) of the last round
         self.lenbalance_resume_from: str | None = None  # the checkpoint `train` resumes; the callback restores from it
+        self._lenbalance_started = time.perf_counter()  # when this process began training (`train` sets it again)
         self._lenbalance_tool_turn = False  # True inside TRL's tool loop (later turns of tools / environments)
         self._left_padding_free = not _absolute_positions(model)  # a row's outputs ignore its left padding
         self._varlen_attention = skips_masked_blocks(model)  # packs of any length (else under a dense mask)
@@ -153,12 +154,37 @@ class LenBalanceMixin:
         if resume_from_checkpoint is True:  # none found: stock raises its own error for True
             resume_from_checkpoint = get_last_checkpoint(self.args.output_dir) or True
         self.lenbalance_resume_from = resume_from_checkpoint if isinstance(resume_from_checkpoint, str) else None
+        self._lenbalance_started = time.perf_counter()
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _resolved(self, config: LenBalanceConfig) -> LenBalanceConfig:
         """`config` with its `auto` settings decided for this trainer's device and sampling."""
         sampling = getattr(getattr(self, "generation_config", None), "do_sample", True) is not False
         return config.resolved(self.accelerator.device, sampling)
+
+    # --- checkpoints ------------------------------------------------------------------------------------------
+
+    def lenbalance_run_state(self) -> dict:
+        """What decides the rest of the run besides the engine, JSON-ready: the training-plan tuner's measurements
+        and choice, the run totals (the capture budget reads them; wall seconds so far included), the totals at the
+        last log and the last round's lengths. The callback saves it with every checkpoint."""
+        totals = self.lenbalance_totals
+        wall = totals.earlier_wall_s + time.perf_counter() - self._lenbalance_started
+        return {"autotune": self._autotune.state_dict(), "totals": asdict(replace(totals, earlier_wall_s=wall)),
+                "logged_totals": asdict(self._lenbalance_logged_totals),
+                "last_lengths": [list(pair) for pair in self.lenbalance_last_lengths]}
+
+    def load_lenbalance_run_state(self, state: dict, where: str) -> None:
+        """Go on from `lenbalance_run_state()` as the run that saved it would have (`where`: the file, for the
+        warning when the tuner was saved over other candidates and starts over)."""
+        self.lenbalance_totals, self._lenbalance_logged_totals = (
+            RunTotals(**{f.name: state[key][f.name] for f in fields(RunTotals) if f.name in state[key]})
+            for key in ("totals", "logged_totals"))
+        self.lenbalance_last_lengths = [(float(p), int(a)) for p, a in state["last_lengths"]]
+        try:
+            self._autotune.load_state_dict(state["autotune"])
+        except ValueError as error:
+            self._warn_once("resume_plan", f"rl-lenbalance: {where}: {error}; the training-plan tuner starts over.")
 
     # --- generation -------------------------------------------------------------------------------------------
 
