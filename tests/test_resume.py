@@ -78,7 +78,10 @@ def test_kill_and_resume_trains_what_an_uninterrupted_run_trains(runs):
     a, b = whole._autotune.state_dict(), resumed._autotune.state_dict()
     assert {k: len(v) for k, v in a.pop("timings").items()} == {k: len(v) for k, v in b.pop("timings").items()}
     assert a == b  # passes, choice, rechecks (the timings are seconds: measured anew by each run)
-    # the capture budget went on where it stopped: the same rounds were captured
+    # the capture budget went on where it stopped: the same rounds were captured (round 1 cost far more than the
+    # default 1% of generation time, so no later round fits in either run, whatever their seconds)
+    share = per_step(whole, lambda row: row["lenbalance/predictor/overhead_frac_run"])
+    assert share[0] > 5 * LenBalanceConfig().max_overhead
     captured = lambda row: row["lenbalance/predictor/captured_rounds"]  # noqa: E731
     assert per_step(resumed, captured) == per_step(whole, captured)
     assert resumed.lenbalance.rounds == whole.lenbalance.rounds

@@ -1,0 +1,42 @@
+"""What TRL logs does not depend on the training plan: its per-token metrics (entropy, clip ratios, KL) are means over
+micro-batches, and regrouped rows are logged as stock's micro-batches of the same rows would log them (issue 32).
+Compared against the stock GRPOTrainer: same seed, same data, float64 tiny model."""
+
+from __future__ import annotations
+
+import pytest
+from test_compat import train
+from trl import GRPOTrainer
+
+from rl_lenbalance import LenBalanceConfig, LenBalanceGRPOTrainer
+
+WALL_CLOCK = {"step_time", "train_runtime", "train_samples_per_second", "train_steps_per_second"}
+# two passes over each batch, a loose clip range and a KL term: the clip ratios and `kl` are not all zero
+RUN = dict(max_steps=2, max_completion_length=24, num_iterations=2, epsilon=1e-3, beta=0.04, loss_type="grpo")
+
+
+@pytest.fixture(scope="module")
+def stock(eos_tiny_model_dir, tmp_path_factory):
+    return train(GRPOTrainer, eos_tiny_model_dir, tmp_path_factory.mktemp("stock"), **RUN)
+
+
+def stock_keys(row):
+    return {k for k in row if k not in WALL_CLOCK and not k.startswith("lenbalance/")}
+
+
+@pytest.mark.parametrize("plan", ["sorted", "sorted_uneven", "packed"])
+def test_every_metric_stock_logs_is_logged_as_stock_computes_it(stock, eos_tiny_model_dir, tmp_path, plan):
+    ours = train(LenBalanceGRPOTrainer, eos_tiny_model_dir, tmp_path, **RUN,
+                 lenbalance=LenBalanceConfig(training_plan=plan, predictor_steps_per_round=2))
+    assert ours._autotune.candidates == [plan]
+    theirs, mine = stock.state.log_history, ours.state.log_history
+    assert len(theirs) == len(mine)
+    for a, b in zip(theirs, mine, strict=True):
+        assert stock_keys(a) <= set(b), stock_keys(a) - set(b)
+        for key in stock_keys(a):  # the update's float64 reordering error reaches ~1e-8 (`assert_same_update`)
+            rel = 1e-6 if key in ("loss", "grad_norm", "train_loss") else 1e-9
+            assert b[key] == pytest.approx(a[key], rel=rel, abs=1e-12), (plan, a["step"], key)
+    logged = [row for row in mine if "loss" in row]
+    assert any(row["clip_ratio/region_mean"] > 0 for row in logged)  # the clip metrics measured something
+    # the rows really were regrouped: trimmed micro-batches of other rows than stock's
+    assert all(row["lenbalance/train/pad_frac"] < row["lenbalance/train/pad_frac_stock"] for row in logged)
