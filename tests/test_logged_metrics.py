@@ -4,6 +4,12 @@ Compared against the stock GRPOTrainer: same seed, same data, float64 tiny model
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 from test_compat import train
 from trl import GRPOTrainer
@@ -40,3 +46,25 @@ def test_every_metric_stock_logs_is_logged_as_stock_computes_it(stock, eos_tiny_
     assert any(row["clip_ratio/region_mean"] > 0 for row in logged)  # the clip metrics measured something
     # the rows really were regrouped: trimmed micro-batches of other rows than stock's
     assert all(row["lenbalance/train/pad_frac"] < row["lenbalance/train/pad_frac_stock"] for row in logged)
+
+
+@pytest.mark.slow
+def test_rows_moved_between_two_ranks_are_logged_as_stock_logs_them(tiny_model_dir, tmp_path):
+    """Two real gloo processes, GRPO and RLOO: rows trained on the other rank are scored back on their own, and
+    TRL's gathers, nanmin / nanmax and num_iterations give stock's numbers."""
+    out = tmp_path / "metrics.json"
+    worker = Path(__file__).parent / "distributed" / "metrics_worker.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(worker), str(tiny_model_dir),
+           str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads(out.read_text())
+    assert [(r["loss_type"], r["plan"]) for r in results] == [("grpo", "sorted_uneven"), ("dapo", "packed"),
+                                                               ("rloo", "sorted_uneven")]
+    for r in results:
+        assert r["world_size"] == 2 and r["rows_moved"] > 0 and r["clipped"] > 0, r
+        assert {"entropy", "clip_ratio/low_min", "clip_ratio/high_max", "clip_ratio/region_mean"} <= r["diff"].keys()
+        worst = {key: d for key, d in r["diff"].items() if d > (1e-6 if key in ("loss", "grad_norm", "train_loss")
+                                                                else 1e-9)}
+        assert not worst, (r["loss_type"], r["plan"], worst)

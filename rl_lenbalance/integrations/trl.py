@@ -476,7 +476,8 @@ class LenBalanceMixin:
         outputs = loss_pass.outputs[end - ga:end]
         first = sum(len(logps) for logps, _ in loss_pass.outputs[:end - ga])
         ids = torch.tensor(loss_pass.rows[first:first + sum(len(logps) for logps, _ in outputs)], device=device)
-        scored = [torch.cat([fit_columns(out[i], width) for out in outputs]) for i in (0, 1)]  # logps, entropies
+        widest = max(logps.size(1) for logps, _ in outputs)  # a row from a wider rank may be wider than `width`
+        scored = [torch.cat([fit_columns(out[i], widest) for out in outputs]) for i in (0, 1)]  # logps, entropies
         if self.accelerator.num_processes > 1:  # rows may have trained on another rank
             ids = self.accelerator.gather(pad_across_processes(ids, dim=0, pad_index=-1))
             scored = [self.accelerator.gather(pad_across_processes(pad_across_processes(t, dim=1), dim=0))
