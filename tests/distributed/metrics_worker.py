@@ -89,9 +89,6 @@ for loss_type, plan in [("grpo", "sorted_uneven"), ("dapo", "packed"), ("rloo", 
             scale = max(abs(a[key]), 1e-12)
             diff[key] = max(diff.get(key, 0.0), abs(b.get(key, float("inf")) - a[key]) / scale)
         clipped += a.get("clip_ratio/region_mean", 0.0)
-    if os.environ.get("DEBUG_METRICS"):
-        for a, b in zip(stock.state.log_history, ours.state.log_history):
-            print(os.environ.get("RANK"), loss_type, {k: (a[k], b.get(k)) for k in ("entropy", "clip_ratio/high_mean", "loss", "grad_norm") if k in a}, flush=True)
     logs = [row for row in ours.state.log_history if "lenbalance/train/rows_moved_across_ranks" in row]
     results.append({"loss_type": loss_type, "plan": plan, "diff": diff, "clipped": clipped,
                     "rows_moved": sum(r["lenbalance/train/rows_moved_across_ranks"] for r in logs),
