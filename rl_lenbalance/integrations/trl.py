@@ -8,7 +8,8 @@ Each override changes one stock method in one place and delegates the work to th
   generation batch is cut into micro-batches by one exact strategy of `schedule.STRATEGIES`, which
   `schedule.Autotuner` picks from the passes' measured seconds;
 - `compute_loss`: a per-row-mean loss is weighted by its micro-batch's share of rows, so the update is stock's;
-- `training_step`: stock, timed (the last micro-step of a pass stops the pass's clock);
+- `training_step`: stock, timed (the last micro-step of a pass stops the pass's clock); a regrouping pass's logged
+  per-token metrics are replaced by what stock's micro-batches of the same rows log (`_log_as_stock`);
 - `_generate_and_score_completions`, `log`: stock, timed or counted for the summary.
 """
 
@@ -16,9 +17,9 @@ from __future__ import annotations
 
 import functools
 import math
-from collections import defaultdict
 import time
 import warnings
+from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -545,8 +546,9 @@ class LenBalanceMixin:
 
     @_stock_when_reentered
     def training_step(self, model, inputs, num_items_in_batch=None):
-        """Stock; the seconds it spends outside generation are the loss phase's (in the run totals), and the last
-        micro-step of a pass over the generation batch stops the pass's clock."""
+        """Stock; the seconds it spends outside generation are the loss phase's (in the run totals), a regrouping
+        pass logs its metrics as stock would at each optimizer step's end, and the last micro-step of a pass over the
+        generation batch stops the pass's clock."""
         totals = self.lenbalance_totals
         start, generated = time.perf_counter(), totals.generation_phase_s
         loss = super().training_step(model, inputs, num_items_in_batch)
