@@ -105,7 +105,8 @@ def training_metrics(ranks: Sequence[TrainingLedger]) -> dict[str, float]:
 
 @dataclass
 class RunTotals:
-    """Summed over the run (all ranks unless noted): the numbers behind the summary table."""
+    """Summed over the run (all ranks unless noted): the numbers behind the summary table. Saved with every
+    checkpoint, so a resumed run's totals cover the steps before it too."""
 
     decode_slots: float = 0.0
     decode_slots_stock: float = 0.0
@@ -121,6 +122,7 @@ class RunTotals:
     generation_phase_s: float = 0.0  # this rank: generation, rewards and advantages, as the step sees them
     loss_phase_s: float = 0.0  # this rank: training steps outside generation
     nonfinite_grad_steps: int = 0
+    earlier_wall_s: float = 0.0  # wall seconds the run trained before this process, up to the checkpoint it resumed
 
     def add_generation(self, ranks: Sequence[GenerationLedger], predictor_train_s: float) -> None:
         """Count one round (every rank's ledger) and the head's online training time."""
@@ -278,7 +280,7 @@ def summary(totals: RunTotals, logged: Sequence[LoggedRow], steps: int, wall_s: 
 
     return {
         "steps": steps,
-        "wall_s": wall_s,
+        "wall_s": wall_s + totals.earlier_wall_s,  # a resumed run's: its earlier processes' too, like every total
         "generation_s": totals.generate_s,
         "generation_phase_s": totals.generation_phase_s,
         "loss_phase_s": totals.loss_phase_s,

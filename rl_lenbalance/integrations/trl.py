@@ -8,7 +8,8 @@ Each override changes one stock method in one place and delegates the work to th
   generation batch is cut into micro-batches by one exact strategy of `schedule.STRATEGIES`, which
   `schedule.Autotuner` picks from the passes' measured seconds;
 - `compute_loss`: a per-row-mean loss is weighted by its micro-batch's share of rows, so the update is stock's;
-- `training_step`: stock, timed (the last micro-step of a pass stops the pass's clock);
+- `training_step`: stock, timed (the last micro-step of a pass stops the pass's clock); a regrouping pass's logged
+  per-token metrics are replaced by what stock's micro-batches of the same rows log (`_log_as_stock`);
 - `_generate_and_score_completions`, `log`: stock, timed or counted for the summary.
 """
 
@@ -18,9 +19,10 @@ import functools
 import math
 import time
 import warnings
+from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 from accelerate.utils import gather_object, pad_across_processes
@@ -39,7 +41,8 @@ from ..packing import DENSE_PACK_MAX_TOKENS, packed_logps_and_entropies, packing
 from ..ledger import RunTotals, TrainingLedger, gather_ledgers, round_metrics, time_metrics, training_metrics
 from ..rollout import Backend, RolloutSettings, run_admitted, run_rollout, uncaptured_ledger
 from ..schedule import (ROW_MEAN_LOSSES, STRATEGIES, Autotuner, Strategy, TrainingPlan, exact_strategies,
-                        optimizer_steps, plan_training, regrouping_blockers, stock_plan, take_rows, trim_padding)
+                        fit_columns, optimizer_steps, plan_training, regrouping_blockers, stock_plan, take_rows,
+                        trim_padding)
 from .callback import EngineCallback
 
 
@@ -55,6 +58,9 @@ class LossPass:
     stock_tokens: float = 0.0  # every rank's tokens as stock's micro-batches compute them (rows padded to the batch)
     packed: list[bool] = field(default_factory=list)  # per micro-batch: runs as one padding-free sequence
     started: float = 0.0
+    rows: list[int] = field(default_factory=list)  # a regrouping pass: its rows' ids (rank-major over every rank's)
+    outputs: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # its loss forwards' (logps,
+    # entropies), detached, one per micro-batch so far: `_log_as_stock` scores stock's micro-batches with them
 
 
 def _stock_when_reentered(method):
@@ -103,10 +109,12 @@ class LenBalanceMixin:
         self._autotune = Autotuner(candidates, first, samples=config.autotune_samples, margin=config.autotune_margin,
                                    recheck_every=config.autotune_every)
         self._lenbalance_pass: LossPass | None = None  # the generation batch being trained, and its current pass
+        self._lenbalance_replay: tuple[torch.Tensor, torch.Tensor] | None = None  # set inside `_log_as_stock` only
         self.lenbalance_totals = RunTotals()  # summed over the run, for the summary table
         self._lenbalance_logged_totals = RunTotals()  # the totals at the last training log (per-step seconds)
         self.lenbalance_last_lengths: list[tuple[float, int]] = []  # (predicted at t=0, actual) of the last round
         self.lenbalance_resume_from: str | None = None  # the checkpoint `train` resumes; the callback restores from it
+        self._lenbalance_started = time.perf_counter()  # when this process began training (`train` sets it again)
         self._lenbalance_tool_turn = False  # True inside TRL's tool loop (later turns of tools / environments)
         self._left_padding_free = not _absolute_positions(model)  # a row's outputs ignore its left padding
         self._varlen_attention = skips_masked_blocks(model)  # packs of any length (else under a dense mask)
@@ -153,12 +161,37 @@ class LenBalanceMixin:
         if resume_from_checkpoint is True:  # none found: stock raises its own error for True
             resume_from_checkpoint = get_last_checkpoint(self.args.output_dir) or True
         self.lenbalance_resume_from = resume_from_checkpoint if isinstance(resume_from_checkpoint, str) else None
+        self._lenbalance_started = time.perf_counter()
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _resolved(self, config: LenBalanceConfig) -> LenBalanceConfig:
         """`config` with its `auto` settings decided for this trainer's device and sampling."""
         sampling = getattr(getattr(self, "generation_config", None), "do_sample", True) is not False
         return config.resolved(self.accelerator.device, sampling)
+
+    # --- checkpoints ------------------------------------------------------------------------------------------
+
+    def lenbalance_run_state(self) -> dict:
+        """What decides the rest of the run besides the engine, JSON-ready: the training-plan tuner's measurements
+        and choice, the run totals (the capture budget reads them; wall seconds so far included), the totals at the
+        last log and the last round's lengths. The callback saves it with every checkpoint."""
+        totals = self.lenbalance_totals
+        wall = totals.earlier_wall_s + time.perf_counter() - self._lenbalance_started
+        return {"autotune": self._autotune.state_dict(), "totals": asdict(replace(totals, earlier_wall_s=wall)),
+                "logged_totals": asdict(self._lenbalance_logged_totals),
+                "last_lengths": [list(pair) for pair in self.lenbalance_last_lengths]}
+
+    def load_lenbalance_run_state(self, state: dict, where: str) -> None:
+        """Go on from `lenbalance_run_state()` as the run that saved it would have (`where`: the file, for the
+        warning when the tuner was saved over other candidates and starts over)."""
+        self.lenbalance_totals, self._lenbalance_logged_totals = (
+            RunTotals(**{f.name: state[key][f.name] for f in fields(RunTotals) if f.name in state[key]})
+            for key in ("totals", "logged_totals"))
+        self.lenbalance_last_lengths = [(float(p), int(a)) for p, a in state["last_lengths"]]
+        try:
+            self._autotune.load_state_dict(state["autotune"])
+        except ValueError as error:
+            self._warn_once("resume_plan", f"rl-lenbalance: {where}: {error}; the training-plan tuner starts over.")
 
     # --- generation -------------------------------------------------------------------------------------------
 
@@ -361,6 +394,8 @@ class LenBalanceMixin:
         self.lenbalance_totals.add_training(ranks, 1)
         self._log_lenbalance(training_metrics(ranks))
         loss_pass.strategy, loss_pass.microbatches, loss_pass.packed = strategy.name, microbatches, packed
+        loss_pass.rows = self._row_ids(plan, len(batch["advantages"])) if strategy.regroups else []
+        loss_pass.outputs = []
         self._buffered_inputs = microbatches  # where stock keeps its micro-batches (scripts and tests read them)
         loss_pass.stock_tokens = sum(r.loss_tokens_stock for r in ranks)
         loss_pass.started = self._synchronized_clock()
@@ -430,6 +465,46 @@ class LenBalanceMixin:
             moved[key] = value
         return moved
 
+    def _row_ids(self, plan: TrainingPlan, rows: int) -> list[int]:
+        """The ids of the rows `plan` gives this rank, numbered rank-major over every rank's `rows` rows."""
+        return [row - plan.offset + self.accelerator.process_index * rows for row in plan.rows]
+
+    def _log_as_stock(self, loss_pass: LossPass) -> None:
+        """TRL logs its per-token metrics (entropy, clip ratios, KL, ...) per micro-batch and averages them over
+        micro-batches, so a regrouping pass would log other numbers than stock for the same rows and update. At the
+        end of each optimizer step of such a pass, the values it logged are replaced by stock's: TRL's own
+        `_compute_loss` on stock's micro-batches of the step (`stock_plan`), each row scored by the per-token outputs
+        the pass computed for it (no forward, no backward; rows trained on another rank are gathered back)."""
+        spg, ga = self.args.steps_per_generation, self.args.gradient_accumulation_steps
+        end = (self._step - 1) % spg + 1  # the micro-batches of this pass trained so far; the step's are the last ga
+        batch, device = loss_pass.batch, self.accelerator.device
+        rows, width = len(batch["advantages"]), batch["completion_ids"].size(1)
+        outputs = loss_pass.outputs[end - ga:end]
+        first = sum(len(logps) for logps, _ in loss_pass.outputs[:end - ga])
+        ids = torch.tensor(loss_pass.rows[first:first + sum(len(logps) for logps, _ in outputs)], device=device)
+        widest = max(logps.size(1) for logps, _ in outputs)  # a row from a wider rank may be wider than `width`
+        scored = [torch.cat([fit_columns(out[i], widest) for out in outputs]) for i in (0, 1)]  # logps, entropies
+        if self.accelerator.num_processes > 1:  # rows may have trained on another rank
+            ids = self.accelerator.gather(pad_across_processes(ids, dim=0, pad_index=-1))
+            scored = [self.accelerator.gather(pad_across_processes(pad_across_processes(t, dim=1), dim=0))
+                      for t in scored]
+        where = {row: i for i, row in enumerate(ids.tolist())}
+        stock = stock_plan(loss_pass.shuffle.tolist(), spg).rows
+        size, offset = rows // spg, self.accelerator.process_index * rows
+        logged, self._metrics["train"] = self._metrics["train"], defaultdict(list)
+        try:
+            with torch.no_grad():
+                for k in range(end - ga, end):
+                    mine = stock[k * size:(k + 1) * size]
+                    index = torch.tensor([where[row + offset] for row in mine], device=device)
+                    self._lenbalance_replay = tuple(fit_columns(t[index], width) for t in scored)
+                    self._compute_loss(self.model, take_rows(batch, mine))
+        finally:
+            self._lenbalance_replay = None
+            replayed, self._metrics["train"] = self._metrics["train"], logged
+        for key, values in replayed.items():  # each was logged once per micro-batch, by the pass as by the replay
+            logged[key][-len(values):] = values
+
     def _balancing_training(self) -> bool:
         """Whether this training micro-step uses rl-lenbalance's micro-batches (else stock's, as in eval)."""
         if not self.model.training or not self.lenbalance_config.balance_training:
@@ -445,19 +520,26 @@ class LenBalanceMixin:
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
                                            compute_entropy=False, *args, **kwargs):
         """Stock: the padded micro-batch through the model. In a `packed` pass's loss forward (training, with
-        grad): its rows as one padding-free sequence (`packing.packed_logps_and_entropies`), the same values."""
+        grad): its rows as one padding-free sequence (`packing.packed_logps_and_entropies`), the same values. A
+        regrouping pass keeps its loss forwards' outputs, which `_log_as_stock` hands back instead of a forward."""
+        if self._lenbalance_replay is not None:
+            return *self._lenbalance_replay, None
         loss_pass = self._lenbalance_pass
-        packs = (loss_pass is not None and loss_pass.packed
+        loss_forward = loss_pass is not None and self.model.training and torch.is_grad_enabled()
+        packs = (loss_forward and loss_pass.packed
                  and loss_pass.packed[self._step % self.args.steps_per_generation]  # the micro-batch being trained
-                 and self.model.training and torch.is_grad_enabled()
                  and not args and not any(v is not None and v is not False for v in kwargs.values()))
-        if not packs:  # old / reference log-probs (no grad), images, the router aux loss, a long dense pack: stock's
-            return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
-                                                              batch_size, compute_entropy, *args, **kwargs)
-        with self.accelerator.autocast():  # TRL's fused LM head, as stock's call: its numbers, no logits
-            logps, entropies = packed_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
-                                                          self.temperature, compute_entropy, fused_lm_head=True)
-        return logps, entropies, None  # no router aux loss: a packing pass never runs with one
+        if packs:
+            with self.accelerator.autocast():  # TRL's fused LM head, as stock's call: its numbers, no logits
+                logps, entropies = packed_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
+                                                              self.temperature, compute_entropy, fused_lm_head=True)
+            aux = None  # no router aux loss: a packing pass never runs with one
+        else:  # old / reference log-probs (no grad), images, the router aux loss, a long dense pack: stock's
+            logps, entropies, aux = super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, *args, **kwargs)
+        if loss_forward and loss_pass.rows and entropies is not None:
+            loss_pass.outputs.append((logps.detach(), entropies.detach()))
+        return logps, entropies, aux
 
     @_stock_when_reentered
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -469,13 +551,16 @@ class LenBalanceMixin:
 
     @_stock_when_reentered
     def training_step(self, model, inputs, num_items_in_batch=None):
-        """Stock; the seconds it spends outside generation are the loss phase's (in the run totals), and the last
-        micro-step of a pass over the generation batch stops the pass's clock."""
+        """Stock; the seconds it spends outside generation are the loss phase's (in the run totals), a regrouping
+        pass logs its metrics as stock would at each optimizer step's end, and the last micro-step of a pass over the
+        generation batch stops the pass's clock."""
         totals = self.lenbalance_totals
         start, generated = time.perf_counter(), totals.generation_phase_s
         loss = super().training_step(model, inputs, num_items_in_batch)
-        totals.loss_phase_s += time.perf_counter() - start - (totals.generation_phase_s - generated)
         loss_pass = self._lenbalance_pass
+        if loss_pass is not None and loss_pass.rows and self._step % self.args.gradient_accumulation_steps == 0:
+            self._log_as_stock(loss_pass)  # the optimizer step's last micro-step: its logged metrics are complete
+        totals.loss_phase_s += time.perf_counter() - start - (totals.generation_phase_s - generated)
         if loss_pass is not None and loss_pass.strategy and self._step % self.args.steps_per_generation == 0:
             self._end_pass(loss_pass)
         return loss

@@ -8,7 +8,7 @@ becomes a valid `lenbalance.partition_method`.
 
 from .admission import admission_order, balance_rows
 from .autotune import Autotuner, decide
-from .batch import take_rows, trim_padding
+from .batch import fit_columns, take_rows, trim_padding
 from .waves import padded_tokens, waves_by_length
 from .exchange import TrainingPlan, optimizer_steps, plan_training
 from .partition import PARTITIONERS, best_partition, imbalance, karmarkar_karp, lpt_partition
@@ -28,6 +28,7 @@ __all__ = [
     "best_partition",
     "decide",
     "exact_strategies",
+    "fit_columns",
     "imbalance",
     "karmarkar_karp",
     "lpt_partition",

@@ -95,6 +95,20 @@ class Autotuner:
         before, self.choice = self.choice, decide(self.timings, self.choice, self.margin)
         return self.choice != before
 
+    def state_dict(self) -> dict:
+        """What the passes so far measured and decided (plain values, JSON-ready), for a resumed run to go on from."""
+        return {"candidates": list(self.candidates), "passes": self.passes, "choice": self.choice,
+                "timings": {name: list(t) for name, t in self.timings.items()}, "rechecks": self._rechecks}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Go on from `state_dict()`: the next pass and every later choice are those of the run that saved it (given
+        the same timings). ValueError when it was saved over other candidates."""
+        if list(state["candidates"]) != self.candidates:
+            raise ValueError(f"the saved tuner chose among {list(state['candidates'])}, this run among "
+                             f"{self.candidates}")
+        self.passes, self.choice, self._rechecks = int(state["passes"]), str(state["choice"]), int(state["rechecks"])
+        self.timings = {name: [float(x) for x in t] for name, t in state["timings"].items()}
+
     @property
     def decided(self) -> bool:
         """Whether `choice` comes from measurements (or is the only candidate)."""

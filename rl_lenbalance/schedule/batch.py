@@ -35,3 +35,10 @@ def trim_padding(batch: dict, prompt: bool = True) -> dict:
             value = value[:, :c1]
         out[key] = value
     return out
+
+
+def fit_columns(values: torch.Tensor, width: int) -> torch.Tensor:
+    """`values` (rows, columns) cut on the right to `width` columns, or padded there with zeros."""
+    if values.size(1) >= width:
+        return values[:, :width]
+    return torch.nn.functional.pad(values, (0, width - values.size(1)))
