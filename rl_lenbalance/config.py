@@ -52,7 +52,9 @@ class LenBalanceConfig:
         default=0,
         metadata={"help": "Also run the head every this many decode steps during generation (PLP), for inspection; "
                           "0: only at step 0, the one prediction the scheduler reads (re-bucketing predicts from the "
-                          "probe's stream state itself). Each prediction adds kernels to a decode step."},
+                          "probe's stream state itself). Each prediction adds kernels to a decode step. Only captured rounds predict: "
+                          "past `max_overhead`, a round whose generation reads no prediction runs without hooks "
+                          "and makes none of these predictions."},
     )
     record_every: int = field(
         default=16,
@@ -77,7 +79,8 @@ class LenBalanceConfig:
         default=True,
         metadata={
             "help": "Let rl-lenbalance plan the loss phase's micro-batches (`training_plan`); False: TRL's own "
-            "`_prepare_inputs`, untouched."
+            "`_prepare_inputs`, untouched (no loss-phase ledger, timing or tuner). `training_plan: stock` differs: "
+            "stock's micro-batches, still ledgered and timed (the tuner's baseline, and a like-for-like check)."
         },
     )
     training_plan: str = field(
@@ -140,7 +143,8 @@ class LenBalanceConfig:
             "finished row costs compute (CPU, large batches); on a launch-bound GPU a finished row is nearly free. "
             "With sampling the rows left in the batch draw other random numbers, so completions are drawn from the "
             "same distribution but are not stock's token for token. 'auto': on for a CPU trainer that decodes "
-            "greedily (exact there), off otherwise."
+            "greedily (exact there), off otherwise. Unlike `training_plan: auto`, this 'auto' is a fixed rule per device "
+            "and sampling mode, not a measurement."
         },
     )
     max_overhead: float = field(
