@@ -123,6 +123,7 @@ class RunTotals:
     loss_phase_s: float = 0.0  # this rank: training steps outside generation
     nonfinite_grad_steps: int = 0
     earlier_wall_s: float = 0.0  # wall seconds the run trained before this process, up to the checkpoint it resumed
+    uncaptured_rounds: int = 0  # rounds generated without the predictor's hooks: its cost was past max_overhead
 
     def add_generation(self, ranks: Sequence[GenerationLedger], predictor_train_s: float) -> None:
         """Count one round (every rank's ledger) and the head's online training time."""
@@ -228,7 +229,7 @@ def _plan_state(logged: Sequence[LoggedRow], names: Sequence[str]) -> dict[str, 
     """The summary's training-plan entries: the plan each logged step ran (`plan_by_step`), and the tuner's state,
     "chosen" (`autotune_choice`, `autotune_ratio_vs_stock`) or "measuring" (`autotune_pass` of
     `autotune_passes_to_measure`); empty when no plan was logged."""
-    by_step = {f"{row['step']:g}": plan_name(row["lenbalance/autotune/strategy"], names) for row in logged
+    by_step = {f"{int(row['step'])}": plan_name(row["lenbalance/autotune/strategy"], names) for row in logged
                if "step" in row and (isinstance(row.get("lenbalance/autotune/strategy"), str)
                                      or finite(row.get("lenbalance/autotune/strategy")))}
     out: dict[str, Any] = {"plan_by_step": by_step} if by_step else {}
@@ -243,26 +244,27 @@ def _plan_state(logged: Sequence[LoggedRow], names: Sequence[str]) -> dict[str, 
     return out | {"autotune_state": "measuring", "autotune_pass": int(passes), "autotune_passes_to_measure": int(needed)}
 
 
-def _predictor_state(logged: Sequence[LoggedRow], steps: int) -> dict[str, Any]:
+def _predictor_state(logged: Sequence[LoggedRow]) -> dict[str, Any]:
     """The summary's predictor entries, all from the last round that scored the head: its MAE and the naive
     estimate's (NaN where not logged), that round's number among the captured ones and its step, how many rounds were
-    captured, and why capture stopped when fewer rounds than steps were."""
+    captured, and why capture stopped when rounds ran without it (`predictor/uncaptured_rounds`)."""
     keys = ("mae_static", "mae_plp32", "mae_naive_static", "mae_naive_plp32")
     scored = [row for row in logged if any(finite(row.get(f"lenbalance/predictor/{key}")) for key in keys[:2])]
     row = scored[-1] if scored else {}
     out = {key: row[f"lenbalance/predictor/{key}"] if finite(row.get(f"lenbalance/predictor/{key}")) else math.nan
            for key in keys}
-    captured = _last(logged, "predictor/captured_rounds")
+    captured, uncaptured = _last(logged, "predictor/captured_rounds"), _last(logged, "predictor/uncaptured_rounds")
     round_ = row.get("lenbalance/predictor/captured_rounds")
     out |= {"predictor_round": int(round_) if finite(round_) else None,
             "predictor_step": row["step"] if finite(row.get("step")) else None,
             "captured_rounds": math.nan if captured is None else int(captured)}
-    if captured is not None and captured < steps:
+    if captured is not None and uncaptured:
         out["capture_stopped"] = (
-            f"after round {int(captured)}, the predictor's cost passed lenbalance.max_overhead of generation time; "
-            "nothing on this path reads the predictions (no generation waves or re-bucketing), so later rounds ran "
-            f"without capture and the head learned from {int(captured)} round{'s' if captured != 1 else ''} only "
-            "(lenbalance.max_overhead: 1.0 captures every round)")
+            f"after round {int(captured)}, the predictor's cost passed lenbalance.max_overhead of generation time and "
+            "nothing on this path reads the predictions (no generation waves or re-bucketing), so "
+            f"{int(uncaptured)} round{'s' if uncaptured != 1 else ''} ran without capture and the head learned from "
+            f"{int(captured)} round{'s' if captured != 1 else ''} only (lenbalance.max_overhead: 1.0 captures every "
+            "round)")
     return out
 
 
@@ -298,7 +300,7 @@ def summary(totals: RunTotals, logged: Sequence[LoggedRow], steps: int, wall_s: 
         "fallbacks": last("predictor/fallbacks") if fallbacks is None else fallbacks,
         "skipped_updates": last("predictor/skipped_updates"),
         "nonfinite_grad_steps": totals.nonfinite_grad_steps,
-    } | _predictor_state(logged, steps) | _plan_state(logged, plan_names)
+    } | _predictor_state(logged) | _plan_state(logged, plan_names)
 
 
 def training_plan(summary: Mapping[str, Any]) -> str | None:

@@ -235,8 +235,10 @@ def _captured_note(run: OfflineRun) -> str:
     rounds = _captured_rounds(run)
     if not rounds:
         return ""
-    steps = len(logged_rows(run))
-    return f"{max(rounds.values())} of {steps} steps' rounds captured" + (
+    uncaptured = series(run, f"{LB}predictor/uncaptured_rounds")[1]
+    skipped = f", {uncaptured[-1]:.0f} not (max_overhead)" if uncaptured and uncaptured[-1] else ""
+    captured = max(rounds.values())
+    return f"{captured} round{'s' if captured != 1 else ''} captured{skipped}" + (
         "\n(round 1: before online training)" if max(rounds.values()) == 1 else "")
 
 

@@ -200,8 +200,10 @@ def output_dir_lock(output_dir: str) -> Iterator[None]:
 
 
 def _launch_main_process() -> bool:
-    """Whether this is the main process of its launch (RANK 0, or no launcher), known before any trainer exists."""
-    return os.environ.get("RANK", "0") == "0"
+    """Whether this is the main process of its launch, known before any trainer exists: the global rank that
+    torchrun / accelerate (RANK), MPI (OMPI_COMM_WORLD_RANK, PMI_RANK) or Slurm (SLURM_PROCID) set, or no launcher."""
+    ranks = ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID")
+    return next((os.environ[name] for name in ranks if name in os.environ), "0") == "0"
 
 
 def _lock(path: Path, output_dir: str) -> int | None:

@@ -169,9 +169,24 @@ def test_a_tiny_overhead_budget_captures_only_some_rounds_and_still_trains_the_h
     captured = [row["lenbalance/predictor/captured_rounds"] for row in ours.state.log_history
                 if "lenbalance/predictor/captured_rounds" in row]
     assert captured == [1.0, 1.0, 1.0]
+    uncaptured = [row["lenbalance/predictor/uncaptured_rounds"] for row in ours.state.log_history
+                  if "lenbalance/predictor/uncaptured_rounds" in row]
+    assert uncaptured == [0.0, 1.0, 2.0] and ours.lenbalance_totals.uncaptured_rounds == 2
     share = [row["lenbalance/predictor/overhead_frac_run"] for row in ours.state.log_history
              if "lenbalance/predictor/overhead_frac_run" in row]
     assert share[0] > 0 and share[-1] < share[0]  # the share falls as uncaptured generation time accrues
     generous = train(LenBalanceGRPOTrainer, eos_tiny_model_dir, tmp_path, max_steps=3, max_completion_length=24,
                      lenbalance=LenBalanceConfig(predictor_steps_per_round=2, max_overhead=1.0))
     assert generous.lenbalance.rounds == 3
+
+
+def test_a_log_over_several_steps_names_the_last_passs_plan_not_a_mean_of_indices(eos_tiny_model_dir, tmp_path):
+    """TRL averages its metric store over a log's steps: with logging_steps=2 the plan index of passes 'sorted' (2)
+    and 'stock' (0) would read 1.0, 'stock_trimmed', a plan that never ran. The log keeps the last pass's plan."""
+    config = LenBalanceConfig(predictor_steps_per_round=2)  # 'auto': warm-up pass 'sorted', then 'stock' first
+    ours = train(LenBalanceGRPOTrainer, eos_tiny_model_dir, tmp_path, lenbalance=config, max_steps=2,
+                 logging_steps=2, max_completion_length=16)
+    (row,) = [row for row in ours.state.log_history if "lenbalance/autotune/strategy" in row]
+    assert ours._autotune.candidates[0] == "stock" and ours._autotune.first == "sorted"
+    assert row["lenbalance/autotune/strategy"] == list(STRATEGIES).index("stock")  # pass 2's, not (2 + 0) / 2
+    assert row["lenbalance/autotune/pass"] == 2.0 and row["lenbalance/autotune/exploring"] == 1.0

@@ -57,7 +57,8 @@ def partial_run(tmp_path_factory) -> Path:
                      f"{P}train/pad_frac": 0.1, f"{P}train/pad_frac_stock": 0.25,  # 1000 vs 1200 computed
                      f"{P}gen/decode_slots": 500, f"{P}gen/decode_slots_stock": 600, f"{P}gen/real_tokens": 400,
                      f"{P}gen/slot_waste": 0.2, f"{P}gen/slot_waste_stock": 1 / 3,
-                     f"{P}predictor/captured_rounds": 1, f"{P}predictor/overhead_frac": 0.04 if step == 1 else 0.0,
+                     f"{P}predictor/captured_rounds": 1, f"{P}predictor/uncaptured_rounds": step - 1,
+                     f"{P}predictor/overhead_frac": 0.04 if step == 1 else 0.0,
                      f"{P}predictor/overhead_frac_run": 0.04 / step,
                      f"{P}time/generation_s": 3.0, f"{P}time/loss_phase_s": 1.0 * step, "train/step_time": 4.0,
                      f"{P}autotune/strategy": 2 if step == 1 else 0, f"{P}autotune/exploring": 1,
@@ -117,7 +118,7 @@ def test_missing_metrics_become_no_data_panels(partial_run, tmp_path):
     assert _legend(_panel(figure, "g")) == ["PLP, prompt only (t=0)", "naive estimate (t=0)",
                                             "per-prompt history (t=32)"]
     note = _panel(figure, "g").get_legend().get_title().get_text()  # inside the panel, not over its edge
-    assert "1 of 2 steps' rounds captured" in note and note.endswith("remaining: 0.30 (mean)")
+    assert "1 round captured, 1 not (max_overhead)" in note and note.endswith("remaining: 0.30 (mean)")
     paths = build_report(partial_run, tmp_path)
     page = paths.html.read_text()
     assert paths.png.stat().st_size > 10_000 and "<td>20.0%</td><td>33.3%</td>" in page  # decode slots wasted

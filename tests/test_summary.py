@@ -126,6 +126,7 @@ def test_the_summary_names_every_steps_plan_and_says_the_tuner_is_still_measurin
 def _captured_once(steps: int) -> list[dict]:
     """Log rows of a run whose capture stopped after round 1 (the budget), as the adapter logs them."""
     rows = [{"step": float(step), "lenbalance/predictor/captured_rounds": 1.0,
+             "lenbalance/predictor/uncaptured_rounds": float(step - 1),
              "lenbalance/predictor/overhead_frac": 0.044 if step == 1 else 0.0} for step in range(1, steps + 1)]
     rows[0] |= {"lenbalance/predictor/mae_static": 57.4, "lenbalance/predictor/mae_naive_static": 64.0,
                 "lenbalance/predictor/mae_plp32": 47.8, "lenbalance/predictor/mae_naive_plp32": 48.0}
@@ -143,8 +144,12 @@ def test_predictor_figures_name_their_round_and_sit_beside_the_naive_estimate():
     assert rows["rounds the predictor captured"] == ("1 in 4 steps", "")
     why = rows["why capture stopped"][0]
     assert "after round 1" in why and "lenbalance.max_overhead" in why and "nothing on this path reads" in why
+    assert "3 rounds ran without capture" in why
     every = summary(RunTotals(), _captured_once(1), steps=1)  # one step, one round: nothing stopped
     assert "capture_stopped" not in every
+    # fewer rounds than steps by design (steps_per_generation > gradient_accumulation_steps), every round captured
+    by_design = [row | {"lenbalance/predictor/uncaptured_rounds": 0.0} for row in _captured_once(4)]
+    assert "capture_stopped" not in summary(RunTotals(), by_design, steps=4)
     assert not any(label == "why capture stopped" for label, *_ in summary_rows(every))
 
 

@@ -37,6 +37,7 @@ class EngineCallback(TrainerCallback):
             if os.path.isdir(folder):
                 self.trainer.lenbalance.load(folder)
                 self._load_run_state(os.path.join(folder, RUN_STATE), state.global_step)
+                self._table_round = self.trainer.lenbalance.rounds  # its table was logged before the checkpoint
             else:
                 warnings.warn(f"rl-lenbalance: resuming from {resumed}, which holds no {SUBFOLDER}/ folder: the "
                               "length predictor (head, optimizer, replay buffer, baseline), the training-plan tuner "

@@ -237,13 +237,15 @@ class LenBalanceMixin:
         ledger = uncaptured_ledger(completions, compact, time.perf_counter() - start)
         ranks = gather_ledgers(ledger, self.accelerator.gather, self.accelerator.device)
         self.lenbalance_totals.add_generation(ranks, 0.0)
+        self.lenbalance_totals.uncaptured_rounds += 1
         self._log_lenbalance(round_metrics(ranks, {}) | self._budget_metrics())
         return (completions, None) if isinstance(self, GRPOTrainer) else completions  # GRPO: no logprobs here
 
     def _budget_metrics(self) -> dict[str, float]:
         totals = self.lenbalance_totals
         share = totals.predictor_overhead_s / totals.generate_s if totals.generate_s else 0.0
-        return {"predictor/captured_rounds": float(self.lenbalance.rounds), "predictor/overhead_frac_run": share}
+        return {"predictor/captured_rounds": float(self.lenbalance.rounds), "predictor/overhead_frac_run": share,
+                "predictor/uncaptured_rounds": float(totals.uncaptured_rounds)}
 
     def _rollout_settings(self) -> RolloutSettings:
         """This round's rollout as the config asks, less what the generation config or the head's health rule out."""
@@ -579,6 +581,10 @@ class LenBalanceMixin:
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Stock, plus each phase's seconds since the last training log and the count of logged optimizer steps
         whose `grad_norm` was not finite (a divergence alarm)."""
+        for key in LATEST_AT_LOG:  # TRL averages its metric store over a log's steps: a plan index must not be
+            values = self._metrics["train"].get(f"lenbalance/{key}")  # averaged (logging_steps > 1); keep the last
+            if values:
+                del values[:-1]
         if "grad_norm" in logs:
             totals = self.lenbalance_totals
             totals.nonfinite_grad_steps += not math.isfinite(logs["grad_norm"])
@@ -596,6 +602,11 @@ class LenBalanceMixin:
         if key not in self._lenbalance_warned:
             self._lenbalance_warned.add(key)
             warnings.warn(message)
+
+
+# what a pass logs about the plan it ran: each log keeps the latest pass's value, never a mean of several
+LATEST_AT_LOG = ("autotune/strategy", "autotune/exploring", "autotune/pass", "autotune/passes_to_measure",
+                 "autotune/choice", "autotune/ratio_vs_stock")
 
 
 def _absolute_positions(model) -> bool:
