@@ -103,3 +103,15 @@ def test_quickstart_under_two_gloo_processes_logs_metrics_reduced_over_ranks(tmp
     assert row["train/lenbalance/gen/real_tokens"] == pytest.approx(completions * row["train/completions/mean_length"])
     assert row["train/lenbalance/train/rank_imbalance_stock"] >= 1.0
     assert len(read_run(run_dir).tables["train/lenbalance/lengths"]) == completions  # both ranks' rows
+
+
+def test_a_cpu_recipe_uses_bf16_only_where_the_cpu_runs_it_natively(monkeypatch):
+    """TRL defaults to bf16 mixed precision; where the CPU emulates bf16 products (AVX2 only) that made the loss
+    phase ~13x slower, so a CPU recipe that sets neither bf16 nor fp16 follows the CPU, and an explicit value stays."""
+    from rl_lenbalance import recipe
+
+    for native in (True, False):
+        monkeypatch.setattr(recipe, "cpu_has_fast_bf16", lambda native=native: native)
+        assert recipe.load_recipe(QUICKSTART).training.bf16 is native
+    assert recipe.load_recipe(QUICKSTART, {"bf16": True}).training.bf16 is True
+    assert recipe.load_recipe(QUICKSTART, {"fp16": False}).training.bf16 is True  # TRL's own default, untouched
