@@ -109,3 +109,25 @@ def family_model_dir(tiny_model_dir, tmp_path_factory):
         return built[family]
 
     return build
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Fail the test if the run gets as far as loading the model (`train.build_trainer`)."""
+    from rl_lenbalance import train
+
+    def refuse(recipe):
+        raise AssertionError("the model was loaded before the error was found")
+
+    monkeypatch.setattr(train, "build_trainer", refuse)
+
+
+@pytest.fixture
+def no_weights_loading(monkeypatch):
+    """Fail the test if the run gets as far as loading the model's weights (reading its config is allowed)."""
+    from rl_lenbalance import models
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model's weights were loaded before the error was found")
+
+    monkeypatch.setattr(models, "load_model", refuse)

@@ -17,7 +17,8 @@ from rl_lenbalance.compare import compare_recipe
 from rl_lenbalance.predictor import CONTEXT_SIZE, HeadConfig, PLPHead
 from rl_lenbalance.train import LOCK_NAME, output_dir_lock
 
-QUICKSTART = Path(__file__).parents[1] / "recipes" / "quickstart.yaml"
+from helpers import QUICKSTART
+
 REPO = Path(__file__).parents[1]
 
 
@@ -25,26 +26,6 @@ REPO = Path(__file__).parents[1]
 def _wandb_dir(monkeypatch, tmp_path):
     """`train.run` sets WANDB_DIR when it is unset and wandb reports; keep that inside each test."""
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-
-
-@pytest.fixture
-def no_model_loading(monkeypatch):
-    """Stop the run where it would load the model: `train.run` raises AssertionError('model loaded') there."""
-    def refuse(recipe):
-        raise AssertionError("model loaded")
-
-    monkeypatch.setattr(train_module, "build_trainer", refuse)
-
-
-@pytest.fixture
-def no_weights_loading(monkeypatch):
-    """Fail the test if the run gets as far as loading the model's weights (reading its config is allowed)."""
-    from rl_lenbalance import models
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model's weights were loaded before the error was found")
-
-    monkeypatch.setattr(models, "load_model", refuse)
 
 
 def _one_line_error(capsys, argv: list[str], code: int = 2) -> str:
@@ -132,12 +113,12 @@ def test_a_second_run_in_a_busy_output_dir_stops_at_once_naming_the_first(tmp_pa
         assert (out / LOCK_NAME).read_text() == f"{os.getpid()}\n"  # still the first run's
 
         monkeypatch.setenv("RANK", "1")  # another rank of the first run's launch shares its folder
-        with pytest.raises(AssertionError, match="model loaded"):
+        with pytest.raises(AssertionError, match="model was loaded"):
             train_module.run(str(QUICKSTART), {"output_dir": str(out)})
         monkeypatch.delenv("RANK")
     assert not (out / LOCK_NAME).exists()  # released at exit
 
-    with pytest.raises(AssertionError, match="model loaded"):  # free again; a run that fails releases it too
+    with pytest.raises(AssertionError, match="model was loaded"):  # free again; a run that fails releases it too
         train_module.run(str(QUICKSTART), {"output_dir": str(out)})
     assert sorted(path.name for path in out.iterdir()) == ["checkpoint-1"]
 
@@ -148,7 +129,7 @@ def test_a_lock_left_by_a_killed_run_is_taken_over_with_a_note(tmp_path, capsys,
     out = tmp_path / "out"
     out.mkdir()
     (out / LOCK_NAME).write_text(f"{ended.pid}\n")
-    with pytest.raises(AssertionError, match="model loaded"):
+    with pytest.raises(AssertionError, match="model was loaded"):
         train_module.run(str(QUICKSTART), {"output_dir": str(out)})
     assert f"rl-lenbalance: note: {out / LOCK_NAME} was left by PID {ended.pid}, which ended without releasing it " \
            "(killed?); this run takes it over." in capsys.readouterr().err
@@ -273,9 +254,9 @@ def test_a_preflight_error_removes_only_the_folders_the_run_created(tmp_path, ca
 
 def test_wandb_offline_mode_is_set_only_when_wandb_reports(tmp_path, monkeypatch, no_model_loading):
     monkeypatch.delenv("WANDB_MODE", raising=False)
-    with pytest.raises(AssertionError, match="model loaded"):
+    with pytest.raises(AssertionError, match="model was loaded"):
         train_module.run(str(QUICKSTART), {"output_dir": str(tmp_path / "a"), "report_to": "none"})
     assert "WANDB_MODE" not in os.environ
-    with pytest.raises(AssertionError, match="model loaded"):
+    with pytest.raises(AssertionError, match="model was loaded"):
         train_module.run(str(QUICKSTART), {"output_dir": str(tmp_path / "b"), "report_to": ["wandb"]})
     assert os.environ["WANDB_MODE"] == "offline"

@@ -35,15 +35,6 @@ def _wandb_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
 
 
-@pytest.fixture
-def no_model_loading(monkeypatch):
-    """Fail the test if the run gets as far as loading the model."""
-    def refuse(recipe):
-        raise AssertionError("the model was loaded before the error was found")
-
-    monkeypatch.setattr(train_module, "build_trainer", refuse)
-
-
 # --- recipe values ------------------------------------------------------------------------------------------------
 
 
@@ -107,17 +98,6 @@ def test_the_cli_reports_recipe_errors_without_a_traceback_or_loading_anything(c
 def test_a_set_value_that_is_not_yaml_is_a_clear_error():
     with pytest.raises(RecipeError, match=r"--set 'report_to=\[wandb': the value is not valid YAML.*close its brackets"):
         parse_overrides(["report_to=[wandb"])
-
-
-@pytest.fixture
-def no_weights_loading(monkeypatch):
-    """Fail the test if the run gets as far as loading the model's weights (reading its config is allowed)."""
-    from rl_lenbalance import models
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model's weights were loaded before the error was found")
-
-    monkeypatch.setattr(models, "load_model", refuse)
 
 
 def _cli_error(capsys, sets: list[str]) -> str:
