@@ -19,6 +19,12 @@ AUTO_CHOICES = {
 TRL_LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo")  # TRL 1.16's loss_type values
 
 
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU runs bf16 matrix products natively (oneDNN: AVX-512 or AMX). Elsewhere (e.g. AVX2-only
+    CPUs) torch emulates them, many times slower than float32."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 @dataclass
 class LenBalanceConfig:
     """Settings of the length predictor and the length-aware scheduler (the `lenbalance:` section of a recipe)."""

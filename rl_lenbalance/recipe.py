@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 from transformers import HfArgumentParser
 
-from .config import LenBalanceConfig
+from .config import LenBalanceConfig, cpu_has_fast_bf16
 
 SECTIONS = ("model", "task", "lenbalance")
 
@@ -275,14 +275,6 @@ def _check_resumed_head(recipe: Recipe, hidden_size: int) -> None:
             "the checkpoint was trained with (" + ", ".join(_HEAD_SETTINGS[name](saved) for name in wrong)
             + "), or start a new run in another output_dir."
         )
-
-
-def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU runs bf16 matrix products natively (oneDNN: AVX-512 or AMX). Elsewhere (e.g. AVX2-only
-    CPUs) torch emulates them, many times slower than float32."""
-    import torch
-
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def _cuda_available() -> bool:

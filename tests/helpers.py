@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import GRPOConfig
 
 from rl_lenbalance import LenBalanceConfig, LenBalanceGRPOTrainer
+from rl_lenbalance.config import cpu_has_fast_bf16
 
 QUICKSTART = Path(__file__).parents[1] / "recipes" / "quickstart.yaml"
 PROMPTS = ["What is 2+2?", "List 5 fruits.", "Write a poem about the sea.", "Hi", "Explain gravity.", "Count to 9."]
@@ -41,7 +42,7 @@ def make_args(tmp_path: Path, **overrides) -> GRPOConfig:
     values = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, num_generations=4,
                   gradient_accumulation_steps=2, max_completion_length=32, max_steps=2, use_cpu=True,
                   report_to="none", save_strategy="no", logging_steps=1, seed=0, beta=0.0, loss_type="dapo",
-                  temperature=1.0, top_k=0)
+                  temperature=1.0, top_k=0, bf16=cpu_has_fast_bf16())
     values.update(overrides)
     return GRPOConfig(**values)
 
@@ -63,7 +64,7 @@ def train(cls, model_dir, tmp_path, tokenizer=None, trainer_kwargs=None, lenbala
                   gradient_accumulation_steps=2, max_completion_length=16, max_steps=2, use_cpu=True,
                   report_to="none", save_strategy="no", logging_steps=1, seed=0, beta=0.0, loss_type="dapo",
                   temperature=1.0, top_k=0, learning_rate=1e-2, optim="sgd", max_grad_norm=0.0,
-                  activation_checkpointing=False)
+                  activation_checkpointing=False, bf16=cpu_has_fast_bf16())
     values.update(overrides)
     tokenizer = tokenizer or AutoTokenizer.from_pretrained(model_dir, padding_side="left")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **(model_kwargs or {}))

@@ -260,3 +260,24 @@ def test_wandb_offline_mode_is_set_only_when_wandb_reports(tmp_path, monkeypatch
     with pytest.raises(AssertionError, match="model was loaded"):
         train_module.run(str(QUICKSTART), {"output_dir": str(tmp_path / "b"), "report_to": ["wandb"]})
     assert os.environ["WANDB_MODE"] == "offline"
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_on_a_cpu_that_emulates_it_is_named_with_the_fix(tiny_model_dir, tmp_path, monkeypatch, native):
+    """GRPOConfig defaults to bf16; on a CPU without native bf16 that is many times slower than float32, for stock
+    TRL too. The trainer says so once, naming the setting, and keeps the user's setting (so it still learns what
+    stock learns)."""
+    import warnings
+
+    from rl_lenbalance import LenBalanceGRPOTrainer
+    from rl_lenbalance.integrations import trl as adapter
+
+    from helpers import make_args, make_trainer
+
+    monkeypatch.setattr(adapter, "cpu_has_fast_bf16", lambda: native)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = make_trainer(LenBalanceGRPOTrainer, tiny_model_dir, make_args(tmp_path, bf16=True))
+    named = [str(w.message) for w in caught if "bf16=False" in str(w.message)]
+    assert trainer.args.bf16 is True
+    assert len(named) == (0 if native else 1)

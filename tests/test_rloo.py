@@ -5,6 +5,7 @@ import torch
 from trl import RLOOConfig, RLOOTrainer
 
 from rl_lenbalance import LenBalanceConfig, LenBalanceRLOOTrainer, wrap_trainer
+from rl_lenbalance.config import cpu_has_fast_bf16
 
 from helpers import PROMPTS, chat, make_trainer
 
@@ -12,7 +13,8 @@ from helpers import PROMPTS, chat, make_trainer
 def make(cls, model_dir, tmp_path, **kwargs):
     args = RLOOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, num_generations=4,
                       gradient_accumulation_steps=2, max_completion_length=32, max_steps=3, use_cpu=True,
-                      report_to="none", save_strategy="no", logging_steps=1, seed=0, temperature=1.0, top_k=0)
+                      report_to="none", save_strategy="no", logging_steps=1, seed=0, temperature=1.0, top_k=0,
+                      bf16=cpu_has_fast_bf16())
     return make_trainer(cls, model_dir, args, **kwargs)
 
 

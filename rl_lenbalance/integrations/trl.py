@@ -34,7 +34,7 @@ from trl.trainer.utils import (shuffle_sequence_dict, split_pixel_values_by_grid
                               unsplit_pixel_values_by_grid)
 
 from ..capture import CaptureResult
-from ..config import AUTO, LenBalanceConfig
+from ..config import AUTO, LenBalanceConfig, cpu_has_fast_bf16
 from ..engine import LenBalanceEngine, private_rng
 from ..generation import compacted_generate, unsupported_options
 from ..packing import DENSE_PACK_MAX_TOKENS, packed_logps_and_entropies, packing_unsupported, skips_masked_blocks
@@ -102,6 +102,10 @@ class LenBalanceMixin:
         self.lenbalance_config = config = self._resolved(config or LenBalanceConfig())
         config.check_trainer_args(self.args)
         self._lenbalance_warned: set[str] = set()
+        if self.args.bf16 and self.accelerator.device.type == "cpu" and not cpu_has_fast_bf16():
+            self._warn_once("bf16", "bf16=True (GRPOConfig's default) on a CPU without native bf16 (no AVX-512/AMX): "
+                            "torch emulates bf16 matrix products, many times slower than float32 (the same for stock "
+                            "TRL). Set bf16=False in the trainer's config to train in float32 here.")
         model = self.accelerator.unwrap_model(self.model)
         self.lenbalance = LenBalanceEngine(model, config, self.max_completion_length, seed=self.args.seed)
         candidates = self._plan_candidates(config)

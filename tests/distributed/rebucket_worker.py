@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from rl_lenbalance import LenBalanceConfig, LenBalanceGRPOTrainer  # noqa: E402
+from rl_lenbalance.config import cpu_has_fast_bf16  # noqa: E402
 
 MODEL_DIR, OUT = sys.argv[1], sys.argv[2]
 RANK = int(os.environ["RANK"])
@@ -33,7 +34,7 @@ def trainer(cls, **extra):
     model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32)
     args = GRPOConfig(output_dir="/tmp/rl_lenbalance_rebucket", per_device_train_batch_size=8, num_generations=4,
                       max_completion_length=48, use_cpu=True, report_to="none", save_strategy="no", seed=0,
-                      generation_kwargs={"do_sample": False})
+                      generation_kwargs={"do_sample": False}, bf16=cpu_has_fast_bf16())
     dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": q}]} for q in QUESTIONS * 4])
     return cls(model=model, processing_class=tokenizer, reward_funcs=lambda completions, **kw: [0.0] * len(completions),
                args=args, train_dataset=dataset, **extra)
