@@ -9,7 +9,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from .schedule import STRATEGIES
+from .loss import STRATEGIES
 
 MIN_COMPARE_STEPS = 2  # compare_recipe's one warm-up step, then at least one timed step
 

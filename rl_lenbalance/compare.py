@@ -29,7 +29,7 @@ import torch
 from transformers import TrainerCallback
 
 from . import ledger
-from .schedule import STRATEGIES
+from .loss import STRATEGIES
 
 if TYPE_CHECKING:
     from rich.console import Console

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from .predictor import POOLING_METHODS
-from .schedule import PARTITIONERS, STRATEGIES
+from .loss import STRATEGIES
+from .schedule import PARTITIONERS
 
 AUTO = "auto"
 # What `auto` means on each device type: the choice measured fastest there that keeps stock's completions.
@@ -94,7 +95,7 @@ class LenBalanceConfig:
         metadata={
             "help": "How each optimizer step's rows become micro-batches: 'auto' (measure every strategy that is exact "
             "under the trainer's settings on the run's own steps, keep the fastest, never one slower than stock's) "
-            f"or one of {', '.join(STRATEGIES)} (see `rl_lenbalance.schedule.STRATEGIES`). A strategy that is not "
+            f"or one of {', '.join(STRATEGIES)} (see `rl_lenbalance.loss.STRATEGIES`). A strategy that is not "
             "exact under the trainer's settings falls back to 'stock_trimmed' with a one-time note."
         },
     )

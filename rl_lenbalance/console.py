@@ -15,7 +15,7 @@ from typing import Any
 
 from transformers import ProgressCallback
 
-from .schedule import STRATEGIES
+from .loss import STRATEGIES
 
 # transformers 5 renamed `gradient_checkpointing*` to `activation_checkpointing*`; TRL 1.16's
 # `unwrap_model_for_generation` still reads the old names around every generation (stock TRL prints these too)
@@ -40,7 +40,7 @@ def step_line(logs: Mapping[str, Any], step: int, max_steps: int) -> str:
 
 
 def plan_name(logs: Mapping[str, Any]) -> str | None:
-    """The training plan this step ran: `lenbalance/autotune/strategy` (an index into `schedule.STRATEGIES`), else
+    """The training plan this step ran: `lenbalance/autotune/strategy` (an index into `loss.STRATEGIES`), else
     the one strategy whose pass was timed (`lenbalance/autotune/<name>_s_per_ktok`); None when neither names one
     (no plan logged, or passes of several plans averaged into one log)."""
     index = logs.get("lenbalance/autotune/strategy")

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .schedule.strategies import STRATEGIES
+from .loss import STRATEGIES
 
 PLAN_NAMES = tuple(STRATEGIES)  # a plan logged as a number is its index here (`autotune/strategy`, `autotune/choice`)
 Gather = Callable[[torch.Tensor], torch.Tensor]  # (1, n) on this rank -> (ranks, n): every rank's row, rank order
@@ -218,7 +218,7 @@ def logged_totals(logged: Sequence[LoggedRow], passes: int = 1) -> RunTotals:
 
 
 def plan_name(choice: str | float, names: Sequence[str] = PLAN_NAMES) -> str:
-    """A training plan logged as its name or as its index into `names` (`schedule.STRATEGIES`)."""
+    """A training plan logged as its name or as its index into `names` (`loss.STRATEGIES`)."""
     if isinstance(choice, str):
         return choice
     index = int(choice)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from . import console, ledger
-from .schedule import STRATEGIES
+from .loss import STRATEGIES
 from .recipe import Recipe, RecipeError, load_recipe, parse_yaml, preflight
 
 if TYPE_CHECKING:

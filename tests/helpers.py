@@ -59,7 +59,8 @@ def make_trainer(cls, model_dir, args, **kwargs):
 def train(cls, model_dir, tmp_path, tokenizer=None, trainer_kwargs=None, lenbalance=None, dtype=torch.float64,
           model_kwargs=None, **overrides):
     """One short SGD run of `cls` (stock or rl-lenbalance); returns the trainer, its initial parameters in
-    `trainer.initial`."""
+    `trainer.initial`, and the `input_ids` shapes of the model's forwards with gradients (the loss forwards) in
+    `trainer.loss_forward_shapes`."""
     values = dict(output_dir=str(tmp_path / cls.__name__), per_device_train_batch_size=4, num_generations=4,
                   gradient_accumulation_steps=2, max_completion_length=16, max_steps=2, use_cpu=True,
                   report_to="none", save_strategy="no", logging_steps=1, seed=0, beta=0.0, loss_type="dapo",
@@ -73,7 +74,15 @@ def train(cls, model_dir, tmp_path, tokenizer=None, trainer_kwargs=None, lenbala
     trainer = cls(model=model, processing_class=tokenizer, reward_funcs=varied_reward, args=GRPOConfig(**values),
                   train_dataset=prompt_dataset(), **(trainer_kwargs or {}), **extra)
     trainer.initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer.loss_forward_shapes = []
+
+    def record(module, args, kwargs):
+        if torch.is_grad_enabled():
+            trainer.loss_forward_shapes.append(tuple(kwargs["input_ids"].shape))
+
+    hook = model.register_forward_pre_hook(record, with_kwargs=True)
     trainer.train()
+    hook.remove()
     return trainer
 
 

@@ -14,7 +14,8 @@ from trl import GRPOTrainer
 
 from rl_lenbalance import LenBalanceConfig, LenBalanceGRPOTrainer
 from rl_lenbalance.generation import compacted_generate
-from rl_lenbalance.schedule import STRATEGIES, Autotuner, decide, exact_strategies, regrouping_blockers
+from rl_lenbalance.loss import STRATEGIES, exact_strategies, regrouping_blockers
+from rl_lenbalance.schedule import Autotuner, decide
 
 from helpers import assert_same_update, train
 
@@ -108,8 +109,8 @@ def test_auto_never_keeps_a_slowed_strategy_and_learns_what_stock_learns(eos_tin
     run = dict(max_steps=9, max_completion_length=24)
     ours = train(LenBalanceGRPOTrainer, eos_tiny_model_dir, tmp_path, lenbalance=config, **run)
     stock = train(GRPOTrainer, eos_tiny_model_dir, tmp_path, **run)
-    assert passes[:6] == ["sorted"] + ALL  # warm-up, then one timed pass of each candidate
-    assert "sorted" not in passes[6:] and len(passes) == 9 and ours._autotune.choice != "sorted"
+    assert passes[:7] == ["sorted"] + ALL  # warm-up, then one timed pass of each candidate
+    assert "sorted" not in passes[7:] and len(passes) == 9 and ours._autotune.choice != "sorted"
     logged = {k for row in ours.state.log_history for k in row}
     assert {f"lenbalance/autotune/{name}_s_per_ktok" for name in ALL} <= logged
     assert {"lenbalance/autotune/choice", "lenbalance/autotune/ratio_vs_stock"} <= logged
@@ -140,7 +141,7 @@ def test_past_the_budget_compaction_still_drops_finished_rows_without_hooks(eos_
         return compacted_generate(*args, **kwargs)
 
     config = LenBalanceConfig(max_overhead=1e-9, compaction=True, training_plan="sorted")
-    with patch("rl_lenbalance.integrations.trl.compacted_generate", spy):
+    with patch("rl_lenbalance.integrations.trl_generation.compacted_generate", spy):
         ours = train(LenBalanceGRPOTrainer, eos_tiny_model_dir, tmp_path, lenbalance=config, max_steps=3,
                      max_completion_length=24)
     assert ours.lenbalance.rounds == 1 and len(calls) == 3

@@ -10,7 +10,7 @@ import sys
 import warnings
 
 from rl_lenbalance.console import plan_name, step_line, trl_deprecations_silenced
-from rl_lenbalance.schedule import STRATEGIES
+from rl_lenbalance.loss import STRATEGIES
 
 NAMES = list(STRATEGIES)
 

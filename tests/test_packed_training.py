@@ -1,28 +1,65 @@
-"""The `packed` loss strategy in the real trainer: each micro-batch's rows run as one padding-free sequence, and
-the update equals stock GRPOTrainer's (float64 tiny models, same seed); models that cannot pack fall back."""
+"""The padding-free loss strategies in the real trainer, `packed` (each micro-batch's rows as one sequence) and
+`shared_prompt` (each group's prompt computed once, as prompt trees): the update equals stock GRPOTrainer's (float64
+tiny models, same seed), the model is seen to run the layout (not the ledger's word for it), and models that cannot
+run it fall back."""
 
 from __future__ import annotations
 
 import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import GRPOTrainer
 
 from rl_lenbalance import LenBalanceConfig, LenBalanceGRPOTrainer
 
-from helpers import assert_same_update, train
+from helpers import assert_same_update, make_args, prompt_dataset, train, varied_reward
 
-PACKED = dict(training_plan="packed", predictor_steps_per_round=2)
+LOSSES = [("dapo", {}), ("grpo", {"num_iterations": 2}), ("dr_grpo", {"mask_truncated_completions": True}),
+          ("cispo", {}), ("dapo", {"beta": 0.04})]
 
 
-@pytest.mark.parametrize(("loss_type", "extra"), [("dapo", {}), ("grpo", {"num_iterations": 2}),
-                                                  ("dr_grpo", {"mask_truncated_completions": True}),
-                                                  ("cispo", {}), ("dapo", {"beta": 0.04})])
-def test_packed_training_learns_what_stock_learns_with_no_padding(eos_tiny_model_dir, tmp_path, loss_type, extra):
+def config(plan: str) -> LenBalanceConfig:
+    return LenBalanceConfig(training_plan=plan, predictor_steps_per_round=2)
+
+
+def padded_rows(trainer) -> list[int]:
+    """Rows of the loss forwards that ran TRL's padded rectangle (a padding-free forward is one row, `(1, N)`)."""
+    return [rows for rows, _ in trainer.loss_forward_shapes if rows > 1]
+
+
+@pytest.mark.parametrize("plan", ["packed", "shared_prompt"])
+@pytest.mark.parametrize(("loss_type", "extra"), LOSSES)
+def test_padding_free_training_learns_what_stock_learns(eos_tiny_model_dir, tmp_path, plan, loss_type, extra):
     run = dict(loss_type=loss_type, max_steps=2, max_completion_length=24, **extra)
-    ours = train(LenBalanceGRPOTrainer, eos_tiny_model_dir, tmp_path, lenbalance=LenBalanceConfig(**PACKED), **run)
+    ours = train(LenBalanceGRPOTrainer, eos_tiny_model_dir, tmp_path, lenbalance=config(plan), **run)
     stock = train(GRPOTrainer, eos_tiny_model_dir, tmp_path, **run)
-    assert ours._autotune.candidates == ["packed"]
-    pads = [row["lenbalance/train/pad_frac"] for row in ours.state.log_history if "lenbalance/train/pad_frac" in row]
-    assert pads and all(pad == 0.0 for pad in pads)  # the model saw no padding token
+    assert ours._autotune.candidates == [plan]
+    assert ours.loss_forward_shapes and not padded_rows(ours)  # every loss forward ran padding-free
+    assert all(rows > 1 for rows, _ in stock.loss_forward_shapes)
+    assert_same_update(stock, ours)
+
+
+def test_shared_prompt_computes_each_prompt_once_per_microbatch(eos_tiny_model_dir, tmp_path):
+    """Groups of 4 rows share a prompt (10-20 tokens): the shared layout runs fewer tokens than `packed` on the same
+    rows, and the ledger counts fewer computed tokens than the rows hold (a negative padding fraction)."""
+    run = dict(max_steps=1, max_completion_length=24)
+    shared = train(LenBalanceGRPOTrainer, eos_tiny_model_dir, tmp_path, lenbalance=config("shared_prompt"), **run)
+    packed = train(LenBalanceGRPOTrainer, eos_tiny_model_dir, tmp_path, lenbalance=config("packed"), **run)
+    seen = {name: sum(n for _, n in t.loss_forward_shapes) for name, t in (("shared", shared), ("packed", packed))}
+    assert seen["shared"] < seen["packed"] - 3 * 10  # >= 2 groups, each saving >= 3 prompt copies
+    pads = [row["lenbalance/train/pad_frac"] for row in shared.state.log_history if "lenbalance/train/pad_frac" in row]
+    assert pads and all(pad < 0 for pad in pads)
+
+
+@pytest.mark.parametrize("plan", ["packed", "shared_prompt"])
+def test_a_microbatch_over_the_dense_mask_limit_runs_in_parts_and_learns_what_stock_learns(eos_tiny_model_dir,
+                                                                                          tmp_path, monkeypatch, plan):
+    """Under sdpa a sequence of N tokens builds an (N, N) mask: past the limit a micro-batch runs as several
+    padding-free forwards (rows kept whole), never padded."""
+    run = dict(max_steps=2, max_completion_length=24)
+    monkeypatch.setattr("rl_lenbalance.integrations.trl_loss.DENSE_PACK_MAX_TOKENS", 60)
+    ours = train(LenBalanceGRPOTrainer, eos_tiny_model_dir, tmp_path, lenbalance=config(plan), **run)
+    stock = train(GRPOTrainer, eos_tiny_model_dir, tmp_path, **run)
+    assert not padded_rows(ours) and len(ours.loss_forward_shapes) >= 2 * len(stock.loss_forward_shapes)
     assert_same_update(stock, ours)
 
 
@@ -30,20 +67,15 @@ def test_a_model_that_cannot_pack_falls_back_to_sorted_with_a_note(family_model_
     """NemotronH's Mamba2 layers carry state along the sequence: a pack would leak from one row into the next."""
     with pytest.warns(UserWarning, match=r"training_plan='packed': .*recurrent state.*using 'sorted'"):
         ours = train(LenBalanceGRPOTrainer, family_model_dir("nemotron_h"), tmp_path, max_steps=1,
-                     lenbalance=LenBalanceConfig(**PACKED), model_kwargs={"experts_implementation": "eager"})
+                     lenbalance=config("packed"), model_kwargs={"experts_implementation": "eager"})
     assert ours._autotune.candidates == ["sorted"]
 
 
-def test_a_pack_too_long_for_a_dense_mask_trains_padded_and_still_learns_what_stock_learns(eos_tiny_model_dir,
-                                                                                         tmp_path, monkeypatch):
-    """Under sdpa a pack of N tokens builds an (N, N) mask: past the limit the micro-batch runs padded (the same
-    rows); 'auto' measures `packed` there too."""
-    run = dict(max_steps=2, max_completion_length=24)
-    monkeypatch.setattr("rl_lenbalance.integrations.trl.DENSE_PACK_MAX_TOKENS", 0)
-    ours = train(LenBalanceGRPOTrainer, eos_tiny_model_dir, tmp_path, lenbalance=LenBalanceConfig(**PACKED), **run)
-    stock = train(GRPOTrainer, eos_tiny_model_dir, tmp_path, **run)
-    pads = [row["lenbalance/train/pad_frac"] for row in ours.state.log_history if "lenbalance/train/pad_frac" in row]
-    assert pads and all(pad > 0.0 for pad in pads)  # every micro-batch ran padded
-    assert_same_update(stock, ours)
-    auto = train(LenBalanceGRPOTrainer, eos_tiny_model_dir, tmp_path, max_steps=1)
-    assert "packed" in auto._autotune.candidates
+def test_auto_names_the_strategies_it_leaves_out(tiny_model_dir, tmp_path):
+    """flex_attention takes no dense 4D mask: 'auto' measures every other exact strategy and says why."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="flex_attention")
+    with pytest.warns(UserWarning, match=r"leaves out 'shared_prompt' \(attn_implementation='flex_attention'"):
+        auto = LenBalanceGRPOTrainer(model=model, reward_funcs=varied_reward, args=make_args(tmp_path),
+                                     processing_class=AutoTokenizer.from_pretrained(tiny_model_dir),
+                                     train_dataset=prompt_dataset())
+    assert "packed" in auto._autotune.candidates and "shared_prompt" not in auto._autotune.candidates

@@ -86,7 +86,7 @@ def test_padded_tokens_saved_is_stock_minus_computed(partial_run):
 
 def test_a_report_rebuilt_from_logged_metrics_names_plans_and_the_predictors_round(partial_run):
     rows = {label: (now, stock) for label, now, stock in summary_rows(logged_summary(read_run(locate_run(partial_run))))}
-    assert rows["training plan"] == ("sorted (1.25× stock)", "")  # logged as index 2 into schedule.STRATEGIES
+    assert rows["training plan"] == ("sorted (1.25× stock)", "")  # logged as index 2 into loss.STRATEGIES
     assert rows["plan of each step"] == ("1 sorted, 2 stock", "")
     assert rows["predictor MAE at t=0, round 1 of 1 captured (step 1, before online training)"] == (
         "10.0 tok", "naive 12.0 tok")

@@ -11,7 +11,7 @@ from rich.console import Console
 
 from rl_lenbalance.ledger import (GenerationLedger, RunTotals, TrainingLedger, logged_totals, round_metrics, summary,
                                   summary_json, summary_rows, time_metrics, training_metrics, wandb_summary, waste)
-from rl_lenbalance.schedule import STRATEGIES
+from rl_lenbalance.loss import STRATEGIES
 from rl_lenbalance.train import print_summary
 
 STEPS = [  # (generation ledger, predictor train seconds, training ledger, generation-phase s, loss-phase s)
@@ -85,7 +85,7 @@ def test_the_training_plan_is_shown_by_name_when_chosen_and_omitted_when_absent(
     result = summary(RunTotals(), logged, steps=2, plan_names=["stock", "sorted_budget"])
     assert (result["autotune_choice"], result["autotune_ratio_vs_stock"]) == ("sorted_budget", 1.5)
     assert ("training plan", "sorted_budget (1.50× stock)", "") in summary_rows(result)
-    assert summary(RunTotals(), logged, steps=2)["autotune_choice"] == "stock_trimmed"  # schedule.STRATEGIES' names
+    assert summary(RunTotals(), logged, steps=2)["autotune_choice"] == "stock_trimmed"  # loss.STRATEGIES' names
     assert summary(RunTotals(), [{"lenbalance/autotune/choice": "packed"}], steps=1)["autotune_choice"] == "packed"
     assert ("training plan", "packed", "") in summary_rows({"steps": 1, "autotune_choice": "packed"})  # a plain string
     absent = summary(RunTotals(), [{"lenbalance/predictor/mae_static": 3.0}], steps=1)

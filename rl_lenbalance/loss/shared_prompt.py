@@ -39,8 +39,11 @@ from dataclasses import dataclass
 import torch
 
 from ..packing import _ChunkedLogpEntropy, _text_config, _unwrap, packed_logps_and_entropies, packing_unsupported
+from ..schedule import TrainingPlan
+from .strategies import Layout, PassRows, Strategy
 
-__all__ = ["plan_shared_prompt", "prompt_groups", "shared_prompt_logps_and_entropies", "shared_prompt_unsupported"]
+__all__ = ["SharedPrompt", "plan_shared_prompt", "prompt_groups", "shared_prompt_logps_and_entropies",
+           "shared_prompt_unsupported"]
 
 TREE_MASK_IMPLEMENTATIONS = ("sdpa", "eager")  # take a dense 4D mask as given
 
@@ -285,3 +288,45 @@ def plan_shared_prompt(groups: Sequence[int], prompt_lengths: Sequence[int], com
         bins[largest], bins[empty] = rows[:len(rows) // 2], rows[len(rows) // 2:]
         loads[largest], loads[empty] = cost(bins[largest]), cost(bins[empty])
     return [sorted(rows) for rows in bins if rows]
+
+
+@dataclass(frozen=True)
+class SharedPrompt(Strategy):
+    """Each optimizer step's rows of one prompt kept in one micro-batch where they fit (`plan_shared_prompt` over
+    the step's micro-batches, balanced by shared-prompt tokens; rows stay on their rank), and each micro-batch's
+    loss forward run as prompt trees, in parts of at most `dense_max_tokens` tokens (the tree mask is dense)."""
+
+    regroups: bool = True
+    uneven: bool = True
+    trims: bool = True
+
+    def unsupported(self, model: torch.nn.Module) -> str | None:
+        return shared_prompt_unsupported(model)
+
+    def plan(self, rows: PassRows) -> TrainingPlan:
+        order: list[int] = []
+        sizes: list[int] = []
+        for step in range(max(rows.steps, default=-1) + 1):
+            ids = [i for i, s in enumerate(rows.steps) if s == step]
+            costs = [[rows.groups[i] for i in ids], [rows.prompt_lengths[i] for i in ids],
+                     [rows.completion_lengths[i] for i in ids]]
+            bins = plan_shared_prompt(*costs, token_budget=sum(costs[1]) + sum(costs[2]) + 1,
+                                      min_microbatches=rows.microbatches_per_step)
+            order += [ids[i] for part in bins for i in part]
+            sizes += [len(part) for part in bins]
+        return TrainingPlan(order, 0, sizes, 0, False)
+
+    def layout(self, batch: dict, dense_max_tokens: int | None) -> Layout:
+        prompt, completion = batch["prompt_mask"].sum(1).tolist(), batch["completion_mask"].sum(1).tolist()
+        groups = prompt_groups(batch["prompt_ids"], batch["prompt_mask"], 0).tolist()
+        budget = dense_max_tokens or sum(prompt) + sum(completion) + 1
+        parts = plan_shared_prompt(groups, prompt, completion, budget)
+        tokens = sum(sum({groups[r]: prompt[r] for r in part}.values()) + sum(completion[r] for r in part)
+                     for part in parts)
+        return Layout("shared_prompt", tuple(tuple(part) for part in parts), tokens, tree_forward)
+
+
+def tree_forward(model, input_ids, attention_mask, logits_to_keep, temperature, compute_entropy):
+    """`shared_prompt_logps_and_entropies` through TRL's fused LM head (stock's numbers, no logits)."""
+    return shared_prompt_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep, temperature,
+                                             compute_entropy, fused_lm_head=True)

@@ -1,5 +1,5 @@
 """Pure scheduling functions: balanced partitions across ranks, length-sorted waves and micro-batches, re-bucketing,
-the loss-phase strategies and their run-time choice, the training plan of a generation batch, and row selection /
+the loss-phase tuner's run-time choice, the training plan of a generation batch, and row selection /
 padding trimming of a batch.
 
 A new partitioning policy is one function `(costs, num_parts, equal_size) -> parts` added to `PARTITIONERS`; its key
@@ -14,20 +14,15 @@ from .exchange import TrainingPlan, optimizer_steps, plan_training
 from .partition import PARTITIONERS, best_partition, imbalance, karmarkar_karp, lpt_partition
 from .plan import padded_cost, plan_microbatches
 from .rebucket import rebucket, wave_cost
-from .strategies import ROW_MEAN_LOSSES, STRATEGIES, Strategy, exact_strategies, regrouping_blockers, stock_plan
 
 __all__ = [
     "PARTITIONERS",
-    "ROW_MEAN_LOSSES",
-    "STRATEGIES",
     "Autotuner",
-    "Strategy",
     "TrainingPlan",
     "admission_order",
     "balance_rows",
     "best_partition",
     "decide",
-    "exact_strategies",
     "fit_columns",
     "imbalance",
     "karmarkar_karp",
@@ -38,8 +33,6 @@ __all__ = [
     "plan_microbatches",
     "plan_training",
     "rebucket",
-    "regrouping_blockers",
-    "stock_plan",
     "take_rows",
     "trim_padding",
     "wave_cost",
