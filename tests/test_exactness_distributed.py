@@ -31,7 +31,8 @@ def test_stock_and_lenbalance_learn_the_same_parameters(tiny_model_dir, tmp_path
     assert settings == {(l, g, n, g, "sorted_uneven" if n == 1 else "auto") for l in ("dapo", "grpo", "dr_grpo")
                         for g in (1, 2) for n in (1, 2)} | {
         ("grpo", 1, 1, 2, "sorted_uneven"), ("dapo", 2, 1, 4, "sorted_uneven"), ("rloo", 2, 1, 2, "sorted_uneven"),
-        ("rloo", 2, 2, 2, "auto"), ("dapo", 2, 1, 2, "packed"), ("grpo", 2, 2, 2, "packed")}
+        ("rloo", 2, 2, 2, "auto"), ("dapo", 2, 1, 2, "packed@60"), ("grpo", 2, 2, 2, "shared_prompt"),
+        ("dapo", 2, 1, 2, "shared_prompt@60")}
     for r in results:
         assert r["world_size"] == 2
         assert r["moved"] > 1e-4, r  # parameters really moved, so equality below means something
@@ -46,8 +47,14 @@ def test_stock_and_lenbalance_learn_the_same_parameters(tiny_model_dir, tmp_path
     uneven = {r["loss_type"] for r in results if any(len(set(sizes)) > 1 for sizes in r["microbatch_rows"])}
     assert uneven == {"dapo", "grpo", "dr_grpo", "rloo"}, [(r["loss_type"], r["microbatch_rows"]) for r in results]
     assert all(len(set(sizes)) == 1 for r in results if r["plan"] == "auto" for sizes in r["microbatch_rows"])
-    packed = [r for r in results if r["plan"] == "packed"]
-    assert packed and all(r["pad_frac"] == 0.0 for r in packed), packed  # the model saw no padding token
+    # padding-free layouts really ran: every loss forward was one sequence (stock's are the padded rectangle), and
+    # under a dense-mask limit of 60 tokens each micro-batch ran as several
+    free = {r["plan"]: r for r in results if r["plan"].startswith(("packed", "shared_prompt"))}
+    assert all(rows == 1 for r in free.values() for rows in r["loss_forward_rows"]), free
+    assert all(rows > 1 for r in results if r["plan"] == "sorted_uneven" for rows in r["loss_forward_rows"])
+    assert all(len(free[p]["loss_forward_rows"]) > sum(map(len, free[p]["microbatch_rows"])) for p in
+               ("packed@60", "shared_prompt@60")), free
+    assert free["packed@60"]["pad_frac"] == 0.0 and free["shared_prompt"]["pad_frac"] < 0.0  # prompts computed once
 
 
 @pytest.mark.slow

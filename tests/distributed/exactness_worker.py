@@ -21,6 +21,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer  # noqa: E402
 
 from rl_lenbalance import LenBalanceConfig, LenBalanceGRPOTrainer, LenBalanceRLOOTrainer  # noqa: E402
+from rl_lenbalance.integrations import trl_loss  # noqa: E402
+from rl_lenbalance.packing import DENSE_PACK_MAX_TOKENS  # noqa: E402
 
 MODEL_DIR, OUT = sys.argv[1], sys.argv[2]
 PROMPTS = ["What is 2+2?", "List 5 fruits.", "Write a poem.", "Explain gravity in detail.", "Hi", "Count to 20."]
@@ -51,6 +53,15 @@ class RecordMicrobatches:
             self.microbatch_rows = getattr(self, "microbatch_rows", []) + [
                 [len(b["advantages"]) for b in self._buffered_inputs]]
         return inputs
+
+
+def record_loss_forwards(trainer) -> list[int]:
+    """The row count of each model forward with gradients (the loss forwards): 1 for a padding-free one."""
+    rows: list[int] = []
+    trainer.model.register_forward_pre_hook(
+        lambda module, args, kwargs: rows.append(kwargs["input_ids"].size(0)) if torch.is_grad_enabled() else None,
+        with_kwargs=True)
+    return rows
 
 
 class StockReplay(Replay, GRPOTrainer):
@@ -88,6 +99,7 @@ def train(cls, loss_type, grad_acc, num_iterations, steps_per_generation=None, *
     dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": p}]} for p in PROMPTS * 8])
     trainer = cls(model=model, processing_class=tokenizer, reward_funcs=reward, args=args, train_dataset=dataset,
                   **extra)
+    trainer.loss_forward_rows = record_loss_forwards(trainer)
     trainer.train()
     return trainer, initial, {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
 
@@ -99,12 +111,16 @@ SETTINGS = [(l, g, n, None, "sorted_uneven" if n == 1 else "auto")
             for l, g, n in itertools.product(["dapo", "grpo", "dr_grpo"], [1, 2], [1, 2])]
 SETTINGS += [("grpo", 1, 1, 2, "sorted_uneven"), ("dapo", 2, 1, 4, "sorted_uneven")]  # two optimizer steps per
 SETTINGS += [("rloo", 2, 1, None, "sorted_uneven"), ("rloo", 2, 2, None, "auto")]  # generation; RLOOTrainer
-SETTINGS += [("dapo", 2, 1, None, "packed"), ("grpo", 2, 2, None, "packed")]  # one padding-free sequence per micro-batch
+# padding-free loss forwards; "@N": at most N tokens per forward under the dense mask (several forwards per micro-batch)
+SETTINGS += [("dapo", 2, 1, None, "packed@60"), ("grpo", 2, 2, None, "shared_prompt"), ("dapo", 2, 1, None,
+                                                                                      "shared_prompt@60")]
 for loss_type, grad_acc, num_iterations, spg, plan in SETTINGS:
     stock_class, our_class = (StockRLOOReplay, LenBalanceRLOOReplay) if loss_type == "rloo" else (
         StockReplay, LenBalanceReplay)
     _, initial, stock = train(stock_class, loss_type, grad_acc, num_iterations, spg)
-    config = LenBalanceConfig(training_plan=plan, autotune_samples=1)
+    strategy, _, limit = plan.partition("@")
+    trl_loss.DENSE_PACK_MAX_TOKENS = int(limit) if limit else DENSE_PACK_MAX_TOKENS
+    config = LenBalanceConfig(training_plan=strategy, autotune_samples=1)
     lb, _, ours = train(our_class, loss_type, grad_acc, num_iterations, spg, lenbalance_config=config)
     rel = max(((stock[n] - ours[n]).norm() / stock[n].norm().clamp(min=1e-12)).item() for n in stock)
     moved = max(((stock[n] - initial[n]).norm() / initial[n].norm().clamp(min=1e-12)).item() for n in stock)
@@ -119,7 +135,7 @@ for loss_type, grad_acc, num_iterations, spg, plan in SETTINGS:
         "rank_imbalance_stock": max(r.get("lenbalance/train/rank_imbalance_stock", 1.0) for r in logs),
         "rows_moved": sum(r["lenbalance/train/rows_moved_across_ranks"] for r in logs),
         "slowest_rank_vs_stock": max(r["lenbalance/train/slowest_rank_vs_stock"] for r in logs),
-        "world_size": lb.accelerator.num_processes,
+        "world_size": lb.accelerator.num_processes, "loss_forward_rows": lb.loss_forward_rows,
     })
 if int(os.environ.get("RANK", "0")) == 0:
     with open(OUT, "w") as f:
