@@ -8,8 +8,8 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from .predictor import POOLING_METHODS
-from .loss import STRATEGIES
-from .schedule import PARTITIONERS
+from .loss import GLOBAL_LOSSES, ROW_MEAN_LOSSES, STRATEGIES
+from .schedule import PARTITIONERS, Autotuner
 
 AUTO = "auto"
 # What `auto` means on each device type: the choice measured fastest there that keeps stock's completions.
@@ -17,7 +17,7 @@ AUTO_CHOICES = {
     "compaction": {"cpu": True, "cuda": False},  # a finished row costs compute on a CPU, ~nothing on a GPU;
     # with sampling it is off everywhere: a smaller batch draws other random numbers (same distribution, other tokens)
 }
-TRL_LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo")  # TRL 1.16's loss_type values
+TRL_LOSS_TYPES = ROW_MEAN_LOSSES + GLOBAL_LOSSES + ("bnpo",)  # TRL 1.16's loss_type values (bnpo: per micro-batch)
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -100,15 +100,16 @@ class LenBalanceConfig:
         },
     )
     autotune_samples: int = field(
-        default=2, metadata={"help": "'auto': timed passes of each candidate strategy before the first choice."}
+        default=Autotuner.samples,
+        metadata={"help": "'auto': timed passes of each candidate strategy before the first choice."}
     )
     autotune_every: int = field(
-        default=20,
+        default=Autotuner.recheck_every,
         metadata={"help": "'auto': after the first choice, every this many passes over a generation batch one other "
                           "candidate runs once, so a drift in lengths can change the choice (0: never re-check)."},
     )
     autotune_margin: float = field(
-        default=0.03,
+        default=Autotuner.margin,
         metadata={"help": "'auto': a strategy replaces stock only if it is faster by more than this fraction (and by "
                           "more than the measured noise)."},
     )
