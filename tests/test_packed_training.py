@@ -44,7 +44,7 @@ def test_shared_prompt_in_float32_learns_what_stock_learns_up_to_float32_noise(e
                                                                                 loss_type):
     """In float32 a shared prompt's gradient is rounded once for its G uses, stock's once per copy: the updates
     agree to float32 noise, far below how far the parameters moved."""
-    run = dict(loss_type=loss_type, max_steps=2, max_completion_length=24, dtype=torch.float32)
+    run = dict(loss_type=loss_type, max_steps=2, max_completion_length=24, dtype=torch.float32, bf16=False)
     ours = train(LenBalanceGRPOTrainer, eos_tiny_model_dir, tmp_path, lenbalance=config("shared_prompt"), **run)
     stock = train(GRPOTrainer, eos_tiny_model_dir, tmp_path, **run)
     assert not padded_rows(ours)
