@@ -13,11 +13,15 @@ from accelerate.utils import gather_object, pad_across_processes
 from trl import GRPOTrainer
 from trl.models import unwrap_model_for_generation
 
+from tqdm.auto import tqdm
+
 from ..capture import CaptureResult
+from ..config import AUTO, LenBalanceConfig
 from ..engine import private_rng
 from ..generation import compacted_generate, unsupported_options
-from ..ledger import gather_ledgers, round_metrics
+from ..ledger import GENERATION_PLANS, GenerationLedger, gather_ledgers, round_metrics, seconds_per_decode_step
 from ..rollout import Backend, RolloutSettings, run_admitted, run_rollout, uncaptured_ledger
+from ..schedule import Autotuner
 from .stock import stock_when_reentered
 
 
@@ -25,6 +29,17 @@ class GenerationOverrides:
     """The generation half of `LenBalanceMixin`."""
 
     _lenbalance_tool_turn = False  # True inside TRL's tool loop (later turns of tools / environments)
+
+    def _generation_setup(self, config: LenBalanceConfig) -> None:
+        """The generation tuner: stock's `generate` against compaction for `compaction: auto` (greedy decoding only:
+        `LenBalanceConfig.resolved` turns it off under sampling), else the one plan pinned. Without rl-lenbalance's
+        decode loop (vLLM, continuous batching, or a generation config it cannot run: a one-time warning when
+        compaction was asked for) only stock's plan runs."""
+        loop_runs = hasattr(self, "generation_config") and not (  # vLLM: none; the warning only for a pinned true
+            self._loop_blocked("compaction") if config.compaction is True else unsupported_options(self.generation_config))
+        plans = {AUTO: list(GENERATION_PLANS), True: ["compaction"], False: ["stock"]}[config.compaction]
+        self._gen_autotune = Autotuner(plans if loop_runs else ["stock"], "stock", samples=config.autotune_samples,
+                                       margin=config.autotune_margin, recheck_every=config.autotune_every)
 
     @stock_when_reentered
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, *args, **kwargs):
@@ -35,7 +50,7 @@ class GenerationOverrides:
             self._warn_once(*stock)
             return super()._generate_single_turn(prompt_ids, images, multimodal_fields, *args, **kwargs)
         engine, device, backend = self.lenbalance, self.accelerator.device, self._backend(args, kwargs)
-        learn = self._within_overhead_budget()
+        learn, settings = self._within_overhead_budget(), None
         if self.use_vllm or self.use_transformers_continuous_batching:  # the backend schedules requests itself
             admission = self._admission(len(prompt_ids), learn)
             completions, logprobs, stats = run_admitted(prompt_ids, backend, engine, admission)
@@ -69,8 +84,26 @@ class GenerationOverrides:
         ranks = gather_ledgers(ledger, self.accelerator.gather, self.accelerator.device)
         self.lenbalance_totals.add_generation(ranks, 0.0)
         self.lenbalance_totals.uncaptured_rounds += 1
-        self._log_lenbalance(round_metrics(ranks, {}) | self._budget_metrics())
+        self._log_lenbalance(round_metrics(ranks, {}) | self._budget_metrics()
+                             | self._count_generation_plan(compact, ranks))
         return (completions, None) if isinstance(self, GRPOTrainer) else completions  # GRPO: no logprobs here
+
+    def _count_generation_plan(self, compact: bool, ranks: list[GenerationLedger]) -> dict[str, float]:
+        """Let the generation tuner count the round (every rank's ledger; the same numbers on every rank, so the
+        same choice) and return what to log: the plan it ran (`gen/plan`, an index of `GENERATION_PLANS`), whether
+        the tuner was still measuring, and once decided its choice and stock's time over the choice's."""
+        tuner, plan = self._gen_autotune, GENERATION_PLANS[int(compact)]
+        exploring = not tuner.decided
+        per_step = seconds_per_decode_step(ranks)
+        changed = tuner.record(plan, per_step)
+        ratio = tuner.ratio_vs_stock()
+        if changed and self.accelerator.is_main_process:
+            faster = f", {ratio:.2f}× stock's speed per decode step" if ratio is not None else ""
+            tqdm.write(f"rl-lenbalance: generation plan: {tuner.choice}{faster}, "
+                       f"{tuner.passes - tuner.warmup} rounds measured.")
+        decided = {"gen/choice": float(GENERATION_PLANS.index(tuner.choice))} | (
+            {"gen/ratio_vs_stock": ratio} if ratio is not None else {}) if tuner.decided else {}
+        return {"gen/plan": float(int(compact)), "gen/exploring": float(exploring), "gen/s_per_step": per_step} | decided
 
     def _budget_metrics(self) -> dict[str, float]:
         totals = self.lenbalance_totals
@@ -83,7 +116,7 @@ class GenerationOverrides:
         config, engine = self.lenbalance_config, self.lenbalance
         return RolloutSettings(
             eos_token_ids=self.eos_token_ids, max_completion_length=self.max_completion_length,
-            compact=config.compaction and not self._loop_blocked("compaction"),
+            compact=self._gen_autotune.next() == "compaction",
             rebucket=config.rebucket and engine.healthy and engine.rounds > 0 and not self._loop_blocked("rebucket"),
             wave_size=config.generation_wave_size, probe_tokens=config.probe_tokens,
             partition_method=config.partition_method,
