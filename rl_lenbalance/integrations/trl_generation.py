@@ -63,7 +63,8 @@ class GenerationOverrides:
                                                                    self._gather_rows) if stats.waves else ({}, [])
         ranks = gather_ledgers(stats.ledger(completions), self.accelerator.gather, device)
         self.lenbalance_totals.add_generation(ranks, metrics.get("predictor/train_s", 0.0))
-        self._log_lenbalance(metrics | round_metrics(ranks, metrics) | self._budget_metrics())
+        plan = self._count_generation_plan(settings.compact, ranks) if settings else {}  # not for vLLM & co.
+        self._log_lenbalance(metrics | round_metrics(ranks, metrics) | self._budget_metrics() | plan)
         return (completions, logprobs) if isinstance(self, GRPOTrainer) else completions
 
     def _within_overhead_budget(self) -> bool:
@@ -96,7 +97,7 @@ class GenerationOverrides:
         exploring = not tuner.decided
         per_step = seconds_per_decode_step(ranks)
         changed = tuner.record(plan, per_step)
-        ratio = tuner.ratio_vs_stock()
+        ratio = tuner.ratio_vs_stock() if len(tuner.candidates) > 1 else None  # a pinned plan compares nothing
         if changed and self.accelerator.is_main_process:
             faster = f", {ratio:.2f}× stock's speed per decode step" if ratio is not None else ""
             tqdm.write(f"rl-lenbalance: generation plan: {tuner.choice}{faster}, "
