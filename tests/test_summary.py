@@ -191,7 +191,8 @@ def test_the_generation_plan_is_named_with_its_ratio_or_as_measuring():
 
     measuring = summary(RunTotals(), [{"step": 1, "lenbalance/gen/plan": 0.0, "lenbalance/gen/exploring": 1.0}], 1)
     assert measuring["generation_plan"] == "measuring" and generation_plan(measuring) == "measuring, no choice yet"
-    rows = [{"step": 1, "lenbalance/gen/plan": 1.0, "lenbalance/gen/choice": 1.0, "lenbalance/gen/ratio_vs_stock": 1.25}]
+    rows = [{"step": 1, "lenbalance/gen/plan": 1.0, "lenbalance/gen/choice": 1.0,
+             "lenbalance/gen/ratio_vs_stock": 1.25}]
     chosen = summary(RunTotals(), rows, 1)
     assert (chosen["generation_plan"], chosen["generation_plan_ratio_vs_stock"]) == ("compaction", 1.25)
     assert ("generation plan", "compaction (1.25× stock)", "") in summary_rows(chosen)

@@ -4,7 +4,8 @@
 delegates the work to the framework-free parts:
 - generation (`trl_generation.GenerationOverrides`): `_generate_single_turn` runs `rollout.run_rollout` over TRL's
   own generation, or `rollout.run_admitted` around TRL's continuous batching / vLLM call, then the engine's online
-  update and the generation ledger; `_generate_and_score_completions` is stock, timed;
+  update and the generation ledger; a `schedule.Autotuner` over the rounds' measured seconds picks stock's
+  `generate` or compaction (`compaction: auto`, greedy decoding); `_generate_and_score_completions` is stock, timed;
 - loss phase (`trl_loss.LossPhaseOverrides`): `_prepare_inputs` cuts each pass over a generation batch into
   micro-batches by one strategy of `loss.STRATEGIES` (picked by `schedule.Autotuner` from the passes' measured
   seconds), each micro-batch carrying its layout; `compute_loss` runs it with that layout and reweights a row-mean

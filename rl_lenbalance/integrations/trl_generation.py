@@ -10,10 +10,9 @@ from contextlib import contextmanager
 
 import torch
 from accelerate.utils import gather_object, pad_across_processes
+from tqdm.auto import tqdm
 from trl import GRPOTrainer
 from trl.models import unwrap_model_for_generation
-
-from tqdm.auto import tqdm
 
 from ..capture import CaptureResult
 from ..config import AUTO, LenBalanceConfig
@@ -35,11 +34,15 @@ class GenerationOverrides:
         `LenBalanceConfig.resolved` turns it off under sampling), else the one plan pinned. Without rl-lenbalance's
         decode loop (vLLM, continuous batching, or a generation config it cannot run: a one-time warning when
         compaction was asked for) only stock's plan runs."""
-        loop_runs = hasattr(self, "generation_config") and not (  # vLLM: none; the warning only for a pinned true
-            self._loop_blocked("compaction") if config.compaction is True else unsupported_options(self.generation_config))
         plans = {AUTO: list(GENERATION_PLANS), True: ["compaction"], False: ["stock"]}[config.compaction]
-        self._gen_autotune = Autotuner(plans if loop_runs else ["stock"], "stock", samples=config.autotune_samples,
-                                       margin=config.autotune_margin, recheck_every=config.autotune_every)
+        if not hasattr(self, "generation_config"):  # vLLM: its own generation
+            plans = ["stock"]
+        elif config.compaction is True and self._loop_blocked("compaction"):  # warns once
+            plans = ["stock"]
+        elif unsupported_options(self.generation_config):
+            plans = ["stock"]
+        self._gen_autotune = Autotuner(plans, "stock", samples=config.autotune_samples, margin=config.autotune_margin,
+                                       recheck_every=config.autotune_every)
 
     @stock_when_reentered
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, *args, **kwargs):
@@ -99,12 +102,15 @@ class GenerationOverrides:
         changed = tuner.record(plan, per_step)
         ratio = tuner.ratio_vs_stock() if len(tuner.candidates) > 1 else None  # a pinned plan compares nothing
         if changed and self.accelerator.is_main_process:
-            faster = f", {ratio:.2f}× stock's speed per decode step" if ratio is not None else ""
-            tqdm.write(f"rl-lenbalance: generation plan: {tuner.choice}{faster}, "
+            speed = f" ({ratio:.2f}× stock's speed per decode step)" if ratio is not None else ""
+            tqdm.write(f"rl-lenbalance: generation plan: {tuner.choice}{speed}, "
                        f"{tuner.passes - tuner.warmup} rounds measured.")
-        decided = {"gen/choice": float(GENERATION_PLANS.index(tuner.choice))} | (
-            {"gen/ratio_vs_stock": ratio} if ratio is not None else {}) if tuner.decided else {}
-        return {"gen/plan": float(int(compact)), "gen/exploring": float(exploring), "gen/s_per_step": per_step} | decided
+        out = {"gen/plan": float(int(compact)), "gen/exploring": float(exploring), "gen/s_per_step": per_step}
+        if tuner.decided:
+            out["gen/choice"] = float(GENERATION_PLANS.index(tuner.choice))
+        if tuner.decided and ratio is not None:
+            out["gen/ratio_vs_stock"] = ratio
+        return out
 
     def _budget_metrics(self) -> dict[str, float]:
         totals = self.lenbalance_totals
