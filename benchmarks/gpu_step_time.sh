@@ -43,11 +43,11 @@ run)
     qwen) python3 random_model.py --tokenizer /tmp/rlc/smollm2-135m-instruct-q4_1-f32 --shape qwen2.5-0.5b \
         --eos-scale ${EOS_SCALE:-0.5} --out /tmp/qwen05 > /dev/null 2>&1
       timeout ${QWEN_TIMEOUT:-200} python3 step_time.py --model /tmp/qwen05 --steps 3 --batch 16 --grad-acc 4 \
-        --max-length 2048 --variants stock lenbalance lenbalance_sorted lenbalance_packed \
+        --max-length 2048 --variants stock lenbalance lenbalance_sorted lenbalance_packed lenbalance_shared_prompt \
         --setting compute_bound_qwen2.5-0.5b_random \
         --out $OUT/step_time_qwen0.5b_random_$card.json >> $OUT/log.txt 2>&1;;
     auto) timeout ${AUTO_TIMEOUT:-560} python3 step_time.py --steps 12 --batch 32 --grad-acc 8 --max-length 512 \
-        --variants stock lenbalance lenbalance_stock_trimmed lenbalance_sorted lenbalance_uneven lenbalance_packed \
+        --variants stock lenbalance lenbalance_stock_trimmed lenbalance_sorted lenbalance_uneven lenbalance_packed lenbalance_shared_prompt \
         --setting issue19_autotune_smollm2_bf16 --out $OUT/step_time_auto_smollm2_$card.json >> $OUT/log.txt 2>&1;;
     cb) timeout ${CB_TIMEOUT:-420} python3 step_time.py --steps 6 --batch 32 --grad-acc 8 --max-length 512 \
         --cb-slots ${CB_SLOTS:-32} --variants stock lenbalance --setting issue15_continuous_batching_32_slots \

@@ -37,6 +37,7 @@ VARIANTS = {  # name -> LenBalanceConfig fields (None: stock TRL)
     "lenbalance_sorted": {"training_plan": "sorted"},  # from, measured in the same run
     "lenbalance_uneven": {"training_plan": "sorted_uneven"},
     "lenbalance_packed": {"training_plan": "packed"},  # padding-free loss forward (rl_lenbalance.packing)
+    "lenbalance_shared_prompt": {"training_plan": "shared_prompt"},  # each group's prompt computed once
     "lenbalance_generation_only": {"balance_training": False},  # capture + online head, stock training
     "lenbalance_compaction": {"compaction": True},
 }
@@ -131,7 +132,10 @@ def main() -> None:
     results = compare(build, {name: VARIANTS[name] for name in args.variants}, warmup=args.warmup)
     print_comparison(results)
     trainer_settings = {k: v for k, v in vars(args).items() if k not in ("out", "variants")}
+    stock = next((r for r in results if r["variant"] == "stock"), None)
     for result in results:
+        if stock is not None:  # same completions, same real tokens: computed tokens = real / (1 - padding fraction)
+            result["loss_tokens_vs_stock"] = (1.0 - stock["loss_pad_frac"]) / (1.0 - result["loss_pad_frac"])
         result["trainer_settings"] = trainer_settings | {"device": "cuda" if cuda else "cpu", "bf16": cuda and not args.cb_slots}
         print(json.dumps({k: v for k, v in result.items() if not k.endswith("_per_step")}), flush=True)
     save_report(args.out, results)

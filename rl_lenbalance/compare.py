@@ -29,7 +29,7 @@ import torch
 from transformers import TrainerCallback
 
 from . import ledger
-from .loss import STRATEGIES
+from .loss import LAYOUT_KEY, STRATEGIES
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -87,7 +87,9 @@ def timed(base: type) -> type:
 
         def compute_loss(self, model, inputs, *args, **kwargs):
             record = self.step_records[-1]
-            record.loss_tokens += inputs["prompt_ids"].numel() + inputs["completion_ids"].numel()
+            layout = inputs.get(LAYOUT_KEY)  # rl-lenbalance's micro-batches say what their forward computes
+            record.loss_tokens += layout.tokens if layout is not None else (inputs["prompt_ids"].numel()
+                                                                            + inputs["completion_ids"].numel())
             record.loss_real_tokens += int(inputs["prompt_mask"].sum() + inputs["completion_mask"].sum())
             return super().compute_loss(model, inputs, *args, **kwargs)
 

@@ -8,11 +8,11 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from .predictor import POOLING_METHODS
-from .loss import STRATEGIES
-from .schedule import PARTITIONERS
+from .loss import GLOBAL_LOSSES, ROW_MEAN_LOSSES, STRATEGIES
+from .schedule import PARTITIONERS, Autotuner
 
 AUTO = "auto"
-TRL_LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo")  # TRL 1.16's loss_type values
+TRL_LOSS_TYPES = ROW_MEAN_LOSSES + GLOBAL_LOSSES + ("bnpo",)  # TRL 1.16's loss_type values (bnpo: per micro-batch)
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -95,17 +95,18 @@ class LenBalanceConfig:
         },
     )
     autotune_samples: int = field(
-        default=2, metadata={"help": "'auto' (training_plan, compaction): timed passes (generation rounds) of each "
-                                     "candidate before the first choice."}
+        default=Autotuner.samples,
+        metadata={"help": "'auto' (training_plan, compaction): timed passes (generation rounds) of each candidate "
+                          "before the first choice."}
     )
     autotune_every: int = field(
-        default=20,
+        default=Autotuner.recheck_every,
         metadata={"help": "'auto' (training_plan, compaction): after the first choice, every this many passes over a "
                           "generation batch (generation rounds) one other candidate runs once, so a drift in lengths "
                           "can change the choice (0: never re-check)."},
     )
     autotune_margin: float = field(
-        default=0.03,
+        default=Autotuner.margin,
         metadata={"help": "'auto' (training_plan, compaction): a strategy replaces stock only if it is faster by "
                           "more than this fraction (and by more than the measured noise)."},
     )

@@ -108,16 +108,21 @@ class _Pack:
     row_lengths: torch.Tensor  # (B,) tokens per row in the pack (0 for rows left out), for flash's cu_seqlens
 
 
-def _pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int, keep_last: bool) -> _Pack:
-    """Pack the real tokens of the rows that have a completion token. Each row's last real token predicts nothing
-    and is left out unless `keep_last` (TRL's fused head shifts labels itself, so it needs the token there)."""
+def checked_shapes(input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int) -> tuple[int, int, int]:
+    """(rows, width, prompt width) of a micro-batch in TRL's layout; ValueError naming what is wrong otherwise."""
     if input_ids.ndim != 2 or attention_mask.shape != input_ids.shape:
         raise ValueError(f"input_ids and attention_mask must be (B, S) alike, got {tuple(input_ids.shape)} and "
                          f"{tuple(attention_mask.shape)}")
     rows, width = input_ids.shape
-    prompt_width = width - int(logits_to_keep)
     if not 0 < logits_to_keep < width:
         raise ValueError(f"logits_to_keep={logits_to_keep} must leave at least one prompt column of {width}")
+    return rows, width, width - int(logits_to_keep)
+
+
+def _pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int, keep_last: bool) -> _Pack:
+    """Pack the real tokens of the rows that have a completion token. Each row's last real token predicts nothing
+    and is left out unless `keep_last` (TRL's fused head shifts labels itself, so it needs the token there)."""
+    rows, width, prompt_width = checked_shapes(input_ids, attention_mask, logits_to_keep)
     device = input_ids.device
     real = attention_mask.bool()
     has_completion = real[:, prompt_width:].any(1)
@@ -245,31 +250,38 @@ def packed_logps_and_entropies(
         longest = int(lengths.max())
         kwargs.update(cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens, max_length_q=longest, max_length_k=longest)
 
-    if fused_lm_head:
-        labels = torch.full_like(pack.input_ids, -100)
-        labels[0, pack.predictors + 1] = pack.labels  # TRL's head scores hidden j against label j + 1
-        outputs = model(**kwargs, labels=labels, fused_lm_head=True)
-        logps = outputs.log_probs[0, pack.predictors]
-        entropy = None
-        if compute_entropy:
-            if outputs.entropy is None:
-                raise ValueError("the model's fused LM head computes no entropy (TRL adds it with outputs=('log_probs',"
-                                 " 'entropy') to the policy only); call with fused_lm_head=False")
-            entropy = outputs.entropy[0, pack.predictors]
-    else:
-        outputs = model(**kwargs, logits_to_keep=pack.predictors)
-        logits = outputs.logits
-        if logits.shape[:2] != (1, pack.predictors.numel()):
-            raise RuntimeError(f"{type(inner).__name__} ignored logits_to_keep (logits {tuple(logits.shape)} for "
-                               f"{pack.predictors.numel()} positions); it cannot be packed")
-        logps, entropy = _ChunkedLogpEntropy.apply(logits[0], pack.labels, 1.0 / temperature, int(token_chunk),
-                                                   compute_entropy)
+    logps, entropy = score_sequence(model, kwargs, pack.predictors, pack.labels, temperature, compute_entropy,
+                                    token_chunk, fused_lm_head)
 
     def scatter(values: torch.Tensor) -> torch.Tensor:
         # masked_scatter keeps the result connected to the model even when no position is real
         return values.new_zeros(pack.out_mask.shape).masked_scatter(pack.out_mask, values)
 
     return scatter(logps), (scatter(entropy) if entropy is not None else None)
+
+
+def score_sequence(model: torch.nn.Module, kwargs: dict, predictors: torch.Tensor, labels: torch.Tensor,
+                   temperature: float, compute_entropy: bool, token_chunk: int,
+                   fused_lm_head: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run `model(**kwargs)` over one sequence `(1, N)` and score position `predictors[k]` against `labels[k]`: the
+    log-prob of each label (and the entropy there), through TRL's fused LM head or from logits computed only at the
+    predictor positions (log-softmax in chunks of `token_chunk` rows)."""
+    if fused_lm_head:
+        shifted = torch.full_like(kwargs["input_ids"], -100)
+        shifted[0, predictors + 1] = labels  # TRL's head scores hidden j against label j + 1
+        outputs = model(**kwargs, labels=shifted, fused_lm_head=True)
+        entropy = None
+        if compute_entropy:
+            if outputs.entropy is None:
+                raise ValueError("the model's fused LM head computes no entropy (TRL adds it with outputs=('log_probs',"
+                                 " 'entropy') to the policy only); call with fused_lm_head=False")
+            entropy = outputs.entropy[0, predictors]
+        return outputs.log_probs[0, predictors], entropy
+    logits = model(**kwargs, logits_to_keep=predictors).logits
+    if logits.shape[:2] != (1, predictors.numel()):
+        raise RuntimeError(f"{type(_unwrap(model)).__name__} ignored logits_to_keep (logits {tuple(logits.shape)} for "
+                           f"{predictors.numel()} positions); it cannot run padding-free")
+    return _ChunkedLogpEntropy.apply(logits[0], labels, 1.0 / temperature, int(token_chunk), compute_entropy)
 
 
 def packing_unsupported(model: torch.nn.Module, probe: bool = True) -> str | None:

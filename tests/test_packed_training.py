@@ -6,6 +6,7 @@ run it fall back."""
 from __future__ import annotations
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import GRPOTrainer
 
@@ -36,6 +37,20 @@ def test_padding_free_training_learns_what_stock_learns(eos_tiny_model_dir, tmp_
     assert ours.loss_forward_shapes and not padded_rows(ours)  # every loss forward ran padding-free
     assert all(rows > 1 for rows, _ in stock.loss_forward_shapes)
     assert_same_update(stock, ours)
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
+def test_shared_prompt_in_float32_learns_what_stock_learns_up_to_float32_noise(eos_tiny_model_dir, tmp_path,
+                                                                                loss_type):
+    """In float32 a shared prompt's gradient is rounded once for its G uses, stock's once per copy: the updates
+    agree to float32 noise, far below how far the parameters moved."""
+    run = dict(loss_type=loss_type, max_steps=2, max_completion_length=24, dtype=torch.float32)
+    ours = train(LenBalanceGRPOTrainer, eos_tiny_model_dir, tmp_path, lenbalance=config("shared_prompt"), **run)
+    stock = train(GRPOTrainer, eos_tiny_model_dir, tmp_path, **run)
+    assert not padded_rows(ours)
+    moved = max(((p - stock.initial[n]).norm() / p.norm()).item() for n, p in stock.model.named_parameters())
+    assert moved > 1e-3
+    assert_same_update(stock, ours, tol=1e-5)
 
 
 def test_shared_prompt_computes_each_prompt_once_per_microbatch(eos_tiny_model_dir, tmp_path):

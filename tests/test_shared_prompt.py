@@ -258,3 +258,24 @@ def test_the_planner_keeps_groups_whole_and_splits_the_ones_too_large():
     assert max(plan_cost(p, groups, prompts, completions) for p in plan) <= 520
     with pytest.raises(ValueError, match="share a group but not a prompt length"):
         plan_shared_prompt([0, 0], [3, 4], [1, 1], 10)
+
+
+def test_the_training_plan_keeps_each_step_and_each_group_together():
+    """Two optimizer steps (stock's shuffle decides each row's), two micro-batches each: every row trains in its own
+    step, each micro-batch holds whole groups where they fit, and the step's micro-batches share its tokens."""
+    from rl_lenbalance.loss import STRATEGIES, PassRows
+
+    groups = [0] * 4 + [1] * 4 + [2] * 4 + [3] * 4
+    steps = [0, 1] * 8  # each group half in each step
+    rows = PassRows(completion_lengths=[10 * (i % 4 + 1) for i in range(16)], prompt_lengths=[20] * 16, steps=steps,
+                    groups=groups, shuffle=list(range(16)), num_ranks=1, rank=0, steps_per_generation=4,
+                    microbatches_per_step=2)
+    plan = STRATEGIES["shared_prompt"].plan(rows)
+    assert sorted(plan.rows) == list(range(16)) and not plan.exchange and len(plan.sizes) == 4
+    bounds = [sum(plan.sizes[:i]) for i in range(5)]
+    parts = [plan.rows[a:b] for a, b in zip(bounds, bounds[1:])]
+    assert [{steps[r] for r in part} for part in parts] == [{0}, {0}, {1}, {1}]
+    for part in parts:  # a group's rows of one step are never split over its two micro-batches
+        for g in {groups[r] for r in part}:
+            assert {r for r in part if groups[r] == g} == {r for r in range(16) if groups[r] == g and
+                                                           steps[r] == steps[part[0]]}

@@ -38,7 +38,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..packing import _ChunkedLogpEntropy, _text_config, _unwrap, packed_logps_and_entropies, packing_unsupported
+from ..packing import (_text_config, _unwrap, checked_shapes, packed_logps_and_entropies, packing_unsupported,
+                       score_sequence)
 from ..schedule import TrainingPlan
 from .strategies import Layout, PassRows, Strategy
 
@@ -74,13 +75,7 @@ def _tree(input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep:
           keep_last: bool) -> _Tree | None:
     """Lay the rows with a completion token out as prompt trees (None when no row has one). With `keep_last` each
     branch also holds its last completion token (TRL's fused head needs the label in the sequence)."""
-    if input_ids.ndim != 2 or attention_mask.shape != input_ids.shape:
-        raise ValueError(f"input_ids and attention_mask must be (B, S) alike, got {tuple(input_ids.shape)} and "
-                         f"{tuple(attention_mask.shape)}")
-    rows, width = input_ids.shape
-    prompt_width = width - int(logits_to_keep)
-    if not 0 < logits_to_keep < width:
-        raise ValueError(f"logits_to_keep={logits_to_keep} must leave at least one prompt column of {width}")
+    rows, width, prompt_width = checked_shapes(input_ids, attention_mask, logits_to_keep)
     device = input_ids.device
     real = attention_mask.bool()
     prompt_lengths, lengths = real[:, :prompt_width].sum(1), real[:, prompt_width:].sum(1)
@@ -188,24 +183,8 @@ def shared_prompt_logps_and_entropies(
     kwargs = {"input_ids": tree.input_ids, "position_ids": tree.position_ids, "attention_mask": mask[None, None],
               "use_cache": False}
     labels = input_ids[tree.rows, input_ids.shape[1] - int(logits_to_keep) + tree.columns]
-    if fused_lm_head:
-        shifted = torch.full_like(tree.input_ids, -100)
-        shifted[0, tree.predictors + 1] = labels  # TRL's head scores hidden j against label j + 1
-        outputs = model(**kwargs, labels=shifted, fused_lm_head=True)
-        logps = outputs.log_probs[0, tree.predictors]
-        entropy = None
-        if compute_entropy:
-            if outputs.entropy is None:
-                raise ValueError("the model's fused LM head computes no entropy (TRL adds it to the policy only); "
-                                 "call with fused_lm_head=False")
-            entropy = outputs.entropy[0, tree.predictors]
-    else:
-        logits = model(**kwargs, logits_to_keep=tree.predictors).logits
-        if logits.shape[:2] != (1, tree.predictors.numel()):
-            raise RuntimeError(f"{type(inner).__name__} ignored logits_to_keep (logits {tuple(logits.shape)} for "
-                               f"{tree.predictors.numel()} positions); it cannot share prompts")
-        logps, entropy = _ChunkedLogpEntropy.apply(logits[0], labels, 1.0 / temperature, int(token_chunk),
-                                                   compute_entropy)
+    logps, entropy = score_sequence(model, kwargs, tree.predictors, labels, temperature, compute_entropy,
+                                    token_chunk, fused_lm_head)
     shape = (input_ids.shape[0], int(logits_to_keep))
 
     def scatter(values: torch.Tensor) -> torch.Tensor:

@@ -50,7 +50,7 @@ class Autotuner:
     candidates: list[str]
     first: str = STOCK  # the warm-up passes' strategy (the least padded one: no measurement exists yet)
     warmup: int = 1
-    samples: int = 3
+    samples: int = 2
     margin: float = 0.03
     recheck_every: int = 20
     window: int = 5
