@@ -281,7 +281,11 @@ def summarize(name: str, trainer, warmup: int, settings: dict | None) -> dict:
     autotune = getattr(trainer, "_autotune", None)  # the tuner's own medians: what its choice was based on
     if autotune is not None and autotune.timings:
         out["autotune_s_per_ktok_median"] = {name: statistics.median(t) for name, t in autotune.timings.items()}
-    return out | {key: run[key] for key in ("autotune_choice", "autotune_ratio_vs_stock") if key in run}
+    generation = getattr(trainer, "_gen_autotune", None)
+    if generation is not None and generation.timings:
+        out["generation_s_per_step_median"] = {name: statistics.median(t) for name, t in generation.timings.items()}
+    keys = ("autotune_choice", "autotune_ratio_vs_stock", "generation_plan", "generation_plan_ratio_vs_stock")
+    return out | {key: run[key] for key in keys if key in run}
 
 
 def add_ratios(results: list[dict]) -> None:
@@ -322,12 +326,16 @@ COLUMNS = (  # header, legend, cell
 
 def print_comparison(results: list[dict], console: Console | None = None) -> None:
     """A table that fits an 80-column terminal: per-phase median seconds, padding and the ratios against stock, a
-    legend under it, and each variant's autotuned training plan where it logged one."""
+    legend under it, and each variant's autotuned training plan where it logged one, and its generation plan where
+    it measured one or ran compaction."""
     from rich.console import Console
     from rich.table import Table
 
     legend = "; ".join(f"{header}: {meaning}" for header, meaning, _ in COLUMNS)
     plans = [f"{r['variant']}: training plan: {ledger.training_plan(r)}" for r in results if "autotune_choice" in r]
+    plans += [f"{r['variant']}: generation plan: {ledger.generation_plan(r)}" for r in results
+              if r.get("generation_plan") not in (None, "stock")
+              or ledger.finite(r.get("generation_plan_ratio_vs_stock"))]
     table = Table(title=f"median seconds per optimizer step ({results[0]['steps']} steps after "
                         f"{results[0]['warmup_steps']} warm-up, variants in alternation)",
                   caption="\n".join([legend, *plans]), caption_justify="left")

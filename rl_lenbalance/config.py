@@ -12,11 +12,6 @@ from .loss import GLOBAL_LOSSES, ROW_MEAN_LOSSES, STRATEGIES
 from .schedule import PARTITIONERS, Autotuner
 
 AUTO = "auto"
-# What `auto` means on each device type: the choice measured fastest there that keeps stock's completions.
-AUTO_CHOICES = {
-    "compaction": {"cpu": True, "cuda": False},  # a finished row costs compute on a CPU, ~nothing on a GPU;
-    # with sampling it is off everywhere: a smaller batch draws other random numbers (same distribution, other tokens)
-}
 TRL_LOSS_TYPES = ROW_MEAN_LOSSES + GLOBAL_LOSSES + ("bnpo",)  # TRL 1.16's loss_type values (bnpo: per micro-batch)
 
 
@@ -101,17 +96,19 @@ class LenBalanceConfig:
     )
     autotune_samples: int = field(
         default=Autotuner.samples,
-        metadata={"help": "'auto': timed passes of each candidate strategy before the first choice."}
+        metadata={"help": "'auto' (training_plan, compaction): timed passes (generation rounds) of each candidate "
+                          "before the first choice."}
     )
     autotune_every: int = field(
         default=Autotuner.recheck_every,
-        metadata={"help": "'auto': after the first choice, every this many passes over a generation batch one other "
-                          "candidate runs once, so a drift in lengths can change the choice (0: never re-check)."},
+        metadata={"help": "'auto' (training_plan, compaction): after the first choice, every this many passes over a "
+                          "generation batch (generation rounds) one other candidate runs once, so a drift in lengths "
+                          "can change the choice (0: never re-check)."},
     )
     autotune_margin: float = field(
         default=Autotuner.margin,
-        metadata={"help": "'auto': a strategy replaces stock only if it is faster by more than this fraction (and by "
-                          "more than the measured noise)."},
+        metadata={"help": "'auto' (training_plan, compaction): a strategy replaces stock only if it is faster by "
+                          "more than this fraction (and by more than the measured noise)."},
     )
     balance_ranks: bool = field(
         default=True,
@@ -147,12 +144,12 @@ class LenBalanceConfig:
     compaction: bool | str = field(
         default=AUTO,
         metadata={
-            "help": "Drop finished rows from the batch while generating (plain transformers path). Pays where a "
-            "finished row costs compute (CPU, large batches); on a launch-bound GPU a finished row is nearly free. "
-            "With sampling the rows left in the batch draw other random numbers, so completions are drawn from the "
-            "same distribution but are not stock's token for token. 'auto': on for a CPU trainer that decodes "
-            "greedily (exact there), off otherwise. Unlike `training_plan: auto`, this 'auto' is a fixed rule per device "
-            "and sampling mode, not a measurement."
+            "help": "Drop finished rows from the batch while generating (plain transformers path). Exact (stock's "
+            "completions) only under greedy decoding: with sampling the rows left in the batch draw other random "
+            "numbers, so completions come from the same distribution but are not stock's token for token. 'auto': "
+            "with greedy decoding, measured on the run's own rounds (like `training_plan: auto`: the autotune_* "
+            "settings; kept only while faster than stock's `generate` by more than `autotune_margin`, re-checked); "
+            "with sampling, off. true / false: always / never (true with sampling gives other tokens than stock)."
         },
     )
     max_overhead: float = field(
@@ -204,19 +201,16 @@ class LenBalanceConfig:
         if self.autotune_samples < 1 or self.autotune_every < 0 or self.autotune_margin < 0:
             raise ValueError("lenbalance.autotune_samples must be >= 1, autotune_every >= 0 and autotune_margin >= 0, "
                              f"got {self.autotune_samples}, {self.autotune_every} and {self.autotune_margin}.")
-        for name in AUTO_CHOICES:
-            if getattr(self, name) not in (True, False, AUTO):
-                raise ValueError(f"lenbalance.{name}={getattr(self, name)!r} is not valid; use true, false or 'auto'.")
+        if self.compaction not in (True, False, AUTO):
+            raise ValueError(f"lenbalance.compaction={self.compaction!r} is not valid; use true, false or 'auto'.")
         if self.generation_wave_size is not None and self.generation_wave_size < 1:
             raise ValueError(f"lenbalance.generation_wave_size must be >= 1 or None, got {self.generation_wave_size}.")
 
-    def resolved(self, device: torch.device | str, sampling: bool = True) -> LenBalanceConfig:
-        """A copy with every 'auto' setting replaced by the choice for `device`'s type (CPU choices elsewhere) that
-        keeps stock's completions (`sampling`: the trainer samples rather than decoding greedily)."""
-        kind = "cuda" if torch.device(device).type == "cuda" else "cpu"
-        choices = {name: options[kind] for name, options in AUTO_CHOICES.items()} | (
-            {"compaction": False} if sampling else {})
-        return replace(self, **{name: value for name, value in choices.items() if getattr(self, name) == AUTO})
+    def resolved(self, sampling: bool = True) -> LenBalanceConfig:
+        """A copy with the 'auto' settings that a trainer's sampling alone decides replaced: `compaction` is off
+        when the trainer samples (`sampling`), since it would draw other tokens than stock; under greedy decoding
+        it stays 'auto', measured in the run."""
+        return replace(self, compaction=False if sampling and self.compaction == AUTO else self.compaction)
 
     def check_trainer_args(self, args) -> None:
         """Refuse settings that contradict the trainer's (`args` is a GRPOConfig or RLOOConfig)."""

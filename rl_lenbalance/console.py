@@ -3,6 +3,7 @@ of stock's full metrics dictionary (wandb and `trainer.state.log_history` keep e
 warnings that TRL's own calls into transformers raise.
 
     step 2/4 · 3.91 s · loss padding 7.4% (stock 9.4%) · plan sorted (exploring, pass 2 of 4) · reward 0.125
+    step 3/4 · 3.52 s · loss padding 7.1% (stock 9.0%) · plan sorted · generation compaction · reward 0.25
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 from transformers import ProgressCallback
 
+from .ledger import GENERATION_PLANS
 from .loss import STRATEGIES
 
 # transformers 5 renamed `gradient_checkpointing*` to `activation_checkpointing*`; TRL 1.16's
@@ -24,7 +26,8 @@ _TRL_DEPRECATIONS = r"`(is_)?gradient_checkpointing(_enable|_disable)?` is depre
 
 def step_line(logs: Mapping[str, Any], step: int, max_steps: int) -> str:
     """One logged step in a line: its seconds, the loss phase's padding vs stock's, the training plan that ran and
-    the tuner's state, and the mean reward. A figure that was not logged is left out."""
+    the tuner's state, the generation plan where it was not stock's `generate` or was being measured, and the mean
+    reward. A figure that was not logged is left out."""
     parts = [f"step {step}/{max_steps}" if max_steps > 0 else f"step {step}"]
     if _finite(logs.get("step_time")):
         parts.append(f"{logs['step_time']:.3g} s")
@@ -34,6 +37,9 @@ def step_line(logs: Mapping[str, Any], step: int, max_steps: int) -> str:
     plan = plan_name(logs)
     if plan is not None:
         parts.append(f"plan {plan}{_tuner_state(logs)}")
+    generation, exploring = logs.get("lenbalance/gen/plan"), logs.get("lenbalance/gen/exploring")
+    if _finite(generation) and generation in (0, 1) and (generation or exploring):
+        parts.append(f"generation {GENERATION_PLANS[int(generation)]}{' (exploring)' if exploring else ''}")
     if _finite(logs.get("reward")):
         parts.append(f"reward {logs['reward']:.3g}")
     return " · ".join(parts)

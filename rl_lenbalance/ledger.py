@@ -21,6 +21,8 @@ import torch
 from .loss import STRATEGIES
 
 PLAN_NAMES = tuple(STRATEGIES)  # a plan logged as a number is its index here (`autotune/strategy`, `autotune/choice`)
+GENERATION_PLANS = ("stock", "compaction")  # likewise for generation (`gen/plan`, `gen/choice`): stock's `generate`,
+# or the decode loop that drops finished rows
 Gather = Callable[[torch.Tensor], torch.Tensor]  # (1, n) on this rank -> (ranks, n): every rank's row, rank order
 
 
@@ -153,6 +155,19 @@ def round_metrics(ranks: Sequence[GenerationLedger], predictor: Mapping[str, flo
     return metrics | {"predictor/overhead_frac": overhead}
 
 
+def seconds_per_decode_step(ranks: Sequence[GenerationLedger]) -> float:
+    """A round's time as the generation tuner compares it: the slowest rank's seconds, less the capture hooks'
+    (whether a round is captured depends on the predictor's budget, not on the plan, so both plans are compared
+    without it), per decode step of stock's `generate` (the longest completion of any rank).
+
+    Per decode step: under greedy decoding (where compaction is exact) both plans decode the same completions, so a
+    round takes about (prefill) + (its longest completion) × (one step's cost) either way. Dividing by the longest
+    completion cancels what varies from round to round (how long the longest row ran) and keeps what the plan
+    changes: the cost of a step (compaction: fewer rows per step, plus its own bookkeeping)."""
+    steps = max(r.decode_steps_stock for r in ranks)
+    return max(r.seconds - r.hook_seconds for r in ranks) / max(steps, 1.0)
+
+
 def time_metrics(totals: RunTotals, previous: RunTotals) -> dict[str, float]:
     """The `time/*` metrics (logged as `lenbalance/time/generation_s`, `lenbalance/time/loss_phase_s`): the seconds
     this rank spent in each phase since `previous`, the totals as of the previous log (a `dataclasses.replace` copy;
@@ -244,6 +259,18 @@ def _plan_state(logged: Sequence[LoggedRow], names: Sequence[str]) -> dict[str, 
     return out | {"autotune_state": "measuring", "autotune_pass": int(passes), "autotune_passes_to_measure": int(needed)}
 
 
+def _generation_plan_state(logged: Sequence[LoggedRow]) -> dict[str, Any]:
+    """The summary's generation-plan entries: the tuner's choice (`generation_plan`, a name of `GENERATION_PLANS`)
+    and stock's time over it (`generation_plan_ratio_vs_stock`, NaN until both were measured), or
+    `generation_plan: "measuring"` before the first choice; empty when no round logged a plan."""
+    choice = _last(logged, "gen/choice")
+    if choice is not None:
+        ratio = _last(logged, "gen/ratio_vs_stock")
+        return {"generation_plan": plan_name(choice, GENERATION_PLANS),
+                "generation_plan_ratio_vs_stock": math.nan if ratio is None else ratio}
+    return {"generation_plan": "measuring"} if _last(logged, "gen/plan") is not None else {}
+
+
 def _predictor_state(logged: Sequence[LoggedRow]) -> dict[str, Any]:
     """The summary's predictor entries, all from the last round that scored the head: its MAE and the naive
     estimate's (NaN where not logged), that round's number among the captured ones and its step, how many rounds were
@@ -271,10 +298,11 @@ def _predictor_state(logged: Sequence[LoggedRow]) -> dict[str, Any]:
 def summary(totals: RunTotals, logged: Sequence[LoggedRow], steps: int, wall_s: float = math.nan,
             fallbacks: int | None = None, plan_names: Sequence[str] = PLAN_NAMES) -> dict[str, Any]:
     """The run's summary (`lenbalance_summary.json`), the one behind every table: seconds per phase, padding against
-    stock TRL (`waste`), the training plan (`_plan_state`) and the predictor (`_predictor_state`). `totals` are the
-    run's (`RunTotals`, or `logged_totals(logged)`); `logged` are the trainer's log rows, read for what only they
-    hold: the predictor's values, `fallbacks` unless given, and the plan (`autotune/*`: names, or indices into
-    `plan_names`). Anything else not measured is NaN (`summary_json` writes it as null)."""
+    stock TRL (`waste`), the training and generation plans (`_plan_state`, `_generation_plan_state`) and the
+    predictor (`_predictor_state`). `totals` are the run's (`RunTotals`, or `logged_totals(logged)`); `logged` are
+    the trainer's log rows, read for what only they hold: the predictor's values, `fallbacks` unless given, and the
+    plans (`autotune/*`: names, or indices into `plan_names`; `gen/*`: into `GENERATION_PLANS`). Anything else not
+    measured is NaN (`summary_json` writes it as null)."""
 
     def last(key: str) -> float:
         value = _last(logged, key)
@@ -300,7 +328,7 @@ def summary(totals: RunTotals, logged: Sequence[LoggedRow], steps: int, wall_s: 
         "fallbacks": last("predictor/fallbacks") if fallbacks is None else fallbacks,
         "skipped_updates": last("predictor/skipped_updates"),
         "nonfinite_grad_steps": totals.nonfinite_grad_steps,
-    } | _predictor_state(logged) | _plan_state(logged, plan_names)
+    } | _predictor_state(logged) | _plan_state(logged, plan_names) | _generation_plan_state(logged)
 
 
 def training_plan(summary: Mapping[str, Any]) -> str | None:
@@ -314,6 +342,18 @@ def training_plan(summary: Mapping[str, Any]) -> str | None:
         return (f"measuring: pass {summary['autotune_pass']} of {summary['autotune_passes_to_measure']}, "
                 "no choice yet")
     return None
+
+
+def generation_plan(summary: Mapping[str, Any]) -> str | None:
+    """The generation tuner's state in a summary: "<choice> (<ratio>× stock)" once chosen, "measuring, no choice
+    yet" before; None when the run logged no generation plan."""
+    choice = summary.get("generation_plan")
+    if choice is None:
+        return None
+    if choice == "measuring":
+        return "measuring, no choice yet"
+    ratio = summary.get("generation_plan_ratio_vs_stock")
+    return choice + (f" ({ratio:.2f}× stock)" if finite(ratio) else "")
 
 
 def plans_by_step(summary: Mapping[str, Any], most: int = 8) -> str | None:
@@ -401,6 +441,8 @@ def summary_rows(summary: Mapping[str, Any]) -> list[tuple[str, str, str]]:
                      f"{summary['decode_steps_stock']:.0f}"))
     if has("reprefill_tokens") and summary["reprefill_tokens"]:
         rows.append(("tokens re-prefilled by re-bucketing", f"{summary['reprefill_tokens']:.0f}", "0"))
+    if (plan := generation_plan(summary)) is not None:
+        rows.append(("generation plan", plan, ""))
     if has("loss_phase_s"):
         rows.append(("loss phase (forward, backward), this rank", seconds(summary["loss_phase_s"]), ""))
     if (plan := training_plan(summary)) is not None:

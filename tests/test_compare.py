@@ -102,19 +102,21 @@ def test_the_comparison_table_fits_an_80_column_terminal():
 
     results = [result("stock", 121.7), result("lenbalance", 101.2), result("lenbalance_generation_only", 1234.5)]
     add_ratios(results)
-    results[1] |= {"autotune_choice": "sorted", "autotune_ratio_vs_stock": 1.25}
+    results[1] |= {"autotune_choice": "sorted", "autotune_ratio_vs_stock": 1.25, "generation_plan": "compaction",
+                   "generation_plan_ratio_vs_stock": 1.1}
     console = Console(width=80, record=True)
     print_comparison(results, console)
     text = console.export_text()
     assert "…" not in text and max(map(len, text.splitlines())) <= 80
     for shown in ("stock", "lenbalance", "243.40", "1234.50", "25.0%", "1.20×", "generation phase",
-                  "lenbalance: training plan: sorted (1.25× stock)"):
+                  "lenbalance: training plan: sorted (1.25× stock)",
+                  "lenbalance: generation plan: compaction (1.10× stock)"):
         assert shown in text, shown
 
 
 def test_compare_recipe_times_stock_and_lenbalance_on_the_same_rollouts(eos_tiny_model_dir, tmp_path):
     overrides = {"model": {"name_or_path": str(eos_tiny_model_dir)}, "output_dir": str(tmp_path),
-                 "lenbalance": {"compaction": False},  # the quickstart's compaction would draw other tokens
+                 # the recipe leaves compaction to 'auto': off, since it samples (it would draw other tokens)
                  "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2, "num_generations": 4,
                  "max_completion_length": 24}
     results = compare_recipe(str(QUICKSTART), overrides, steps=3, warmup=1)
@@ -125,6 +127,7 @@ def test_compare_recipe_times_stock_and_lenbalance_on_the_same_rollouts(eos_tiny
         assert all(w > g > 0 for w, g in zip(result["whole_step_s_per_step"], result["generation_s_per_step"]))
         assert result["microstep_s_median"] > 0 and result["nonfinite_grad_steps"] == 0
     assert ours["completion_tokens"] == stock["completion_tokens"]  # same draws: the same work was timed
+    assert ours["generation_plan"] == "stock"
     assert ours["loss_pad_frac"] <= stock["loss_pad_frac"]
     assert ours["speedup_whole_step_s"] == stock["whole_step_s_median"] / ours["whole_step_s_median"]
     saved = json.loads((tmp_path / "lenbalance_compare.json").read_text())

@@ -24,6 +24,12 @@ def test_a_step_line_shows_seconds_padding_plan_tuner_state_and_reward():
                                      "(exploring, pass 2 of 4) · reward 0.125")
     chosen = logs | {"lenbalance/autotune/exploring": 0.0}
     assert "plan sorted · " in step_line(chosen, 2, 4)
+    measuring = chosen | {"lenbalance/gen/plan": 0.0, "lenbalance/gen/exploring": 1.0}
+    assert " · generation stock (exploring) · " in step_line(measuring, 2, 4)
+    compacting = chosen | {"lenbalance/gen/plan": 1.0, "lenbalance/gen/exploring": 0.0}
+    assert "plan sorted · generation compaction · reward" in step_line(compacting, 2, 4)
+    stock = chosen | {"lenbalance/gen/plan": 0.0, "lenbalance/gen/exploring": 0.0}  # stock's own generate: no word
+    assert "generation" not in step_line(stock, 2, 4)
 
 
 def test_a_figure_not_logged_is_left_out():

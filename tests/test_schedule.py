@@ -206,17 +206,17 @@ def test_rebucket_moves_rows_off_the_rank_that_kept_the_long_ones():
         schedule.rebucket(remaining, origin, 2, 0, compacted=False)
 
 
-def test_auto_settings_resolve_per_device_and_bad_values_are_refused():
+def test_auto_compaction_is_off_under_sampling_and_left_to_measurement_under_greedy():
     from rl_lenbalance.config import LenBalanceConfig
 
     config = LenBalanceConfig()
     assert config.compaction == config.training_plan == "auto"
-    cpu, cuda = config.resolved("cpu", sampling=False), config.resolved("cuda", sampling=False)
-    assert (cpu.compaction, cuda.compaction) == (True, False)
-    assert cpu.training_plan == cuda.training_plan == "auto"  # decided by measurement in the run, not per device
+    greedy = config.resolved(sampling=False)
+    assert greedy.compaction == greedy.training_plan == "auto"  # both measured in the run, on any device
     with pytest.raises(ValueError, match="lenbalance.training_plan='sortd' is not valid; use 'auto' or one of stock"):
         LenBalanceConfig(training_plan="sortd")
-    assert config.resolved("cpu", sampling=True).compaction is False  # it would change which tokens are drawn
-    assert LenBalanceConfig(compaction=False).resolved("cpu").compaction is False  # an explicit choice stays
+    assert config.resolved(sampling=True).compaction is False  # it would change which tokens are drawn
+    assert LenBalanceConfig(compaction=True).resolved(sampling=True).compaction is True  # an explicit choice stays
+    assert LenBalanceConfig(compaction=False).resolved(sampling=False).compaction is False
     with pytest.raises(ValueError, match="lenbalance.compaction='fals'.*true, false or 'auto'"):
         LenBalanceConfig(compaction="fals")

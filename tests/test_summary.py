@@ -175,3 +175,27 @@ def test_the_summary_table_fits_an_80_column_terminal():
     text = console.export_text()
     assert "…" not in text and max(map(len, text.splitlines())) <= 80
     assert "2.50 s/step (5.0 s)" in text and "training plan" in text and "rl-lenbalance compare" in text
+
+
+def test_the_generation_tuner_times_a_round_per_decode_step_of_stock_without_the_hooks():
+    """The slowest rank's seconds less its hooks', over the longest completion of any rank."""
+    from rl_lenbalance.ledger import seconds_per_decode_step
+
+    fast, slow = STEPS[0][0], dataclasses.replace(STEPS[1][0], seconds=3.0, hook_seconds=0.5)
+    assert seconds_per_decode_step([fast]) == pytest.approx((2.0 - 0.2) / 40)
+    assert seconds_per_decode_step([fast, slow]) == pytest.approx((3.0 - 0.5) / 60)
+
+
+def test_the_generation_plan_is_named_with_its_ratio_or_as_measuring():
+    from rl_lenbalance.ledger import generation_plan
+
+    measuring = summary(RunTotals(), [{"step": 1, "lenbalance/gen/plan": 0.0, "lenbalance/gen/exploring": 1.0}], 1)
+    assert measuring["generation_plan"] == "measuring" and generation_plan(measuring) == "measuring, no choice yet"
+    rows = [{"step": 1, "lenbalance/gen/plan": 1.0, "lenbalance/gen/choice": 1.0,
+             "lenbalance/gen/ratio_vs_stock": 1.25}]
+    chosen = summary(RunTotals(), rows, 1)
+    assert (chosen["generation_plan"], chosen["generation_plan_ratio_vs_stock"]) == ("compaction", 1.25)
+    assert ("generation plan", "compaction (1.25× stock)", "") in summary_rows(chosen)
+    pinned = summary(RunTotals(), [{"step": 1, "lenbalance/gen/plan": 0.0, "lenbalance/gen/choice": 0.0}], 1)
+    assert generation_plan(pinned) == "stock" and math.isnan(pinned["generation_plan_ratio_vs_stock"])
+    assert "generation_plan" not in summary(RunTotals(), [{"step": 1}], 1)  # nothing logged (vLLM): no entry

@@ -4,7 +4,8 @@
 delegates the work to the framework-free parts:
 - generation (`trl_generation.GenerationOverrides`): `_generate_single_turn` runs `rollout.run_rollout` over TRL's
   own generation, or `rollout.run_admitted` around TRL's continuous batching / vLLM call, then the engine's online
-  update and the generation ledger; `_generate_and_score_completions` is stock, timed;
+  update and the generation ledger; a `schedule.Autotuner` over the rounds' measured seconds picks stock's
+  `generate` or compaction (`compaction: auto`, greedy decoding); `_generate_and_score_completions` is stock, timed;
 - loss phase (`trl_loss.LossPhaseOverrides`): `_prepare_inputs` cuts each pass over a generation batch into
   micro-batches by one strategy of `loss.STRATEGIES` (picked by `schedule.Autotuner` from the passes' measured
   seconds), each micro-batch carrying its layout; `compute_loss` runs it with that layout and reweights a row-mean
@@ -64,6 +65,7 @@ class LenBalanceMixin(GenerationOverrides, LossPhaseOverrides):
         self.lenbalance_resume_from: str | None = None  # the checkpoint `train` resumes; the callback restores from it
         self._lenbalance_started = time.perf_counter()  # when this process began training (`train` sets it again)
         self._loss_phase_setup(config, model)
+        self._generation_setup(config)
 
     @stock_when_reentered
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
@@ -75,33 +77,39 @@ class LenBalanceMixin(GenerationOverrides, LossPhaseOverrides):
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _resolved(self, config: LenBalanceConfig) -> LenBalanceConfig:
-        """`config` with its `auto` settings decided for this trainer's device and sampling."""
+        """`config` with the `auto` settings that this trainer's sampling decides (the rest are measured)."""
         sampling = getattr(getattr(self, "generation_config", None), "do_sample", True) is not False
-        return config.resolved(self.accelerator.device, sampling)
+        return config.resolved(sampling)
 
     # --- checkpoints ------------------------------------------------------------------------------------------
 
     def lenbalance_run_state(self) -> dict:
-        """What decides the rest of the run besides the engine, JSON-ready: the training-plan tuner's measurements
-        and choice, the run totals (the capture budget reads them; wall seconds so far included), the totals at the
-        last log and the last round's lengths. The callback saves it with every checkpoint."""
+        """What decides the rest of the run besides the engine, JSON-ready: the training-plan and generation-plan
+        tuners' measurements and choices, the run totals (the capture budget reads them; wall seconds so far
+        included), the totals at the last log and the last round's lengths. The callback saves it with every
+        checkpoint."""
         totals = self.lenbalance_totals
         wall = totals.earlier_wall_s + time.perf_counter() - self._lenbalance_started
-        return {"autotune": self._autotune.state_dict(), "totals": asdict(replace(totals, earlier_wall_s=wall)),
+        return {"autotune": self._autotune.state_dict(), "gen_autotune": self._gen_autotune.state_dict(),
+                "totals": asdict(replace(totals, earlier_wall_s=wall)),
                 "logged_totals": asdict(self._lenbalance_logged_totals),
                 "last_lengths": [list(pair) for pair in self.lenbalance_last_lengths]}
 
     def load_lenbalance_run_state(self, state: dict, where: str) -> None:
         """Go on from `lenbalance_run_state()` as the run that saved it would have (`where`: the file, for the
-        warning when the tuner was saved over other candidates and starts over)."""
+        warning when a tuner was saved over other candidates and starts over; a checkpoint saved before the
+        generation tuner existed leaves it to start over)."""
         self.lenbalance_totals, self._lenbalance_logged_totals = (
             RunTotals(**{f.name: state[key][f.name] for f in fields(RunTotals) if f.name in state[key]})
             for key in ("totals", "logged_totals"))
         self.lenbalance_last_lengths = [(float(p), int(a)) for p, a in state["last_lengths"]]
-        try:
-            self._autotune.load_state_dict(state["autotune"])
-        except ValueError as error:
-            self._warn_once("resume_plan", f"rl-lenbalance: {where}: {error}; the training-plan tuner starts over.")
+        for key, tuner, name in (("autotune", self._autotune, "training-plan"),
+                                 ("gen_autotune", self._gen_autotune, "generation-plan")):
+            try:
+                if key in state:
+                    tuner.load_state_dict(state[key])
+            except ValueError as error:
+                self._warn_once(f"resume_{key}", f"rl-lenbalance: {where}: {error}; the {name} tuner starts over.")
 
     # --- logging ------------------------------------------------------------------------------------------------
 
@@ -133,9 +141,10 @@ class LenBalanceMixin(GenerationOverrides, LossPhaseOverrides):
 
 
 
-# what a pass logs about the plan it ran: each log keeps the latest pass's value, never a mean of several
+# what a pass (or a round) logs about the plan it ran: each log keeps the latest pass's value, never a mean of several
 LATEST_AT_LOG = ("autotune/strategy", "autotune/exploring", "autotune/pass", "autotune/passes_to_measure",
-                 "autotune/choice", "autotune/ratio_vs_stock")
+                 "autotune/choice", "autotune/ratio_vs_stock", "gen/plan", "gen/exploring", "gen/choice",
+                 "gen/ratio_vs_stock")
 
 
 

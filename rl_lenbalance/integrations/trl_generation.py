@@ -10,14 +10,17 @@ from contextlib import contextmanager
 
 import torch
 from accelerate.utils import gather_object, pad_across_processes
+from tqdm.auto import tqdm
 from trl import GRPOTrainer
 from trl.models import unwrap_model_for_generation
 
 from ..capture import CaptureResult
+from ..config import AUTO, LenBalanceConfig
 from ..engine import private_rng
 from ..generation import compacted_generate, unsupported_options
-from ..ledger import gather_ledgers, round_metrics
+from ..ledger import GENERATION_PLANS, GenerationLedger, gather_ledgers, round_metrics, seconds_per_decode_step
 from ..rollout import Backend, RolloutSettings, run_admitted, run_rollout, uncaptured_ledger
+from ..schedule import Autotuner
 from .stock import stock_when_reentered
 
 
@@ -25,6 +28,21 @@ class GenerationOverrides:
     """The generation half of `LenBalanceMixin`."""
 
     _lenbalance_tool_turn = False  # True inside TRL's tool loop (later turns of tools / environments)
+
+    def _generation_setup(self, config: LenBalanceConfig) -> None:
+        """The generation tuner: stock's `generate` against compaction for `compaction: auto` (greedy decoding only:
+        `LenBalanceConfig.resolved` turns it off under sampling), else the one plan pinned. Without rl-lenbalance's
+        decode loop (vLLM, continuous batching, or a generation config it cannot run: a one-time warning when
+        compaction was asked for) only stock's plan runs."""
+        plans = {AUTO: list(GENERATION_PLANS), True: ["compaction"], False: ["stock"]}[config.compaction]
+        if not hasattr(self, "generation_config"):  # vLLM: its own generation
+            plans = ["stock"]
+        elif config.compaction is True and self._loop_blocked("compaction"):  # warns once
+            plans = ["stock"]
+        elif unsupported_options(self.generation_config):
+            plans = ["stock"]
+        self._gen_autotune = Autotuner(plans, "stock", samples=config.autotune_samples, margin=config.autotune_margin,
+                                       recheck_every=config.autotune_every)
 
     @stock_when_reentered
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, *args, **kwargs):
@@ -35,7 +53,7 @@ class GenerationOverrides:
             self._warn_once(*stock)
             return super()._generate_single_turn(prompt_ids, images, multimodal_fields, *args, **kwargs)
         engine, device, backend = self.lenbalance, self.accelerator.device, self._backend(args, kwargs)
-        learn = self._within_overhead_budget()
+        learn, settings = self._within_overhead_budget(), None
         if self.use_vllm or self.use_transformers_continuous_batching:  # the backend schedules requests itself
             admission = self._admission(len(prompt_ids), learn)
             completions, logprobs, stats = run_admitted(prompt_ids, backend, engine, admission)
@@ -48,7 +66,8 @@ class GenerationOverrides:
                                                                    self._gather_rows) if stats.waves else ({}, [])
         ranks = gather_ledgers(stats.ledger(completions), self.accelerator.gather, device)
         self.lenbalance_totals.add_generation(ranks, metrics.get("predictor/train_s", 0.0))
-        self._log_lenbalance(metrics | round_metrics(ranks, metrics) | self._budget_metrics())
+        plan = self._count_generation_plan(settings.compact, ranks) if settings else {}  # not for vLLM & co.
+        self._log_lenbalance(metrics | round_metrics(ranks, metrics) | self._budget_metrics() | plan)
         return (completions, logprobs) if isinstance(self, GRPOTrainer) else completions
 
     def _within_overhead_budget(self) -> bool:
@@ -69,8 +88,29 @@ class GenerationOverrides:
         ranks = gather_ledgers(ledger, self.accelerator.gather, self.accelerator.device)
         self.lenbalance_totals.add_generation(ranks, 0.0)
         self.lenbalance_totals.uncaptured_rounds += 1
-        self._log_lenbalance(round_metrics(ranks, {}) | self._budget_metrics())
+        self._log_lenbalance(round_metrics(ranks, {}) | self._budget_metrics()
+                             | self._count_generation_plan(compact, ranks))
         return (completions, None) if isinstance(self, GRPOTrainer) else completions  # GRPO: no logprobs here
+
+    def _count_generation_plan(self, compact: bool, ranks: list[GenerationLedger]) -> dict[str, float]:
+        """Let the generation tuner count the round (every rank's ledger; the same numbers on every rank, so the
+        same choice) and return what to log: the plan it ran (`gen/plan`, an index of `GENERATION_PLANS`), whether
+        the tuner was still measuring, and once decided its choice and stock's time over the choice's."""
+        tuner, plan = self._gen_autotune, GENERATION_PLANS[int(compact)]
+        exploring = not tuner.decided
+        per_step = seconds_per_decode_step(ranks)
+        changed = tuner.record(plan, per_step)
+        ratio = tuner.ratio_vs_stock() if len(tuner.candidates) > 1 else None  # a pinned plan compares nothing
+        if changed and self.accelerator.is_main_process:
+            speed = f" ({ratio:.2f}× stock's speed per decode step)" if ratio is not None else ""
+            tqdm.write(f"rl-lenbalance: generation plan: {tuner.choice}{speed}, "
+                       f"{tuner.passes - tuner.warmup} rounds measured.")
+        out = {"gen/plan": float(int(compact)), "gen/exploring": float(exploring), "gen/s_per_step": per_step}
+        if tuner.decided:
+            out["gen/choice"] = float(GENERATION_PLANS.index(tuner.choice))
+        if tuner.decided and ratio is not None:
+            out["gen/ratio_vs_stock"] = ratio
+        return out
 
     def _budget_metrics(self) -> dict[str, float]:
         totals = self.lenbalance_totals
@@ -83,7 +123,7 @@ class GenerationOverrides:
         config, engine = self.lenbalance_config, self.lenbalance
         return RolloutSettings(
             eos_token_ids=self.eos_token_ids, max_completion_length=self.max_completion_length,
-            compact=config.compaction and not self._loop_blocked("compaction"),
+            compact=self._gen_autotune.next() == "compaction",
             rebucket=config.rebucket and engine.healthy and engine.rounds > 0 and not self._loop_blocked("rebucket"),
             wave_size=config.generation_wave_size, probe_tokens=config.probe_tokens,
             partition_method=config.partition_method,
