@@ -208,12 +208,17 @@ def _running_rows(ids: list[int], prompts: list[list[int]], completions: list[li
         return []
     position = {row: p for p, row in enumerate(captured.rows.tolist())}
     state = captured.state.rows([position[j] for j in running])
-    remaining = engine.predict_remaining(state)
+    keys = captured.prompt_keys  # a sibling's length so far: it ended if that is <= the state's step
+    siblings = [[len(c) for k, c in enumerate(completions) if k != j and keys[k] == keys[j]] for j in running]
+    remaining = engine.predict_remaining(state, siblings)
     if not torch.isfinite(remaining).all():
         warnings.warn("rl-lenbalance: the length head predicted non-finite lengths; those rows are re-bucketed as if "
                       "they had the maximum length left.")
         longest = float(settings.max_completion_length)
         remaining = remaining.nan_to_num(longest, posinf=longest)
+    read = torch.full((len(completions),), float("nan"))
+    read[running] = remaining
+    captured.probe = (state.steps, read)  # scored after the round (`LenBalanceEngine.score_live`)
     return [dict(id=ids[j], prompt=prompts[j], prefix=completions[j], state=state.rows([n]),
                  remaining=float(remaining[n])) for n, j in enumerate(running)]
 
