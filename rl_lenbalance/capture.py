@@ -163,8 +163,8 @@ class CaptureResult:
     forwards: int = 0  # decode steps: forwards of the model (the prefill yields the first token)
     state: StreamState | None = None  # after the call: the state of the rows in `rows`
     prompt_keys: list[int] = field(default_factory=list)  # per row: a key of its prompt's tokens (`prompt_key`)
-    probe: tuple[int, torch.Tensor] | None = None  # re-bucketing: (step, (B,) remaining length predicted there, NaN
-    # for the rows the probe saw end), the prediction the scheduler read
+    probe: tuple[int, torch.Tensor] | None = None  # re-bucketing: (step, (B,) the head's remaining length predicted
+    # there, NaN for the rows the probe saw end); the scheduler acts on it or on `LenBalanceEngine.read`'s estimate
 
     @property
     def seconds(self) -> float:

@@ -7,6 +7,7 @@ import os
 import shutil
 import time
 import warnings
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
@@ -36,6 +37,8 @@ STATE_NAME = "engine_state.pt"  # beside the head's files: its optimizer, replay
 Gather = Callable[[torch.Tensor], torch.Tensor]  # this rank's rows -> every rank's rows, in rank order
 
 PLP_REPORT_STEP = 32  # the PLP error is reported after this many observed tokens (the paper's t = 32)
+CANDIDATES = ("head", *ESTIMATES)  # what the scheduler may act on at a step: the head, or an estimate of its context
+SELECTION_ROUNDS = 3  # the last rounds of live error that choose among them
 
 
 def head_config(config: LenBalanceConfig, hidden_size: int, max_length: int) -> HeadConfig:
@@ -145,6 +148,7 @@ class LenBalanceEngine:
         self.baseline = NaiveLengthBaseline()
         self.history = LengthHistory()
         self.rounds = 0
+        self.live_errors: dict[str, deque[list[float]]] = {}  # label -> recent rounds' live MAE per candidate
         self.rounds_worse_than_naive = 0
         self.fallbacks = 0
         self.healthy = True
@@ -228,6 +232,24 @@ class LenBalanceEngine:
         z = plp_features(state.prompt, state.pool, state.steps, self.max_length)
         return self.predict(self.head_input(z, state.keys, [state.steps] * len(state.keys), siblings)).cpu()
 
+    def chosen(self, step: int) -> str:
+        """The candidate (`CANDIDATES`) the scheduler acts on at `step`: the lowest mean live MAE over the last
+        `SELECTION_ROUNDS` rounds scored at that step (`score_live`); the head before any."""
+        rounds = self.live_errors.get(_label(step))
+        if not rounds:
+            return "head"
+        return CANDIDATES[int(torch.tensor(list(rounds)).nanmean(0).nan_to_num(float("inf")).argmin())]
+
+    def read(self, predicted: torch.Tensor, keys: Sequence[int], step: int,
+             siblings: Sequence[Sequence[int]]) -> torch.Tensor:
+        """The remaining length the scheduler acts on, for rows whose head predicted `predicted` at `step`: that, or
+        the estimate `chosen(step)` computed with the same visibility (`context`)."""
+        choice = self.chosen(step)
+        if choice == "head":
+            return predicted
+        estimate = self.context(keys, [step] * len(keys), siblings)[:, ESTIMATES.index(choice)] * self.max_length
+        return estimate.to(predicted)
+
     @staticmethod
     def siblings(pairs: TrainingPairs) -> list[list[int]]:
         """Per entry of `pairs` (every rank's rows): the final lengths of the other rows of its prompt in the generate
@@ -284,13 +306,15 @@ class LenBalanceEngine:
         sibling / median estimates with the same visibility (`context` at the same row and step): per row id (`rows`,
         -1: padding) its predicted remaining length at t=0, the probe step and its prediction there (`live`: (N, 3),
         NaN where none was made) and its final length; `pairs` (every rank's) gives each row's prompt and siblings.
-        Keys `predictor/live_{mae,kendall}_static` and `_plp<probe step>`. Call before `learn` updates the history."""
+        Keys `predictor/live_{mae,kendall}_static` and `_plp<probe step>`; `predictor/used_<label>`, the index in
+        `CANDIDATES` of the estimate the scheduler acted on (`chosen`), and its MAE `predictor/live_mae_used_<label>`.
+        From the second round on, the errors join those `chosen` reads. Call before `learn` updates the history."""
         keys = dict(zip(pairs.row.tolist(), pairs.prompt.tolist(), strict=True))
         siblings = dict(zip(pairs.row.tolist(), self.siblings(pairs), strict=True))
         valid = rows >= 0
         made = [("static", 0, valid & live[:, 0].isfinite(), live[:, 0])]
         probed = valid & live[:, 1].isfinite() & live[:, 2].isfinite()
-        made += [(f"plp{step}", step, probed & (live[:, 1] == step), live[:, 2])
+        made += [(_label(step), step, probed & (live[:, 1] == step), live[:, 2])
                  for step in sorted({int(s) for s in live[probed, 1].tolist()})]
         metrics: dict[str, float] = {}
         for label, step, mask, predicted in made:
@@ -298,8 +322,14 @@ class LenBalanceEngine:
                 continue
             ids = rows[mask].tolist()
             context = self.context([keys[r] for r in ids], [step] * len(ids), [siblings[r] for r in ids])
-            metrics |= self._scores("live_", label, step, predicted[mask], (lengths[mask] - step).float(), context,
-                                    kendall=True)
+            scores = self._scores("live_", label, step, predicted[mask], (lengths[mask] - step).float(), context,
+                                  kendall=True)
+            errors = [scores.get(f"predictor/live_mae_{label}" if name == "head" else
+                                 f"predictor/live_mae_{name}_{label}", float("nan")) for name in CANDIDATES]
+            used = CANDIDATES.index(self.chosen(step))  # what this round's scheduler acted on
+            metrics |= scores | {f"predictor/used_{label}": float(used), f"predictor/live_mae_used_{label}": errors[used]}
+            if self.baseline.predict_remaining(step) is not None:  # not round 1: an untrained head, no estimate yet
+                self.live_errors.setdefault(label, deque(maxlen=SELECTION_ROUNDS)).append(errors)
         return metrics
 
     def _scores(self, prefix: str, label: str, step: int, predicted: torch.Tensor, remaining: torch.Tensor,
@@ -398,6 +428,7 @@ class LenBalanceEngine:
         return {"optimizer": self.trainer.optimizer.state_dict(), "buffer": self.trainer.buffer.state_dict(),
                 "generator": self.trainer.generator.get_state(), "skipped_updates": self.trainer.skipped_updates,
                 "baseline": list(self.baseline.lengths), "history": self.history.state_dict(), "rounds": self.rounds,
+                "live_errors": {label: list(rounds) for label, rounds in self.live_errors.items()},
                 "fallbacks": self.fallbacks,
                 "rounds_worse_than_naive": self.rounds_worse_than_naive, "healthy": self.healthy}
 
@@ -421,6 +452,8 @@ class LenBalanceEngine:
         self.baseline.update(state["baseline"])
         self.history.load_state_dict(state.get("history", {"rows": [], "prompts": []}))  # none in states saved before it
         self.rounds, self.fallbacks = state["rounds"], state["fallbacks"]
+        self.live_errors = {label: deque(rounds, maxlen=SELECTION_ROUNDS)  # none in states saved before it
+                            for label, rounds in state.get("live_errors", {}).items()}
         self.rounds_worse_than_naive, self.healthy = state["rounds_worse_than_naive"], state["healthy"]
 
     def save(self, directory: str | os.PathLike) -> None:
@@ -457,6 +490,11 @@ class LenBalanceEngine:
                       + (" (the head keeps its saved weights)" if head is not None else ""))
         if state is not None:
             self.load_state_dict(state, optimizer=head is not None)
+
+
+def _label(step: int) -> str:
+    """The metrics' name of a prediction step: `static` at t=0, `plp<step>` after it."""
+    return "static" if step == 0 else f"plp{step}"
 
 
 def _read(path: str | os.PathLike, what: str, reader: Callable, lost: str):

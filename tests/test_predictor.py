@@ -339,3 +339,42 @@ def test_the_probe_reads_the_input_its_training_pair_holds_and_its_live_error_is
     assert [p for p, _ in table] == pytest.approx([known] * len(prompts))
     assert {"predictor/live_mae_history_plp32", "predictor/live_mae_sibling_plp32", "predictor/live_kendall_plp32",
             "predictor/live_mae_median_static", "predictor/mae_plp32"} <= set(metrics)
+
+
+def test_the_scheduler_acts_on_the_estimate_with_the_lowest_recent_live_error(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from rl_lenbalance.config import LenBalanceConfig
+    from rl_lenbalance.engine import CANDIDATES, SELECTION_ROUNDS, LenBalanceEngine, TrainingPairs
+    from rl_lenbalance.predictor.context import ESTIMATES
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    engine = LenBalanceEngine(model, LenBalanceConfig(), 64)
+    lengths = torch.tensor([40, 50, 60, 34, 36, 38, 60, 63])  # prompt k's rows: 2k, 2k+1, one generate call
+    engine.baseline.update(lengths.tolist())  # a running mean and median to copy
+    pairs = TrainingPairs.empty(8, 1, feature_size(model.config.hidden_size))
+    pairs.row, pairs.prompt, pairs.length, pairs.wave = torch.arange(8), torch.arange(8) // 2, lengths, torch.zeros(8)
+    live = torch.full((8, 3), float("nan"))
+    live[:, 0] = 5.0  # the head read 5 tokens for every row at t=0: far off
+
+    assert engine.chosen(0) == "head"  # nothing scored yet
+    metrics = engine.score_live(torch.arange(8), live, lengths, pairs)
+    errors = {name: metrics[f"predictor/live_mae_{name}_static" if name != "head" else "predictor/live_mae_static"]
+              for name in CANDIDATES}
+    assert errors["head"] == pytest.approx((lengths - 5.0).abs().mean().item())
+    assert metrics["predictor/used_static"] == 0.0 and metrics["predictor/live_mae_used_static"] == errors["head"]
+    best = min(errors, key=errors.get)
+    assert best != "head" and engine.chosen(0) == best and engine.chosen(32) == "head"  # per step
+    read = engine.read(torch.full((2,), 5.0), [0, 1], 0, [[], []])
+    assert torch.equal(read, engine.context([0, 1], [0, 0], [[], []])[:, ESTIMATES.index(best)] * 64)
+    resumed = LenBalanceEngine(model, LenBalanceConfig(), 64)
+    resumed.load_state_dict(engine.state_dict())
+    assert resumed.chosen(0) == best
+
+    live[:, 0] = lengths.float()  # now the head is exact: once its bad round leaves the window, it drives again
+    used = engine.score_live(torch.arange(8), live, lengths, pairs)["predictor/used_static"]
+    assert used == CANDIDATES.index(best)  # this round acted on the choice the bad round made
+    for _ in range(SELECTION_ROUNDS - 1):
+        engine.score_live(torch.arange(8), live, lengths, pairs)
+    assert engine.chosen(0) == "head"
+    assert torch.equal(engine.read(torch.full((2,), 5.0), [0, 1], 0, [[], []]), torch.full((2,), 5.0))
