@@ -30,14 +30,13 @@ from .predictor import (
     kendall_tau,
     plp_features,
 )
-from .predictor.context import ESTIMATES
+from .predictor.context import CANDIDATES, ESTIMATES
 from .predictor.head import CONFIG_NAME, WEIGHTS_NAME
 
 STATE_NAME = "engine_state.pt"  # beside the head's files: its optimizer, replay buffer, baseline and health
 Gather = Callable[[torch.Tensor], torch.Tensor]  # this rank's rows -> every rank's rows, in rank order
 
 PLP_REPORT_STEP = 32  # the PLP error is reported after this many observed tokens (the paper's t = 32)
-CANDIDATES = ("head", *ESTIMATES)  # what the scheduler may act on at a step: the head, or an estimate of its context
 SELECTION_ROUNDS = 3  # the last rounds of live error that choose among them
 
 
@@ -327,7 +326,8 @@ class LenBalanceEngine:
             errors = [scores.get(f"predictor/live_mae_{label}" if name == "head" else
                                  f"predictor/live_mae_{name}_{label}", float("nan")) for name in CANDIDATES]
             used = CANDIDATES.index(self.chosen(step))  # what this round's scheduler acted on
-            metrics |= scores | {f"predictor/used_{label}": float(used), f"predictor/live_mae_used_{label}": errors[used]}
+            metrics |= scores | {f"predictor/used_{label}": float(used),
+                                 f"predictor/live_mae_used_{label}": errors[used]}
             if self.baseline.predict_remaining(step) is not None:  # not round 1: an untrained head, no estimate yet
                 self.live_errors.setdefault(label, deque(maxlen=SELECTION_ROUNDS)).append(errors)
         return metrics

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from . import ledger
+from .predictor.context import CANDIDATES
 from .wandb_offline import OfflineRun, find_runs, read_run
 
 WANDB_PREFIX = "train/"  # transformers' WandbCallback puts the trainer's logs under "train/"
@@ -210,7 +211,7 @@ def render_figure(run: OfflineRun, tables: dict[int, list[tuple[float, float]]],
     _lines(axes[6], run, "(g) predictor MAE per captured round (scored before training on it)", "tokens",
            head + estimates + replay, dashed={key for key, _, _ in estimates},
            markers={key: "x" for key, _, _ in replay},
-           note="\n".join(note for note in (captured, _kendall_note(run, probe)) if note))
+           note="\n".join(note for note in (captured, _kendall_note(run, probe), _used_note(run, probe)) if note))
     _scatter(axes[7], tables, _captured_rounds(run), captured)
     _lines(axes[8], run, "(i) predictor fallbacks and skipped updates (cumulative)", "count",
            [(f"{LB}predictor/fallbacks", "fallbacks to stock scheduling", "tab:red"),
@@ -268,6 +269,16 @@ def _kendall_note(run: OfflineRun, probe: str) -> str:
         if values:
             return f"Kendall tau ({what}), predicted vs actual\nremaining: {sum(values) / len(values):.2f} (mean)"
     return ""
+
+
+def _used_note(run: OfflineRun, probe: str) -> str:
+    """Which prediction the scheduler acted on in the last round that logged it (`predictor/used_*`)."""
+    used = []
+    for label, step in (("static", "0"), (probe, probe[3:])):
+        values = series(run, f"{LB}predictor/used_{label}")[1] if label else []
+        if values:
+            used.append(f"{CANDIDATES[int(values[-1])]} at t={step}")
+    return "last round acted on: " + ", ".join(used) if used else ""
 
 
 def _single_rank_note(run: OfflineRun) -> str:

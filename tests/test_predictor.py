@@ -345,8 +345,8 @@ def test_the_scheduler_acts_on_the_estimate_with_the_lowest_recent_live_error(ti
     from transformers import AutoModelForCausalLM
 
     from rl_lenbalance.config import LenBalanceConfig
-    from rl_lenbalance.engine import CANDIDATES, SELECTION_ROUNDS, LenBalanceEngine, TrainingPairs
-    from rl_lenbalance.predictor.context import ESTIMATES
+    from rl_lenbalance.engine import SELECTION_ROUNDS, LenBalanceEngine, TrainingPairs
+    from rl_lenbalance.predictor.context import CANDIDATES, ESTIMATES
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     engine = LenBalanceEngine(model, LenBalanceConfig(), 64)
