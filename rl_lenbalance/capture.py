@@ -163,6 +163,8 @@ class CaptureResult:
     forwards: int = 0  # decode steps: forwards of the model (the prefill yields the first token)
     state: StreamState | None = None  # after the call: the state of the rows in `rows`
     prompt_keys: list[int] = field(default_factory=list)  # per row: a key of its prompt's tokens (`prompt_key`)
+    probe: tuple[int, torch.Tensor] | None = None  # re-bucketing: (step, (B,) the head's remaining length predicted
+    # there, NaN for the rows the probe saw end); the scheduler acts on it or on `LenBalanceEngine.read`'s estimate
 
     @property
     def seconds(self) -> float:
@@ -183,10 +185,11 @@ class GenerationCapture:
     """Forward hooks on the final norm (and feature layer) and lm_head of a causal LM."""
 
     def __init__(self, model: nn.Module, predict: Callable[[torch.Tensor], torch.Tensor], config: LenBalanceConfig,
-                 max_length: int, context: Callable[[list[int], int], torch.Tensor] | None = None) -> None:
+                 max_length: int, inputs: Callable[[torch.Tensor, list[int], int], torch.Tensor] | None = None
+                 ) -> None:
         self.norm, self.feature_module, self.lm_head = resolve_module(model, config)
         self.predict, self.config, self.max_length = predict, config, max_length  # predict: head input -> remaining
-        self.context = context  # (prompt keys, step) -> context features appended to the PLP features; None: none
+        self.inputs = inputs or _plp_only  # (PLP features, prompt keys, step) -> the head's input
         self.record_at = set(record_steps(max_length, config.record_every))
         self.device = next(model.parameters()).device
 
@@ -264,8 +267,7 @@ class GenerationCapture:
                 z = plp_features(prompt, pool if step else None, step, self.max_length)
                 recorded[step].append(z.to(torch.float16))
                 if step == 0:
-                    keys = [prompt_key(prompts[r]) for r in rows] if self.context is not None else []
-                    predicted.append(self.predict(self._with_context(z, keys, 0)))
+                    predicted.append(self.predict(self.inputs(z, [prompt_key(prompts[r]) for r in rows], 0)))
         result = CaptureResult(recorded={step: torch.cat(z) for step, z in recorded.items()},
                                prompt_keys=[prompt_key(p) for p in prompts])
         if predicted:
@@ -298,10 +300,6 @@ class GenerationCapture:
                                                  self.lm_head.bias))
                           for i in range(0, len(hidden), ENTROPY_CHUNK_ROWS)])
 
-    def _with_context(self, z: torch.Tensor, keys: list[int], step: int) -> torch.Tensor:
-        """The head's input: PLP features, then the rows' context features when the head reads them."""
-        return z if self.context is None else torch.cat([z, self.context(keys, step).to(z)], 1)
-
     def _predicts(self, step: int) -> bool:
         """The head runs at step 0 (what the scheduler reads) and every `predict_every` steps when that is set."""
         return step == 0 or (self.config.predict_every > 0 and step % self.config.predict_every == 0)
@@ -318,12 +316,16 @@ class GenerationCapture:
         batch = len(result.prompt_features)
         if want_prediction:  # rows a compacting loop already dropped (finished) are NaN
             predicted = z.new_full((batch,), float("nan"))
-            head_input = z if self.context is None else self._with_context(  # reads the rows back from the device
-                z, [result.prompt_keys[r] for r in result.rows.tolist()], step)
-            predicted[result.rows] = self.predict(head_input)
+            keys = [result.prompt_keys[r] for r in result.rows.tolist()]  # reads the rows back from the device
+            predicted[result.rows] = self.predict(self.inputs(z, keys, step))
             result.prediction_steps.append(step)
             result.predictions.append(predicted)
         if step in self.record_at:
             recorded = z.new_zeros(batch, z.size(1), dtype=torch.float16)
             recorded[result.rows] = z.to(torch.float16)
             result.recorded[step] = recorded
+
+
+def _plp_only(features: torch.Tensor, _keys: list[int], _step: int) -> torch.Tensor:
+    """A head input of the PLP features alone (a head without context)."""
+    return features

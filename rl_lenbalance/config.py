@@ -45,10 +45,11 @@ class LenBalanceConfig:
     context_features: bool = field(
         default=True,
         metadata={"help": "Also feed the head its row's context: the prompt's past lengths, its siblings (the same "
-                          "prompt's rows) finished so far, and the naive / history / sibling estimates, with a learned "
-                          "prior that can copy the best estimate. During generation the hooks do not see which siblings "
-                          "finished: predictions count them as running (exact at step 0, what the scheduler reads). "
-                          "Lower online error than without (docs/benchmarks/predictor_online_cpu.json)."},
+                          "prompt's rows in the generate call that started it, on its rank) that ended by the step, "
+                          "and the naive / history / sibling / median estimates, with a learned prior that can copy "
+                          "the best estimate. Training pairs see exactly what a live prediction at the same step sees "
+                          "(`LenBalanceEngine.head_input`). Lower online error than without "
+                          "(docs/benchmarks/predictor_online_cpu.json)."},
     )
     predict_every: int = field(
         default=0,

@@ -7,7 +7,8 @@ import os
 import shutil
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -29,13 +30,14 @@ from .predictor import (
     kendall_tau,
     plp_features,
 )
-from .predictor.context import ESTIMATES
+from .predictor.context import CANDIDATES, ESTIMATES
 from .predictor.head import CONFIG_NAME, WEIGHTS_NAME
 
 STATE_NAME = "engine_state.pt"  # beside the head's files: its optimizer, replay buffer, baseline and health
 Gather = Callable[[torch.Tensor], torch.Tensor]  # this rank's rows -> every rank's rows, in rank order
 
 PLP_REPORT_STEP = 32  # the PLP error is reported after this many observed tokens (the paper's t = 32)
+SELECTION_ROUNDS = 3  # the last rounds of live error that choose among them
 
 
 def head_config(config: LenBalanceConfig, hidden_size: int, max_length: int) -> HeadConfig:
@@ -53,12 +55,14 @@ def new_trainer(head: PLPHead, config: LenBalanceConfig, seed: int) -> OnlineTra
 def check_head(head: HeadConfig, config: LenBalanceConfig, hidden_size: int, max_length: int, path: str) -> None:
     """Refuse a saved head whose contract differs from this run's: it would silently read other features."""
     wanted = head_config(config, hidden_size, max_length)
-    names = ("hidden_size", "max_length", "pooling", "feature_layer", "context_size")
+    names = ("hidden_size", "max_length", "pooling", "feature_layer", "extra_features", "context_size")
     expected = {name: getattr(wanted, name) for name in names}
     fixes = {"hidden_size": "point lenbalance.predictor_path at a head trained on this model",
              "max_length": "set max_completion_length to the head's, or train a new head",
              "pooling": "set lenbalance.pooling to the head's",
              "feature_layer": "set lenbalance.feature_layer to the head's",
+             "extra_features": "the head reads feature columns the trainer does not compute (a benchmark variant): "
+                               "train a new head",
              "context_size": ("the head reads another set of context features (saved by another rl-lenbalance "
                               "version): train a new head" if head.context_size and wanted.context_size else
                               "set lenbalance.context_features to match the head (it was saved "
@@ -76,7 +80,7 @@ def check_head(head: HeadConfig, config: LenBalanceConfig, hidden_size: int, max
 @dataclass
 class TrainingPairs:
     """A round's training pairs. Per entry (a row of a wave): its PLP features and remaining length at t=0 and t=32
-    (`y0`/`y32` = -1 where the row ended earlier), its prompt's key and its final length. Per sample
+    (`y0`/`y32` = -1 where the row ended earlier), its prompt's key, its final length and its first wave. Per sample
     (`samples_per_sequence` slots per entry): a (feature, remaining length, step) triple, `y` = -1 where unused."""
 
     z0: torch.Tensor  # (E, F)
@@ -86,6 +90,7 @@ class TrainingPairs:
     row: torch.Tensor  # (E,) the row's id (unique across ranks; a re-bucketed row has an entry per wave), -1: none
     prompt: torch.Tensor  # (E,) int64 key of the row's prompt (`CaptureResult.prompt_keys`)
     length: torch.Tensor  # (E,) final length of the row
+    wave: torch.Tensor  # (E,) id of the generate call that started the row (its smallest row id); -1: a continuation
     z: torch.Tensor  # (E * S, F)
     y: torch.Tensor  # (E * S,)
     step: torch.Tensor  # (E * S,) decode step of each sample
@@ -96,7 +101,8 @@ class TrainingPairs:
         return cls(z0=torch.zeros(entries, width), y0=torch.full((entries,), -1.0), z32=torch.zeros(entries, width),
                    y32=torch.full((entries,), -1.0), row=torch.full((entries,), -1, dtype=torch.long),
                    prompt=torch.zeros(entries, dtype=torch.long),
-                   length=torch.zeros(entries, dtype=torch.long), z=torch.zeros(entries * samples, width),
+                   length=torch.zeros(entries, dtype=torch.long), wave=torch.full((entries,), -1, dtype=torch.long),
+                   z=torch.zeros(entries * samples, width),
                    y=torch.full((entries * samples,), -1.0),
                    step=torch.full((entries * samples,), -1, dtype=torch.long))
 
@@ -136,12 +142,12 @@ class LenBalanceEngine:
                 head = PLPHead(head_config(config, hidden, max_length))
         self.head = head.to(device).eval()
         self.config, self.max_length, self.seed = config, max_length, seed
-        context = self.context_at if config.context_features else None
-        self.capture = GenerationCapture(model, self.predict, config, max_length, context)
+        self.capture = GenerationCapture(model, self.predict, config, max_length, self.live_input)
         self.trainer = new_trainer(self.head, config, seed)
         self.baseline = NaiveLengthBaseline()
         self.history = LengthHistory()
         self.rounds = 0
+        self.live_errors: dict[str, deque[list[float]]] = {}  # label -> recent rounds' live MAE per candidate
         self.rounds_worse_than_naive = 0
         self.fallbacks = 0
         self.healthy = True
@@ -166,9 +172,11 @@ class LenBalanceEngine:
         entry = 0
         for wave in waves:
             recorded = {step: z.float().cpu() for step, z in wave.capture.recorded.items()}  # one copy per step
+            first = min(wave.rows) if 0 in wave.capture.prediction_steps else -1  # a continuation starts past 0
             for j, row in enumerate(wave.rows):
                 length = lengths[row]
                 out.row[entry], out.prompt[entry], out.length[entry] = row, wave.capture.prompt_keys[j], length
+                out.wave[entry] = first
                 steps = [s for s in self._steps if s < length]
                 for z, y, step in ((out.z0, out.y0, 0), (out.z32, out.y32, PLP_REPORT_STEP)):
                     if step in steps and step in recorded:
@@ -183,90 +191,183 @@ class LenBalanceEngine:
         return out
 
     @torch.no_grad()
-    def predict(self, features: torch.Tensor) -> torch.Tensor:
-        """The head's predicted remaining length (float32, on the features' device) of each row of PLP features."""
-        return self.head.predict(features.to(self.head.edges.device)).to(features.device, torch.float32)
+    def predict(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The head's predicted remaining length (float32, on the inputs' device) of each row of head inputs."""
+        return self.head.predict(inputs.to(self.head.edges.device)).to(inputs.device, torch.float32)
 
-    def predict_remaining(self, state: StreamState) -> torch.Tensor:
-        """PLP: the remaining length of each row of `state`, after the tokens it has seen (on the CPU)."""
-        z = plp_features(state.prompt, state.pool, state.steps, self.max_length)
-        if self.config.context_features:
-            z = torch.cat([z, self.context_at(state.keys, state.steps).to(z)], 1)
-        return self.predict(z).cpu()
-
-    def context_at(self, prompts: list[int], step: int) -> torch.Tensor:
-        """(B, CONTEXT_SIZE) context of rows of these prompt keys during generation, at `step`. Which siblings
-        finished is not visible to the hooks: they count as running (exact at step 0, what the scheduler reads)."""
-        naive, median = self.baseline.predict_remaining(step), self.baseline.predict_median(step)
-        return torch.tensor([context_vector(self.history, naive, p, step, [], self.max_length, median)
-                             for p in prompts])
-
-    def round_context(self, pairs: TrainingPairs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Context vectors of the entries at t=0 and t=32 and of the samples, from the round's rows (`pairs` holds
-        every rank's: each row's siblings are the other rows of its prompt) and the history before this round."""
-        groups: dict[int, dict[int, int]] = {}
-        for row, prompt, length in zip(pairs.row.tolist(), pairs.prompt.tolist(), pairs.length.tolist(), strict=True):
-            if row >= 0:
-                groups.setdefault(prompt, {})[row] = length
+    def context(self, keys: Sequence[int], steps: Sequence[int], siblings: Sequence[Sequence[int]]) -> torch.Tensor:
+        """(N, CONTEXT_SIZE): what is visible of row i at step `steps[i]`: its prompt's (`keys[i]`) past lengths and
+        the running estimates, both from rounds before this one, and its siblings, the other rows of its prompt in the
+        generate call that started it (same rank, decoded together), given by their lengths (`siblings[i]`): those
+        <= the step had ended by then, larger ones were still running. Other rows of the prompt are not visible."""
         baseline: dict[int, tuple[float | None, float | None]] = {}  # step -> (naive, median)
-
-        def vector(entry: int, step: int) -> list[float]:
-            row, prompt = int(pairs.row[entry]), int(pairs.prompt[entry])
+        rows = []
+        for key, step, others in zip(keys, steps, siblings, strict=True):
             if step not in baseline:
                 baseline[step] = self.baseline.predict_remaining(step), self.baseline.predict_median(step)
-            siblings = [length for other, length in groups.get(prompt, {}).items() if other != row]
             naive, median = baseline[step]
-            return context_vector(self.history, naive, prompt, step, siblings, self.max_length, median)
+            rows.append(context_vector(self.history, naive, key, step, others, self.max_length, median))
+        return torch.tensor(rows, dtype=torch.float32).reshape(len(rows), CONTEXT_SIZE)
 
-        entries, samples = len(pairs.row), self.config.samples_per_sequence
-        zeros = [0.0] * CONTEXT_SIZE
-        at = [torch.tensor([vector(e, step) if pairs.row[e] >= 0 else zeros for e in range(entries)]).reshape(
-            entries, CONTEXT_SIZE) for step in (0, PLP_REPORT_STEP)]
-        sampled = torch.tensor([vector(i // samples, int(step)) if y >= 0 else zeros
-                                for i, (y, step) in enumerate(zip(pairs.y.tolist(), pairs.step.tolist()))])
-        return at[0], at[1], sampled.reshape(len(pairs.y), CONTEXT_SIZE)
+    def head_input(self, features: torch.Tensor, keys: Sequence[int], steps: Sequence[int],
+                   siblings: Sequence[Sequence[int]]) -> torch.Tensor:
+        """The head's input for rows at these steps, the one definition used by live prediction, training and
+        scoring: the PLP features (then any extra features), then `context(keys, steps, siblings)` when the head reads
+        context (`HeadConfig.context_size`); rounded to float16 as the replay buffer stores it, so a live prediction
+        and the training pair of the same row and step are the same vector."""
+        if self.head.config.context_size:
+            features = torch.cat([features.float(), self.context(keys, steps, siblings).to(features.device)], 1)
+        return features.to(torch.float16).float()
+
+    def live_input(self, features: torch.Tensor, keys: list[int], step: int) -> torch.Tensor:
+        """`head_input` inside the capture's hooks, which see no sibling end: exact at step 0, the prediction the
+        scheduler reads there (no row ends before its first token). `predict_every`'s inspection predictions past
+        step 0 count every sibling as running; the probe's prediction (`predict_remaining`) sees them."""
+        return self.head_input(features, keys, [step] * len(keys), [()] * len(keys))
+
+    def predict_remaining(self, state: StreamState, siblings: Sequence[Sequence[int]]) -> torch.Tensor:
+        """PLP: the remaining length of each row of `state`, after the tokens it has seen (on the CPU); `siblings`:
+        per row, the lengths so far of the other rows of its prompt in its generate call (`context`)."""
+        z = plp_features(state.prompt, state.pool, state.steps, self.max_length)
+        return self.predict(self.head_input(z, state.keys, [state.steps] * len(state.keys), siblings)).cpu()
+
+    def chosen(self, step: int) -> str:
+        """The candidate (`CANDIDATES`) the scheduler acts on at `step`: the lowest mean live MAE over the last
+        `SELECTION_ROUNDS` rounds scored at that step (`score_live`); the head before any."""
+        rounds = self.live_errors.get(_label(step))
+        if not rounds:
+            return "head"
+        return CANDIDATES[int(torch.tensor(list(rounds)).nanmean(0).nan_to_num(float("inf")).argmin())]
+
+    def read(self, predicted: torch.Tensor, keys: Sequence[int], step: int,
+             siblings: Sequence[Sequence[int]]) -> torch.Tensor:
+        """The remaining length the scheduler acts on, for rows whose head predicted `predicted` at `step`: that, or
+        the estimate `chosen(step)` computed with the same visibility (`context`)."""
+        choice = self.chosen(step)
+        if choice == "head":
+            return predicted
+        estimate = self.context(keys, [step] * len(keys), siblings)[:, ESTIMATES.index(choice)] * self.max_length
+        return estimate.to(predicted)
+
+    @staticmethod
+    def siblings(pairs: TrainingPairs) -> list[list[int]]:
+        """Per entry of `pairs` (every rank's rows): the final lengths of the other rows of its prompt in the generate
+        call that started its row (`TrainingPairs.wave`), as `context` reads them; none for an invalid entry."""
+        rows, prompts = pairs.row.tolist(), pairs.prompt.tolist()
+        first = {row: wave for row, wave in zip(rows, pairs.wave.tolist(), strict=True) if row >= 0 and wave >= 0}
+        groups: dict[tuple[int, int], dict[int, int]] = {}
+        for row, prompt, length in zip(rows, prompts, pairs.length.tolist(), strict=True):
+            if row in first:
+                groups.setdefault((first[row], prompt), {})[row] = length
+        return [[length for other, length in groups.get((first.get(row, -1), prompt), {}).items() if other != row]
+                for row, prompt in zip(rows, prompts, strict=True)]
+
+    def round_inputs(self, pairs: TrainingPairs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The head's inputs (`head_input`) of the entries at t=0 and t=32 and of the samples, from the round's rows
+        (`pairs` holds every rank's) and the history before this round."""
+        return self._round_inputs(pairs, self.siblings(pairs))
+
+    def _round_inputs(self, pairs: TrainingPairs, siblings: list[list[int]]
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        keys, entries = pairs.prompt.tolist(), len(pairs.row)
+        samples = len(pairs.y) // entries if entries else 0
+        at = [self.head_input(z, keys, [step] * entries, siblings) for z, step in ((pairs.z0, 0),
+                                                                                  (pairs.z32, PLP_REPORT_STEP))]
+        sampled = self.head_input(pairs.z, [k for k in keys for _ in range(samples)], pairs.step.tolist(),
+                                  [s for s in siblings for _ in range(samples)])
+        return at[0], at[1], sampled
 
     def learn_round(self, waves: list[Wave], lengths: Mapping[int, int], own_ids: list[int],
                     gather: Gather) -> tuple[dict[str, float], list[tuple[float, int]]]:
         """The online update after a round: every rank's training pairs and lengths (`gather` concatenates the
-        ranks' rows in rank order; ranks may hold different counts, padded with -1), scored then learned.
+        ranks' rows in rank order; ranks may hold different counts, padded with -1), the live predictions scored
+        (`score_live`), then the replay scored and learned (`learn`).
         Returns the metrics and the (predicted at t=0, actual) length of every rank's own rows (`own_ids`)."""
         pairs = self.training_pairs(waves, lengths).map(gather)
-        predicted0 = torch.full((len(own_ids),), float("nan"))
+        live = torch.full((len(own_ids), 3), float("nan"))  # per own row: predicted at t=0, probe step, predicted there
         position = {row: i for i, row in enumerate(own_ids)}
         for wave in waves:
             if 0 in wave.capture.prediction_steps:  # a probe or plain wave: its rows are this rank's own
-                predicted0[[position[row] for row in wave.rows]] = wave.capture.predicted_total(0).float().cpu()
+                rows = [position[row] for row in wave.rows]
+                live[rows, 0] = wave.capture.predicted_total(0).float().cpu()
+                if wave.capture.probe is not None:
+                    step, predicted = wave.capture.probe
+                    live[rows, 1], live[rows, 2] = float(step), predicted.float().cpu()
+        ids, live = gather(torch.tensor(own_ids)), gather(live)
         actual = gather(torch.tensor([lengths[row] for row in own_ids]))
-        table = list(zip(gather(predicted0).tolist(), actual.tolist(), strict=True))
-        return self.learn(pairs, actual), table
+        table = list(zip(live[:, 0].tolist(), actual.tolist(), strict=True))
+        metrics = self.score_live(ids, live, actual, pairs)
+        return metrics | self.learn(pairs, actual), table
+
+    def score_live(self, rows: torch.Tensor, live: torch.Tensor, lengths: torch.Tensor,
+                   pairs: TrainingPairs) -> dict[str, float]:
+        """Score the predictions the scheduler read against the lengths that followed, beside the naive / history /
+        sibling / median estimates with the same visibility (`context` at the same row and step): per row id (`rows`,
+        -1: padding) its predicted remaining length at t=0, the probe step and its prediction there (`live`: (N, 3),
+        NaN where none was made) and its final length; `pairs` (every rank's) gives each row's prompt and siblings.
+        Keys `predictor/live_{mae,kendall}_static` and `_plp<probe step>`; `predictor/used_<label>`, the index in
+        `CANDIDATES` of the estimate the scheduler acted on (`chosen`), and its MAE `predictor/live_mae_used_<label>`.
+        From the second round on, the errors join those `chosen` reads. Call before `learn` updates the history."""
+        keys = dict(zip(pairs.row.tolist(), pairs.prompt.tolist(), strict=True))
+        siblings = dict(zip(pairs.row.tolist(), self.siblings(pairs), strict=True))
+        valid = rows >= 0
+        made = [("static", 0, valid & live[:, 0].isfinite(), live[:, 0])]
+        probed = valid & live[:, 1].isfinite() & live[:, 2].isfinite()
+        made += [(_label(step), step, probed & (live[:, 1] == step), live[:, 2])
+                 for step in sorted({int(s) for s in live[probed, 1].tolist()})]
+        metrics: dict[str, float] = {}
+        for label, step, mask, predicted in made:
+            if not mask.any():
+                continue
+            ids = rows[mask].tolist()
+            context = self.context([keys[r] for r in ids], [step] * len(ids), [siblings[r] for r in ids])
+            scores = self._scores("live_", label, step, predicted[mask], (lengths[mask] - step).float(), context,
+                                  kendall=True)
+            errors = [scores.get(f"predictor/live_mae_{label}" if name == "head" else
+                                 f"predictor/live_mae_{name}_{label}", float("nan")) for name in CANDIDATES]
+            used = CANDIDATES.index(self.chosen(step))  # what this round's scheduler acted on
+            metrics |= scores | {f"predictor/used_{label}": float(used),
+                                 f"predictor/live_mae_used_{label}": errors[used]}
+            if self.baseline.predict_remaining(step) is not None:  # not round 1: an untrained head, no estimate yet
+                self.live_errors.setdefault(label, deque(maxlen=SELECTION_ROUNDS)).append(errors)
+        return metrics
+
+    def _scores(self, prefix: str, label: str, step: int, predicted: torch.Tensor, remaining: torch.Tensor,
+                context: torch.Tensor, kendall: bool) -> dict[str, float]:
+        """`predictor/{prefix}mae_{label}` of the head's predictions, `..._{estimate}_{label}` of each estimate leading
+        `context` (before any history only naive, then half the tokens left) and, with `kendall` and two rows or more,
+        `predictor/{prefix}kendall_{label}`."""
+        out = {f"predictor/{prefix}mae_{label}": (predicted - remaining).abs().mean().item()}
+        history = self.baseline.predict_remaining(step) is not None
+        for k, name in enumerate(ESTIMATES):
+            if history or name == "naive":
+                out[f"predictor/{prefix}mae_{name}_{label}"] = (
+                    (context[:, k] * self.max_length - remaining).abs().mean().item())
+        if kendall and len(remaining) > 1:
+            out[f"predictor/{prefix}kendall_{label}"] = kendall_tau(predicted, remaining)
+        return out
 
     def learn(self, pairs: TrainingPairs, lengths: torch.Tensor) -> dict[str, float]:
-        """Score the head and the naive / history / sibling estimates on fresh rollouts (before the head sees them),
-        then train on them. `pairs` and `lengths` must already hold every rank's rows, so every rank trains an
-        identical head."""
+        """Replay: score the head and the naive / history / sibling / median estimates on the round's recorded pairs at
+        t=0 and t=32 (before the head sees them), then train on them. `pairs` and `lengths` must already hold every
+        rank's rows, so every rank trains an identical head. Inputs and estimates see what a live prediction at the
+        same row and step sees (`head_input`)."""
         metrics: dict[str, float] = {}
         start = time.perf_counter()
-        c0, c32, c = self.round_context(pairs)
-        inputs = (lambda z, ctx: torch.cat([z, ctx], 1)) if self.config.context_features else (lambda z, ctx: z)
-        for label, step, z, ctx, y in (("static", 0, pairs.z0, c0, pairs.y0),
-                                       ("plp32", PLP_REPORT_STEP, pairs.z32, c32, pairs.y32)):
+        siblings = self.siblings(pairs)
+        x0, x32, x = self._round_inputs(pairs, siblings)
+        keys, entries = pairs.prompt.tolist(), len(pairs.row)
+        for label, step, inputs, y in (("static", 0, x0, pairs.y0), ("plp32", PLP_REPORT_STEP, x32, pairs.y32)):
             valid = y >= 0
             if not valid.any():
                 continue
-            y = y[valid]
-            predicted = self.predict(inputs(z[valid], ctx[valid])).cpu()
-            metrics[f"predictor/mae_{label}"] = (predicted - y).abs().mean().item()
-            history = self.baseline.predict_remaining(step) is not None
-            for k, name in enumerate(ESTIMATES):  # before any history, naive is half the tokens left (its fallback)
-                if history or name == "naive":
-                    metrics[f"predictor/mae_{name}_{label}"] = (ctx[valid, k] * self.max_length - y).abs().mean().item()
-            if label == "plp32" and valid.sum() > 1:
-                metrics["predictor/kendall_plp32"] = kendall_tau(predicted, y)
+            context = self.context(keys, [step] * entries, siblings)[valid]
+            metrics |= self._scores("", label, step, self.predict(inputs[valid]).cpu(), y[valid], context,
+                                    kendall=label != "static")
         self._update_health(metrics)
         valid = pairs.y >= 0
         with private_rng(self.seed + self.rounds):
-            loss = self.trainer.observe(inputs(pairs.z, c)[valid], pairs.y[valid])
+            loss = self.trainer.observe(x[valid], pairs.y[valid])
         if loss is not None:
             metrics["predictor/loss"] = loss
         if not self.head_is_finite():
@@ -327,6 +428,7 @@ class LenBalanceEngine:
         return {"optimizer": self.trainer.optimizer.state_dict(), "buffer": self.trainer.buffer.state_dict(),
                 "generator": self.trainer.generator.get_state(), "skipped_updates": self.trainer.skipped_updates,
                 "baseline": list(self.baseline.lengths), "history": self.history.state_dict(), "rounds": self.rounds,
+                "live_errors": {label: list(rounds) for label, rounds in self.live_errors.items()},
                 "fallbacks": self.fallbacks,
                 "rounds_worse_than_naive": self.rounds_worse_than_naive, "healthy": self.healthy}
 
@@ -350,6 +452,8 @@ class LenBalanceEngine:
         self.baseline.update(state["baseline"])
         self.history.load_state_dict(state.get("history", {"rows": [], "prompts": []}))  # none in states saved before it
         self.rounds, self.fallbacks = state["rounds"], state["fallbacks"]
+        self.live_errors = {label: deque(rounds, maxlen=SELECTION_ROUNDS)  # none in states saved before it
+                            for label, rounds in state.get("live_errors", {}).items()}
         self.rounds_worse_than_naive, self.healthy = state["rounds_worse_than_naive"], state["healthy"]
 
     def save(self, directory: str | os.PathLike) -> None:
@@ -386,6 +490,11 @@ class LenBalanceEngine:
                       + (" (the head keeps its saved weights)" if head is not None else ""))
         if state is not None:
             self.load_state_dict(state, optimizer=head is not None)
+
+
+def _label(step: int) -> str:
+    """The metrics' name of a prediction step: `static` at t=0, `plp<step>` after it."""
+    return "static" if step == 0 else f"plp{step}"
 
 
 def _read(path: str | os.PathLike, what: str, reader: Callable, lost: str):

@@ -247,6 +247,8 @@ _HEAD_SETTINGS = {  # a saved head's contract (`engine.check_head`) -> the setti
     "max_length": lambda head: f"max_completion_length={head.max_length}",
     "pooling": lambda head: f"lenbalance.pooling={head.pooling}",
     "feature_layer": lambda head: f"lenbalance.feature_layer={head.feature_layer}",
+    "extra_features": lambda head: (f"none gives extra_features={head.extra_features} (a benchmark variant's input "
+                                    "columns): unset lenbalance.predictor_path or resume another checkpoint"),
     "context_size": lambda head: f"lenbalance.context_features={str(bool(head.context_size)).lower()}",
 }
 

@@ -15,11 +15,13 @@ import base64
 import html
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from . import ledger
+from .predictor.context import CANDIDATES
 from .wandb_offline import OfflineRun, find_runs, read_run
 
 WANDB_PREFIX = "train/"  # transformers' WandbCallback puts the trainer's logs under "train/"
@@ -197,16 +199,19 @@ def render_figure(run: OfflineRun, tables: dict[int, list[tuple[float, float]]],
            note=_single_rank_note(run))
     _overhead(axes[5], run)
     captured = _captured_note(run)
+    probe = _live_probe(run)  # the live keys name the re-bucketing probe's step: plp<step>
+    head = [(f"{LB}predictor/live_mae_static", "PLP (live), t=0", NOW)]
+    estimates = [(f"{LB}predictor/live_mae_naive_static", "naive (live), t=0", NAIVE)]
+    if probe:
+        head.append((f"{LB}predictor/live_mae_{probe}", f"PLP (live), t={probe[3:]}, the probe", "tab:green"))
+        estimates += [(f"{LB}predictor/live_mae_naive_{probe}", f"naive (live), t={probe[3:]}", "tab:red"),
+                      (f"{LB}predictor/live_mae_median_{probe}", f"running median (live), t={probe[3:]}", "tab:brown")]
+    replay = [(f"{LB}predictor/mae_static", "PLP (replay), t=0", "0.55"),
+              (f"{LB}predictor/mae_plp32", "PLP (replay), t=32", "0.3")]
     _lines(axes[6], run, "(g) predictor MAE per captured round (scored before training on it)", "tokens",
-           [(f"{LB}predictor/mae_static", "PLP, prompt only (t=0)", NOW),
-            (f"{LB}predictor/mae_plp32", "PLP after 32 tokens", "tab:green"),
-            (f"{LB}predictor/mae_naive_static", "naive estimate (t=0)", NAIVE),
-            (f"{LB}predictor/mae_naive_plp32", "naive estimate (t=32)", "tab:red"),
-            (f"{LB}predictor/mae_history_plp32", "per-prompt history (t=32)", "tab:brown"),
-            (f"{LB}predictor/mae_sibling_plp32", "siblings finished (t=32)", "tab:olive")],
-           dashed={f"{LB}predictor/mae_{name}" for name in ("naive_static", "naive_plp32", "history_plp32",
-                                                              "sibling_plp32")},
-           note="\n".join(note for note in (captured, _kendall_note(run)) if note))
+           head + estimates + replay, dashed={key for key, _, _ in estimates},
+           markers={key: "x" for key, _, _ in replay},
+           note="\n".join(note for note in (captured, _kendall_note(run, probe), _used_note(run, probe)) if note))
     _scatter(axes[7], tables, _captured_rounds(run), captured)
     _lines(axes[8], run, "(i) predictor fallbacks and skipped updates (cumulative)", "count",
            [(f"{LB}predictor/fallbacks", "fallbacks to stock scheduling", "tab:red"),
@@ -249,10 +254,31 @@ def _mark_exploration(ax, steps: list[float]) -> None:
                    label="tuner measuring plans" if i == 0 else None)
 
 
-def _kendall_note(run: OfflineRun) -> str:
-    values = [v for v in series(run, f"{LB}predictor/kendall_plp32")[1] if math.isfinite(v)]
-    return (f"Kendall tau at t=32, predicted vs actual\nremaining: {sum(values) / len(values):.2f} (mean)"
-            if values else "")
+def _live_probe(run: OfflineRun) -> str:
+    """The label (`plp<step>`) of the live predictions at the re-bucketing probe, "" when none were logged."""
+    found = {match.group(1) for row in logged_rows(run) for key in row
+             if (match := re.fullmatch(rf"{LB}predictor/live_mae_(plp\d+)", key))}
+    return min(found, default="")
+
+
+def _kendall_note(run: OfflineRun, probe: str) -> str:
+    """The mean Kendall tau at the probe: of the live predictions, or else of the replay's at t=32."""
+    live = [(f"live_kendall_{probe}", f"live, t={probe[3:]}")] if probe else []
+    for key, what in [*live, ("kendall_plp32", "replay, t=32")]:
+        values = [v for v in series(run, f"{LB}predictor/{key}")[1] if math.isfinite(v)]
+        if values:
+            return f"Kendall tau ({what}), predicted vs actual\nremaining: {sum(values) / len(values):.2f} (mean)"
+    return ""
+
+
+def _used_note(run: OfflineRun, probe: str) -> str:
+    """Which prediction the scheduler acted on in the last round that logged it (`predictor/used_*`)."""
+    used = []
+    for label, step in (("static", "0"), (probe, probe[3:])):
+        values = series(run, f"{LB}predictor/used_{label}")[1] if label else []
+        if values:
+            used.append(f"{CANDIDATES[int(values[-1])]} at t={step}")
+    return "last round acted on: " + ", ".join(used) if used else ""
 
 
 def _single_rank_note(run: OfflineRun) -> str:

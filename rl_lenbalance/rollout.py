@@ -191,11 +191,13 @@ def _plan_waves(prompts: list[list[int]], backend: Backend, engine: LenBalanceEn
 
 
 def _predict_prompt_lengths(prompts: list[list[int]], backend: Backend, engine: LenBalanceEngine) -> list[float]:
-    """EGTP prompt-only length of each row, from one prefill over the distinct prompts."""
+    """EGTP prompt-only length of each row, from one prefill over the distinct prompts (or the estimate with the
+    lowest recent live error, `LenBalanceEngine.read`)."""
     distinct = [list(p) for p in dict.fromkeys(tuple(p) for p in prompts)]
     with engine.capture.capture(distinct) as captured:
         backend.forward(*left_pad(distinct, 0, engine.capture.device))  # pad id: masked, any will do
-    by_prompt = dict(zip(map(tuple, distinct), captured.predicted_total(0).tolist(), strict=True))
+    read = engine.read(captured.predicted_total(0), captured.prompt_keys, 0, [()] * len(distinct))
+    by_prompt = dict(zip(map(tuple, distinct), read.tolist(), strict=True))
     return [by_prompt[tuple(p)] for p in prompts]
 
 
@@ -208,7 +210,13 @@ def _running_rows(ids: list[int], prompts: list[list[int]], completions: list[li
         return []
     position = {row: p for p, row in enumerate(captured.rows.tolist())}
     state = captured.state.rows([position[j] for j in running])
-    remaining = engine.predict_remaining(state)
+    keys = captured.prompt_keys  # a sibling's length so far: it ended if that is <= the state's step
+    siblings = [[len(c) for k, c in enumerate(completions) if k != j and keys[k] == keys[j]] for j in running]
+    predicted = engine.predict_remaining(state, siblings)
+    probed = torch.full((len(completions),), float("nan"))
+    probed[running] = predicted
+    captured.probe = (state.steps, probed)  # the head's, scored after the round (`LenBalanceEngine.score_live`)
+    remaining = engine.read(predicted, state.keys, state.steps, siblings)
     if not torch.isfinite(remaining).all():
         warnings.warn("rl-lenbalance: the length head predicted non-finite lengths; those rows are re-bucketed as if "
                       "they had the maximum length left.")

@@ -225,6 +225,9 @@ def test_a_saved_head_with_another_contract_is_refused_naming_the_setting():
     check_head(with_context, LenBalanceConfig(), 64, 128, "p")
     with pytest.raises(ValueError, match=r"saved with context features"):
         check_head(with_context, LenBalanceConfig(context_features=False), 64, 128, "p")
+    variant = HeadConfig(hidden_size=64, max_length=128, context_size=CONTEXT_SIZE, extra_features=4)  # a benchmark's
+    with pytest.raises(ValueError, match=r"extra_features=4.*extra_features=0.*feature columns the trainer does not"):
+        check_head(variant, LenBalanceConfig(), 64, 128, "p")
     older = HeadConfig(hidden_size=64, max_length=128, context_size=CONTEXT_SIZE - 1)  # fewer estimates than today
     with pytest.raises(ValueError, match=r"another set of context features .*: train a new head"):
         check_head(older, LenBalanceConfig(), 64, 128, "p")

@@ -273,3 +273,108 @@ def test_engine_metrics_score_every_estimate_and_rank_rows(tiny_model_dir):
     assert {"predictor/mae_sibling_static", "predictor/mae_sibling_plp32", "predictor/kendall_plp32"} <= set(second)
     assert -1.0 <= second["predictor/kendall_plp32"] <= 1.0
     assert engine.trainer.buffer.features.size(1) == width + CONTEXT_SIZE
+
+
+def test_the_probe_reads_the_input_its_training_pair_holds_and_its_live_error_is_logged(eos_tiny_model_dir):
+    """Round 2 re-buckets after a probe of 32 tokens: each running row's live input at t=32 (siblings that ended in
+    the probe visible) is the training pair's input at t=32, and the logged live MAEs are those of the predictions
+    the scheduler read, from a head whose prediction is known."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from rl_lenbalance.config import LenBalanceConfig
+    from rl_lenbalance.engine import PLP_REPORT_STEP, LenBalanceEngine
+    from rl_lenbalance.generation import compacted_generate
+    from rl_lenbalance.rollout import Backend, RolloutSettings, run_rollout
+
+    model = AutoModelForCausalLM.from_pretrained(eos_tiny_model_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(eos_tiny_model_dir)
+    generation = GenerationConfig(max_new_tokens=48, do_sample=True, eos_token_id=tokenizer.eos_token_id,
+                                  pad_token_id=tokenizer.pad_token_id)
+    prompts = [tokenizer(text)["input_ids"] for text in ["Hi", "Tell me a story", "2+2?", "Why?"] for _ in range(4)]
+
+    def decode(batch, captured, *, compact, prefixes=None, max_steps=None):
+        return compacted_generate(model, batch, generation, tokenizer.pad_token_id, on_compact=captured.compact,
+                                  min_finished=1, prefixes=prefixes, max_steps=max_steps)
+
+    backend = Backend(decode, lambda *_: None, gather=lambda items: items)
+    engine = LenBalanceEngine(model, LenBalanceConfig(samples_per_sequence=2), max_length=48)
+    torch.manual_seed(1)
+    _, stats = run_rollout(prompts, backend, engine, RolloutSettings([tokenizer.eos_token_id], 48, compact=True))
+    engine.learn_round(stats.waves, stats.lengths, stats.own_ids, gather=lambda rows: rows)
+    past = torch.tensor(list(stats.lengths.values()))
+    with torch.no_grad():  # a known head: every row's prediction is bin 5's read-out value
+        engine.head.net[-1].weight.zero_()
+        engine.head.net[-1].bias.copy_(torch.arange(engine.head.config.num_bins) == 5).mul_(100.0)
+    known = engine.head.bin_values[5].item()
+    read, predict = [], engine.predict
+
+    def spy(inputs):  # the capture holds its own reference: only the probe's prediction comes through here
+        read.append(inputs)
+        return predict(inputs)
+
+    engine.predict = spy
+    settings = RolloutSettings([tokenizer.eos_token_id], 48, compact=True, rebucket=True, probe_tokens=PLP_REPORT_STEP)
+    _, stats = run_rollout(prompts, backend, engine, settings)
+    engine.predict = predict
+    probe_wave = stats.waves[0]
+    step, probed = probe_wave.capture.probe
+    running = probed.isfinite().nonzero().flatten()
+    assert step == PLP_REPORT_STEP and len(read) == 1 and len(running) == len(read[0]) > 0
+    lengths = torch.tensor([stats.lengths[row] for row in probe_wave.rows])
+    assert (lengths[running] > PLP_REPORT_STEP + 1).all() and (lengths[probed.isnan()] <= PLP_REPORT_STEP + 1).all()
+
+    pairs = engine.training_pairs(stats.waves, stats.lengths)
+    _, x32, _ = engine.round_inputs(pairs)
+    assert torch.equal(pairs.row[: len(lengths)], torch.tensor(probe_wave.rows))  # the probe wave's entries lead
+    assert torch.equal(x32[running], read[0])  # the same vector, context included
+    finished = read[0][:, -2]  # the context's fraction of siblings that ended by t=32
+    assert (finished > 0).any()  # sibling ends were visible to the probe (this seed has rows ended early)
+
+    metrics, table = engine.learn_round(stats.waves, stats.lengths, stats.own_ids, gather=lambda rows: rows)
+    assert metrics["predictor/live_mae_static"] == pytest.approx((lengths - known).abs().float().mean().item())
+    remaining = lengths[running] - PLP_REPORT_STEP
+    assert metrics["predictor/live_mae_plp32"] == pytest.approx((remaining - known).abs().float().mean().item())
+    naive = (past[past > PLP_REPORT_STEP] - PLP_REPORT_STEP).float().mean()  # round 1's running mean at t=32
+    assert metrics["predictor/live_mae_naive_plp32"] == pytest.approx((remaining - naive).abs().mean().item())
+    assert [p for p, _ in table] == pytest.approx([known] * len(prompts))
+    assert {"predictor/live_mae_history_plp32", "predictor/live_mae_sibling_plp32", "predictor/live_kendall_plp32",
+            "predictor/live_mae_median_static", "predictor/mae_plp32"} <= set(metrics)
+
+
+def test_the_scheduler_acts_on_the_estimate_with_the_lowest_recent_live_error(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from rl_lenbalance.config import LenBalanceConfig
+    from rl_lenbalance.engine import SELECTION_ROUNDS, LenBalanceEngine, TrainingPairs
+    from rl_lenbalance.predictor.context import CANDIDATES, ESTIMATES
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    engine = LenBalanceEngine(model, LenBalanceConfig(), 64)
+    lengths = torch.tensor([40, 50, 60, 34, 36, 38, 60, 63])  # prompt k's rows: 2k, 2k+1, one generate call
+    engine.baseline.update(lengths.tolist())  # a running mean and median to copy
+    pairs = TrainingPairs.empty(8, 1, feature_size(model.config.hidden_size))
+    pairs.row, pairs.prompt, pairs.length, pairs.wave = torch.arange(8), torch.arange(8) // 2, lengths, torch.zeros(8)
+    live = torch.full((8, 3), float("nan"))
+    live[:, 0] = 5.0  # the head read 5 tokens for every row at t=0: far off
+
+    assert engine.chosen(0) == "head"  # nothing scored yet
+    metrics = engine.score_live(torch.arange(8), live, lengths, pairs)
+    errors = {name: metrics[f"predictor/live_mae_{name}_static" if name != "head" else "predictor/live_mae_static"]
+              for name in CANDIDATES}
+    assert errors["head"] == pytest.approx((lengths - 5.0).abs().mean().item())
+    assert metrics["predictor/used_static"] == 0.0 and metrics["predictor/live_mae_used_static"] == errors["head"]
+    best = min(errors, key=errors.get)
+    assert best != "head" and engine.chosen(0) == best and engine.chosen(32) == "head"  # per step
+    read = engine.read(torch.full((2,), 5.0), [0, 1], 0, [[], []])
+    assert torch.equal(read, engine.context([0, 1], [0, 0], [[], []])[:, ESTIMATES.index(best)] * 64)
+    resumed = LenBalanceEngine(model, LenBalanceConfig(), 64)
+    resumed.load_state_dict(engine.state_dict())
+    assert resumed.chosen(0) == best
+
+    live[:, 0] = lengths.float()  # now the head is exact: once its bad round leaves the window, it drives again
+    used = engine.score_live(torch.arange(8), live, lengths, pairs)["predictor/used_static"]
+    assert used == CANDIDATES.index(best)  # this round acted on the choice the bad round made
+    for _ in range(SELECTION_ROUNDS - 1):
+        engine.score_live(torch.arange(8), live, lengths, pairs)
+    assert engine.chosen(0) == "head"
+    assert torch.equal(engine.read(torch.full((2,), 5.0), [0, 1], 0, [[], []]), torch.full((2,), 5.0))

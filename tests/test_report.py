@@ -52,6 +52,9 @@ def partial_run(tmp_path_factory) -> Path:
         for step in (1, 2):
             captured = {f"{P}predictor/mae_static": 10.0, f"{P}predictor/mae_naive_static": 12.0,
                         f"{P}predictor/mae_history_plp32": 7.0, f"{P}predictor/kendall_plp32": 0.3,
+                        f"{P}predictor/live_mae_static": 10.5, f"{P}predictor/live_mae_naive_static": 12.0,
+                        f"{P}predictor/live_mae_plp32": 6.0, f"{P}predictor/live_kendall_plp32": 0.45,
+                        f"{P}predictor/used_static": 1.0, f"{P}predictor/used_plp32": 0.0,
                         f"{P}predictor/fallbacks": 0, f"{P}predictor/skipped_updates": 0} if step == 1 else {}
             run.log({"train/global_step": step, "train/num_tokens": 900 * step,  # 900 real tokens per step
                      f"{P}train/pad_frac": 0.1, f"{P}train/pad_frac_stock": 0.25,  # 1000 vs 1200 computed
@@ -115,10 +118,11 @@ def test_missing_metrics_become_no_data_panels(partial_run, tmp_path):
                                             "this run's whole step: TRL's step_time (no device sync)"]
     whole = [line for line in _panel(figure, "a").lines if line.get_label().startswith("this run's whole step")]
     assert whole[0].get_color() != "tab:gray"  # the grey of "stock TRL" in every other panel
-    assert _legend(_panel(figure, "g")) == ["PLP, prompt only (t=0)", "naive estimate (t=0)",
-                                            "per-prompt history (t=32)"]
+    assert _legend(_panel(figure, "g")) == ["PLP (live), t=0", "PLP (live), t=32, the probe", "naive (live), t=0",
+                                            "PLP (replay), t=0"]  # the live predictions lead, the replay labelled
     note = _panel(figure, "g").get_legend().get_title().get_text()  # inside the panel, not over its edge
-    assert "1 round captured, 1 not (max_overhead)" in note and note.endswith("remaining: 0.30 (mean)")
+    assert "1 round captured, 1 not (max_overhead)" in note and "remaining: 0.45 (mean)" in note
+    assert "Kendall tau (live, t=32)" in note and note.endswith("last round acted on: naive at t=0, head at t=32")
     paths = build_report(partial_run, tmp_path)
     page = paths.html.read_text()
     assert paths.png.stat().st_size > 10_000 and "<td>20.0%</td><td>33.3%</td>" in page  # decode slots wasted

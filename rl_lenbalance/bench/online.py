@@ -77,6 +77,8 @@ def load_round(path: Path) -> tuple[TrainingPairs, int, dict]:
     other layers' features and token entropies saved beside it (empty in rounds saved without them)."""
     saved = torch.load(path, weights_only=True)
     pairs = {k: v.float() if v.is_floating_point() else v for k, v in saved["pairs"].items()}
+    if "wave" not in pairs:  # saved before rows carried their first wave: one process, one wave (`with_features`)
+        pairs["wave"] = torch.where(pairs["row"] >= 0, 0, -1)
     return TrainingPairs(**pairs), int(saved["max_length"]), saved.get("extra", {})
 
 
@@ -143,9 +145,8 @@ def replay_rounds(rounds: list[TrainingPairs], max_length: int, config: LenBalan
         engine.trainer = new_trainer(engine.head, config, seed)
     metrics, inputs = [], []
     for pairs in rounds:
-        c0, c32, c = engine.round_context(pairs)
-        join = (lambda z, ctx: torch.cat([z, ctx], 1)) if config.context_features else (lambda z, ctx: z)
-        inputs.append((join(pairs.z, c), pairs.y, join(pairs.z0, c0), pairs.y0, join(pairs.z32, c32), pairs.y32))
+        x0, x32, x = engine.round_inputs(pairs)
+        inputs.append((x, pairs.y, x0, pairs.y0, x32, pairs.y32))
         metrics.append(engine.learn(pairs, pairs.length[pairs.row >= 0]))
     return metrics, engine, inputs
 

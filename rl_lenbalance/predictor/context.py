@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import torch
 
 ESTIMATES = ("naive", "history", "sibling", "median")  # a context vector's first columns, remaining / max_length
+CANDIDATES = ("head", *ESTIMATES)  # what the scheduler may act on at a step: the head, or an estimate of its context
 CONTEXT_SIZE = len(ESTIMATES) + 4
 HISTORY_SCALE = math.log1p(64)  # a prompt seen 64 times reads count feature 1
 MIN_SUPPORT = 8  # past rows an estimate needs before it stops falling back to naive
