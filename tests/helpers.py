@@ -94,3 +94,25 @@ def assert_same_update(stock, ours, tol: float = 1e-8) -> None:
     assert rel < tol, rel
     losses = [[r["loss"] for r in t.state.log_history if "loss" in r] for t in (stock, ours)]
     assert losses[0] == pytest.approx(losses[1], rel=1e-6, abs=1e-6)  # a GRPO loss is ~0: compare absolutely
+
+
+def tiny_decoder(model_dir, max_new_tokens: int, do_sample: bool, copies: int):
+    """For rollout rounds without TRL: the float32 model in `model_dir` (eval), its tokenizer, a generation config,
+    4 prompts `copies` times each, and a `Backend.decode` over `compacted_generate` (finished rows leave the batch
+    when the rollout compacts)."""
+    from transformers import GenerationConfig
+
+    from rl_lenbalance.generation import compacted_generate
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    generation = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    prompts = [tokenizer(text)["input_ids"] for text in ["Hi", "Tell me a story", "2+2?", "Why?"] for _ in range(copies)]
+
+    def decode(batch, captured, *, compact, prefixes=None, max_steps=None):
+        return compacted_generate(model, batch, generation, tokenizer.pad_token_id, on_compact=captured.compact,
+                                  min_finished=1 if compact else len(batch) + 1, prefixes=prefixes,
+                                  max_steps=max_steps)
+
+    return model, tokenizer, generation, prompts, decode

@@ -27,6 +27,8 @@ from rl_lenbalance.ledger import (
 from rl_lenbalance.predictor import CONTEXT_SIZE, HeadConfig
 from rl_lenbalance.schedule import optimizer_steps, plan_training, take_rows, trim_padding
 
+from helpers import tiny_decoder
+
 PACKAGE = Path(__file__).resolve().parents[1] / "rl_lenbalance"
 PURE = ["rollout", "ledger", "engine", "capture", "schedule", "predictor", "loss"]  # never reach TRL or accelerate
 
@@ -252,22 +254,11 @@ def test_the_engine_refuses_a_head_that_would_read_another_layer(tiny_model_dir,
 
 
 def test_a_rollout_in_waves_with_rebucketing_returns_what_one_generate_call_returns(eos_tiny_model_dir):
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-
     from rl_lenbalance.engine import LenBalanceEngine
     from rl_lenbalance.generation import compacted_generate
     from rl_lenbalance.rollout import Backend, RolloutSettings, run_rollout
 
-    model = AutoModelForCausalLM.from_pretrained(eos_tiny_model_dir, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(eos_tiny_model_dir)
-    generation = GenerationConfig(max_new_tokens=24, do_sample=False, eos_token_id=tokenizer.eos_token_id,
-                                  pad_token_id=tokenizer.pad_token_id)
-    prompts = [tokenizer(text)["input_ids"] for text in ["Hi", "Tell me a story", "2+2?", "Why?"] for _ in range(2)]
-
-    def decode(batch, captured, *, compact, prefixes=None, max_steps=None):
-        return compacted_generate(model, batch, generation, tokenizer.pad_token_id, on_compact=captured.compact,
-                                  min_finished=1 if compact else len(batch) + 1, prefixes=prefixes,
-                                  max_steps=max_steps)
+    model, tokenizer, generation, prompts, decode = tiny_decoder(eos_tiny_model_dir, 24, do_sample=False, copies=2)
 
     def forward(input_ids, attention_mask, position_ids):
         with torch.no_grad():

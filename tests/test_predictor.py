@@ -25,6 +25,8 @@ from rl_lenbalance.predictor import (
     token_entropy,
 )
 
+from helpers import tiny_decoder
+
 
 def test_entropy_matches_definition_and_survives_masked_logits():
     logits = torch.tensor([[0.0, 0.0, 0.0, 0.0], [1.0, -math.inf, 2.0, -math.inf]])
@@ -279,23 +281,11 @@ def test_the_probe_reads_the_input_its_training_pair_holds_and_its_live_error_is
     """Round 2 re-buckets after a probe of 32 tokens: each running row's live input at t=32 (siblings that ended in
     the probe visible) is the training pair's input at t=32, and the logged live MAEs are those of the predictions
     the scheduler read, from a head whose prediction is known."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-
     from rl_lenbalance.config import LenBalanceConfig
     from rl_lenbalance.engine import PLP_REPORT_STEP, LenBalanceEngine
-    from rl_lenbalance.generation import compacted_generate
     from rl_lenbalance.rollout import Backend, RolloutSettings, run_rollout
 
-    model = AutoModelForCausalLM.from_pretrained(eos_tiny_model_dir, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(eos_tiny_model_dir)
-    generation = GenerationConfig(max_new_tokens=48, do_sample=True, eos_token_id=tokenizer.eos_token_id,
-                                  pad_token_id=tokenizer.pad_token_id)
-    prompts = [tokenizer(text)["input_ids"] for text in ["Hi", "Tell me a story", "2+2?", "Why?"] for _ in range(4)]
-
-    def decode(batch, captured, *, compact, prefixes=None, max_steps=None):
-        return compacted_generate(model, batch, generation, tokenizer.pad_token_id, on_compact=captured.compact,
-                                  min_finished=1, prefixes=prefixes, max_steps=max_steps)
-
+    model, tokenizer, _, prompts, decode = tiny_decoder(eos_tiny_model_dir, 48, do_sample=True, copies=4)
     backend = Backend(decode, lambda *_: None, gather=lambda items: items)
     engine = LenBalanceEngine(model, LenBalanceConfig(samples_per_sequence=2), max_length=48)
     torch.manual_seed(1)
