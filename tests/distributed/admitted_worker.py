@@ -146,3 +146,6 @@ def compare(backend):
 
 with open(f"{OUT}.{RANK}.json", "w") as f:
     json.dump({backend: compare(backend) for backend in BACKENDS}, f)
+
+if torch.distributed.is_initialized():  # a clean shutdown: gloo threads left running at exit can abort the process
+    torch.distributed.destroy_process_group()

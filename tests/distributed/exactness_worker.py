@@ -140,3 +140,6 @@ for loss_type, grad_acc, num_iterations, spg, plan in SETTINGS:
 if int(os.environ.get("RANK", "0")) == 0:
     with open(OUT, "w") as f:
         json.dump(results, f, indent=1)
+
+if torch.distributed.is_initialized():  # a clean shutdown: gloo threads left running at exit can abort the process
+    torch.distributed.destroy_process_group()

@@ -96,3 +96,6 @@ for loss_type, plan in [("grpo", "sorted_uneven"), ("dapo", "packed"), ("rloo", 
 if int(os.environ.get("RANK", "0")) == 0:
     with open(OUT, "w") as f:
         json.dump(results, f, indent=1)
+
+if torch.distributed.is_initialized():  # a clean shutdown: gloo threads left running at exit can abort the process
+    torch.distributed.destroy_process_group()

@@ -53,3 +53,6 @@ metrics = {k.removeprefix("lenbalance/gen/"): v for k, v in ours._metrics["train
 with open(f"{OUT}.{RANK}.json", "w") as f:
     json.dump({"equal": equal, "lengths": [len(c) for c in expected], "metrics": metrics,
                "world_size": ours.accelerator.num_processes, "rounds": ours.lenbalance.rounds}, f, indent=1)
+
+if torch.distributed.is_initialized():  # a clean shutdown: gloo threads left running at exit can abort the process
+    torch.distributed.destroy_process_group()
