@@ -145,12 +145,12 @@ class LenBalanceConfig:
     compaction: bool | str = field(
         default=AUTO,
         metadata={
-            "help": "Drop finished rows from the batch while generating (plain transformers path). Exact (stock's "
-            "completions) only under greedy decoding: with sampling the rows left in the batch draw other random "
-            "numbers, so completions come from the same distribution but are not stock's token for token. 'auto': "
-            "with greedy decoding, measured on the run's own rounds (like `training_plan: auto`: the autotune_* "
-            "settings; kept only while faster than stock's `generate` by more than `autotune_margin`, re-checked); "
-            "with sampling, off. true / false: always / never (true with sampling gives other tokens than stock)."
+            "help": "Drop finished rows from the batch while generating (plain transformers path). Stock's "
+            "completions token for token, greedy or sampled: the sampler draws the random numbers of the whole batch "
+            "(`generation.sample_rows`; where the installed torch samples otherwise, compaction under sampling would "
+            "draw other tokens, so 'auto' leaves it off there). 'auto': measured on the run's own rounds (like "
+            "`training_plan: auto`: the autotune_* settings), kept only while faster than stock's `generate` by more "
+            "than `autotune_margin`, re-checked. true / false: always / never."
         },
     )
     max_overhead: float = field(
@@ -207,11 +207,11 @@ class LenBalanceConfig:
         if self.generation_wave_size is not None and self.generation_wave_size < 1:
             raise ValueError(f"lenbalance.generation_wave_size must be >= 1 or None, got {self.generation_wave_size}.")
 
-    def resolved(self, sampling: bool = True) -> LenBalanceConfig:
-        """A copy with the 'auto' settings that a trainer's sampling alone decides replaced: `compaction` is off
-        when the trainer samples (`sampling`), since it would draw other tokens than stock; under greedy decoding
-        it stays 'auto', measured in the run."""
-        return replace(self, compaction=False if sampling and self.compaction == AUTO else self.compaction)
+    def resolved(self, compaction_changes_tokens: bool) -> LenBalanceConfig:
+        """A copy with 'auto' compaction off where it would draw other tokens than stock (sampling on a device
+        where `generation.exact_sampling` fails); elsewhere it stays 'auto', measured in the run."""
+        return replace(self, compaction=False if compaction_changes_tokens and self.compaction == AUTO
+                       else self.compaction)
 
     def check_trainer_args(self, args) -> None:
         """Refuse settings that contradict the trainer's (`args` is a GRPOConfig or RLOOConfig)."""

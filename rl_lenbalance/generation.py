@@ -3,13 +3,18 @@
 `model.generate` keeps computing every row until the longest one ends; on CPU a decode step costs roughly in
 proportion to the number of rows, so the rows that already emitted eos waste a large share of the rollout time.
 `compacted_generate` decodes the same way `generate` does (same position ids, same logits processors in the same
-order, the same sampling calls) but removes finished rows from the KV cache and the batch as it goes. It honours
+order, the same random draws) but removes finished rows from the KV cache and the batch as it goes. It honours
 only the options in `SUPPORTED`; `unsupported_options` tells the caller when to fall back to `generate`.
+
+Sampling stays stock's token for token: torch samples one token per row as argmax(p / q) with q ~ Exp(1) drawn over
+the whole (rows, vocab) tensor, so `sample_rows` draws q for every row of the call, finished ones included, and
+reads the rows still in the batch. `exact_sampling` checks that the installed torch still samples that way.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import cache
 
 import torch
 from transformers import (
@@ -122,6 +127,30 @@ def _logits_processor(config: GenerationConfig, attention_mask: torch.Tensor) ->
     return processors
 
 
+def sample_rows(probs: torch.Tensor, rows: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """`torch.multinomial(full, 1).squeeze(1)[rows]`, where `full` is a (batch_size, vocab) tensor whose rows `rows`
+    are `probs`: the noise torch's sampler draws for the whole batch (the other rows' values never matter), so
+    the random stream advances exactly as for the full batch and each row's token is the one it would draw there."""
+    noise = torch.empty((batch_size, probs.size(-1)), dtype=probs.dtype, device=probs.device).exponential_(1)
+    return (probs / noise[rows]).argmax(-1)
+
+
+@cache
+def exact_sampling(device_type: str = "cpu") -> bool:
+    """Whether `sample_rows` draws what `torch.multinomial` draws on this device type (checked once, on a private
+    generator): the condition for compaction to keep stock's completions under sampling. Checked on CPU and CUDA
+    only; elsewhere it answers False (compaction stays off under sampling)."""
+    if device_type not in ("cpu", "cuda"):
+        return False
+    device = torch.device(device_type)
+    probs = torch.softmax(torch.randn(6, 97, generator=torch.Generator().manual_seed(0)), -1).to(device)
+    stock = torch.multinomial(probs, 1, generator=torch.Generator(device).manual_seed(1)).squeeze(1)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(1)
+        ours = sample_rows(probs[[1, 4]], torch.tensor([1, 4], device=device), 6)
+    return torch.equal(stock[[1, 4]], ours)
+
+
 @torch.no_grad()
 def compacted_generate(
     model: PreTrainedModel,
@@ -171,7 +200,8 @@ def compacted_generate(
 
     processors = _logits_processor(config, attention_mask)
     cache = DynamicCache(config=model.config.get_text_config(decoder=True))
-    rows = torch.arange(len(prompts), device=device)  # the original index of each active row
+    batch_size = len(prompts)
+    rows = torch.arange(batch_size, device=device)  # the original index of each active row
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)  # finished since the last compaction
     completions: list[list[int]] = [list(prefix) for prefix in prefixes]
     input_ids = sequences
@@ -186,7 +216,7 @@ def compacted_generate(
         ).logits
         scores = processors(sequences, logits[:, -1].float())
         if config.do_sample:
-            next_tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+            next_tokens = sample_rows(torch.softmax(scores, dim=-1), rows, batch_size)
         else:
             next_tokens = torch.argmax(scores, dim=-1)
         next_tokens = next_tokens.masked_fill(finished, pad_token_id)  # as `generate` pads finished rows

@@ -116,7 +116,7 @@ def test_the_comparison_table_fits_an_80_column_terminal():
 
 def test_compare_recipe_times_stock_and_lenbalance_on_the_same_rollouts(eos_tiny_model_dir, tmp_path):
     overrides = {"model": {"name_or_path": str(eos_tiny_model_dir)}, "output_dir": str(tmp_path),
-                 # the recipe leaves compaction to 'auto': off, since it samples (it would draw other tokens)
+                 # the recipe leaves compaction to 'auto': 3 rounds are too few for its choice (warm-up + 2 of each)
                  "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2, "num_generations": 4,
                  "max_completion_length": 24}
     results = compare_recipe(str(QUICKSTART), overrides, steps=3, warmup=1)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from rl_lenbalance.generation import compacted_generate, unsupported_options
+from rl_lenbalance.generation import compacted_generate, exact_sampling, sample_rows, unsupported_options
 
 QUESTIONS = [
     "What is 7 times 8? Answer with the number only.",
@@ -110,13 +110,31 @@ def test_finished_rows_leave_the_batch(tiny, min_finished):
         dict(top_k=20, top_p=0.9, temperature=0.7, min_p=0.05, repetition_penalty=1.3),
     ],
 )
-def test_sampling_without_compaction_draws_what_generate_draws(tiny, options):
+@pytest.mark.parametrize("compact", [True, False])
+def test_sampling_draws_what_generate_draws(tiny, options, compact):
+    """Token for token, with finished rows leaving the batch or not, and the random stream left where stock's is."""
     model, tokenizer, prompts = tiny
     config = GenerationConfig(**{**TRL_LIKE, **options})
     torch.manual_seed(2)
-    ours = compacted_generate(model, prompts, config, pad_token_id=2, min_finished=len(prompts) + 1)
+    ours = compacted_generate(model, prompts, config, pad_token_id=2, min_finished=1 if compact else len(prompts) + 1)
+    after_ours = torch.rand(3)
     torch.manual_seed(2)
     assert ours == _reference(model, prompts, config, tokenizer.pad_token_id)
+    assert torch.equal(after_ours, torch.rand(3))
+    assert len({len(c) for c in ours}) >= 3, "rows of one length would not exercise compaction"
+
+
+def test_sample_rows_is_torch_multinomial_on_the_full_batch():
+    assert exact_sampling("cpu")
+    probs = torch.softmax(3 * torch.randn(9, 50), -1)
+    torch.manual_seed(4)
+    full = torch.multinomial(probs, 1).squeeze(1)
+    rows = torch.tensor([0, 2, 3, 8])
+    torch.manual_seed(4)
+    assert torch.equal(sample_rows(probs[rows], rows, 9), full[rows])
+    torch.manual_seed(4)  # a sampler that draws noise for the kept rows only takes other tokens
+    wrong = sample_rows(probs[rows], torch.arange(4), 4)
+    assert not torch.equal(wrong, full[rows])
 
 
 def test_sampled_completions_are_well_formed_and_top_k_1_is_greedy(tiny):

@@ -1,6 +1,7 @@
-"""`compaction: auto` in a real GRPOTrainer on a tiny local model: under greedy decoding the trainer times its rounds
-with stock's `generate` and with compaction and keeps the faster (with re-checks), the completions stay stock's, and
-under sampling it never compacts (a smaller batch would draw other tokens)."""
+"""`compaction: auto` in a real GRPOTrainer on a tiny local model: the trainer times its rounds with stock's
+`generate` and with compaction and keeps the faster (with re-checks), and the completions stay stock's, greedy or
+sampled; where torch would sample a smaller batch otherwise (`generation.exact_sampling`), it never compacts under
+sampling."""
 
 from __future__ import annotations
 
@@ -102,13 +103,27 @@ def test_greedy_auto_keeps_the_faster_plan_and_rechecks_the_other(eos_tiny_model
     assert resumed._gen_autotune.state_dict() == tuner.state_dict() and resumed._gen_autotune.next() == tuner.next()
 
 
-def test_sampling_auto_never_compacts(eos_tiny_model_dir, tmp_path, monkeypatch):
+def test_sampled_auto_times_both_plans_and_keeps_stocks_completions(eos_tiny_model_dir, tmp_path, monkeypatch):
+    expected = recording_rewards(monkeypatch)
+    run = dict(max_steps=4, max_completion_length=24)
+    train(GRPOTrainer, eos_tiny_model_dir, tmp_path, **run)
+    got = recording_rewards(monkeypatch)
+    ours = train(LenBalanceGRPOTrainer, eos_tiny_model_dir, tmp_path, **run,
+                 lenbalance=LenBalanceConfig(predictor_steps_per_round=2, autotune_samples=1))
+    assert ours.lenbalance_config.compaction == "auto" and ours._gen_autotune.candidates == ["stock", "compaction"]
+    assert len({len(c) for c in expected}) >= 3, "sampled rows of one length would not exercise compaction"
+    assert logged(ours, "gen/plan")[:3] == [0.0, 0.0, 1.0]  # warm-up, then stock and compaction timed
+    assert got == expected  # sampled, with and without finished rows in the batch: stock's tokens
+
+
+def test_where_torch_samples_otherwise_auto_never_compacts_under_sampling(eos_tiny_model_dir, tmp_path, monkeypatch):
     calls = []
 
     def spy(*args, **kwargs):
         calls.append(1)
         return compacted_generate(*args, **kwargs)
 
+    monkeypatch.setattr("rl_lenbalance.integrations.trl.exact_sampling", lambda device_type: False)
     monkeypatch.setattr("rl_lenbalance.integrations.trl_generation.compacted_generate", spy)
     ours = train(LenBalanceGRPOTrainer, eos_tiny_model_dir, tmp_path, max_steps=3, max_completion_length=24,
                  lenbalance=LenBalanceConfig(predictor_steps_per_round=2, autotune_samples=1))

@@ -206,17 +206,17 @@ def test_rebucket_moves_rows_off_the_rank_that_kept_the_long_ones():
         schedule.rebucket(remaining, origin, 2, 0, compacted=False)
 
 
-def test_auto_compaction_is_off_under_sampling_and_left_to_measurement_under_greedy():
+def test_auto_compaction_is_off_only_where_it_would_change_tokens():
     from rl_lenbalance.config import LenBalanceConfig
 
     config = LenBalanceConfig()
     assert config.compaction == config.training_plan == "auto"
-    greedy = config.resolved(sampling=False)
+    greedy = config.resolved(compaction_changes_tokens=False)
     assert greedy.compaction == greedy.training_plan == "auto"  # both measured in the run, on any device
     with pytest.raises(ValueError, match="lenbalance.training_plan='sortd' is not valid; use 'auto' or one of stock"):
         LenBalanceConfig(training_plan="sortd")
-    assert config.resolved(sampling=True).compaction is False  # it would change which tokens are drawn
-    assert LenBalanceConfig(compaction=True).resolved(sampling=True).compaction is True  # an explicit choice stays
-    assert LenBalanceConfig(compaction=False).resolved(sampling=False).compaction is False
+    assert config.resolved(compaction_changes_tokens=True).compaction is False
+    assert LenBalanceConfig(compaction=True).resolved(True).compaction is True  # an explicit choice stays
+    assert LenBalanceConfig(compaction=False).resolved(False).compaction is False
     with pytest.raises(ValueError, match="lenbalance.compaction='fals'.*true, false or 'auto'"):
         LenBalanceConfig(compaction="fals")

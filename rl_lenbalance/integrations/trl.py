@@ -27,6 +27,7 @@ from trl import GRPOTrainer, RLOOTrainer
 
 from ..config import LenBalanceConfig, cpu_has_fast_bf16
 from ..engine import LenBalanceEngine
+from ..generation import exact_sampling
 from ..ledger import RunTotals, time_metrics
 from .callback import EngineCallback
 from .stock import stock_when_reentered
@@ -77,9 +78,9 @@ class LenBalanceMixin(GenerationOverrides, LossPhaseOverrides):
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _resolved(self, config: LenBalanceConfig) -> LenBalanceConfig:
-        """`config` with the `auto` settings that this trainer's sampling decides (the rest are measured)."""
+        """`config` with the `auto` settings that this trainer's sampling and device decide (the rest are measured)."""
         sampling = getattr(getattr(self, "generation_config", None), "do_sample", True) is not False
-        return config.resolved(sampling)
+        return config.resolved(sampling and not exact_sampling(self.accelerator.device.type))
 
     # --- checkpoints ------------------------------------------------------------------------------------------
 
