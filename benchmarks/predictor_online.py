@@ -5,10 +5,12 @@ and of the naive / per-prompt history / sibling estimates, in two prompt setting
 the engine learned from, with each row's prompt) under DUMP/SETTING/. `evaluate` replays those rounds, in order,
 through fresh engine heads (`rl_lenbalance.bench.online.replay_rounds`: the same scoring and `OnlineTrainer` steps as
 in the trainer), with and without context features, plus the same head trained offline on all rounds, and writes
-the report. Splitting the two lets head variants be compared on identical rollouts.
+the report, which names the task the rounds were generated on (`--task`, a name of `rl_lenbalance.tasks.TASKS`).
+Splitting the two lets head variants be compared on identical rollouts.
 
     python benchmarks/predictor_online.py run --dump /tmp/plp_rounds --rounds 20
     python benchmarks/predictor_online.py evaluate --dump /tmp/plp_rounds --out docs/benchmarks/predictor_online_cpu.json
+    python benchmarks/predictor_online.py run --task open_ended --dump /tmp/plp_open --rounds 20  # another task
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from rl_lenbalance import LenBalanceConfig, LenBalanceGRPOTrainer  # noqa: E402
 from rl_lenbalance.capture import GenerationCapture, outputs_of  # noqa: E402
 from rl_lenbalance.generation import prompt_then_completion  # noqa: E402
 from rl_lenbalance.models import load_model  # noqa: E402
-from rl_lenbalance.tasks import REWARD_FUNCS, arithmetic_dataset  # noqa: E402
+from rl_lenbalance.tasks import TASKS  # noqa: E402
 
 SETTINGS = {  # name -> distinct prompts in the dataset (TRL's sampler reshuffles every epoch)
     "distinct": lambda rounds, prompts_per_round: rounds * prompts_per_round,  # one epoch: no prompt recurs
@@ -67,11 +69,13 @@ def extra_features(model: torch.nn.Module, config: LenBalanceConfig, max_length:
 
 
 def run_setting(name: str, args: argparse.Namespace) -> None:
-    """Train for `args.rounds` generation rounds, saving each round's training pairs and its prompts' keys."""
+    """Train on `args.task` for `args.rounds` generation rounds, saving each round's training pairs, its prompts'
+    keys and the task's name."""
     out = Path(args.dump) / name
     out.mkdir(parents=True, exist_ok=True)
     prompts_per_round = args.completions // args.generations
-    dataset = arithmetic_dataset(SETTINGS[name](args.rounds, prompts_per_round), seed=args.seed)
+    make_dataset, reward_funcs = TASKS[args.task]
+    dataset = make_dataset(SETTINGS[name](args.rounds, prompts_per_round), seed=args.seed)
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(args.model, dtype=torch.float32)
     config = GRPOConfig(
@@ -81,7 +85,7 @@ def run_setting(name: str, args: argparse.Namespace) -> None:
         learning_rate=1e-6, report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True,
     )
     trainer = LenBalanceGRPOTrainer(
-        model=model, processing_class=tokenizer, reward_funcs=REWARD_FUNCS, args=config, train_dataset=dataset,
+        model=model, processing_class=tokenizer, reward_funcs=reward_funcs, args=config, train_dataset=dataset,
         lenbalance_config=LenBalanceConfig(max_overhead=1.0, compaction=True, training_plan="sorted",
                                            log_table_every=0),
     )
@@ -93,7 +97,7 @@ def run_setting(name: str, args: argparse.Namespace) -> None:
         metrics, table = learn_round(waves, lengths, own_ids, gather)
         saved.update(pairs={k: v.half() if v.is_floating_point() and v.dim() == 2 else v
                             for k, v in vars(pairs).items()},
-                     max_length=args.max_length, trainer_metrics=metrics)
+                     max_length=args.max_length, trainer_metrics=metrics, task=args.task)
         print(f"{name} round {engine.rounds - 1}: " + ", ".join(
             f"{k.split('/')[-1]}={v:.2f}" for k, v in metrics.items() if "mae" in k or "kendall" in k), flush=True)
         return metrics, table
@@ -116,6 +120,8 @@ def main() -> None:
     parser.add_argument("--dump", required=True, help="Folder of the saved rounds (one subfolder per setting).")
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--model", default="embedded:smollm2-135m-instruct")
+    parser.add_argument("--task", default="arithmetic", choices=list(TASKS),
+                        help="run: the prompts and rewards (rl_lenbalance.tasks.TASKS); evaluate reads it back.")
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--completions", type=int, default=32, help="Completions per round.")
     parser.add_argument("--generations", type=int, default=2, help="Completions per prompt (GRPO's G).")

@@ -38,7 +38,7 @@ from rl_lenbalance.bench.spec import (  # noqa: E402
 from rl_lenbalance.generation import _logits_processor, left_pad, prompt_then_completion  # noqa: E402
 from rl_lenbalance.models import load_model  # noqa: E402
 from rl_lenbalance.recipe import load_recipe  # noqa: E402
-from rl_lenbalance.tasks import arithmetic_dataset  # noqa: E402
+from rl_lenbalance.tasks import TASKS  # noqa: E402
 
 SOURCES = {"self": False, "group": True}  # own output + prompt; and the siblings' outputs so far
 
@@ -141,7 +141,7 @@ def main() -> None:
     model, tokenizer = load_model(recipe.model.name_or_path, dtype=recipe.model.dtype)
     model.eval()
     config = generation_config(training, tokenizer, cap)
-    dataset = arithmetic_dataset(recipe.task.num_prompts, recipe.task.seed)
+    dataset = TASKS[recipe.task.name][0](recipe.task.num_prompts, recipe.task.seed)
     if args.rounds * args.prompts > len(dataset):
         raise ValueError(f"--rounds x --prompts = {args.rounds * args.prompts} is more than the recipe's "
                          f"task.num_prompts={len(dataset)}; lower --rounds or --prompts.")

@@ -67,12 +67,26 @@ class ModelArguments:
 
 @dataclass
 class TaskArguments:
-    """The `task:` section: the built-in arithmetic task."""
+    """The `task:` section: which built-in task (`rl_lenbalance.tasks.TASKS`), how many prompts, their seed."""
 
-    num_prompts: int = field(
-        default=64, metadata={"help": "How many problems to generate (at least one generation batch's worth)."}
+    name: str = field(
+        default="arithmetic",
+        metadata={"help": "The built-in task: 'arithmetic' (problems with an integer answer) or 'open_ended' (short "
+                          "facts, open questions, lists, code, translation, long explanations)."},
     )
-    seed: int = field(default=0, metadata={"help": "Seed of the generated problems."})
+    num_prompts: int = field(
+        default=64, metadata={"help": "How many prompts to generate (at least one generation batch's worth)."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the generated prompts."})
+
+    def __post_init__(self) -> None:
+        from .tasks import TASKS
+
+        if self.name not in TASKS:
+            close = difflib.get_close_matches(self.name, list(TASKS), n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise RecipeError(f"task.name={self.name!r} is not a built-in task.{hint} Use one of "
+                              f"{', '.join(TASKS)}.")
 
 
 @dataclass

@@ -1,7 +1,11 @@
-"""The built-in task: small arithmetic and word problems with a verifiable integer answer.
+"""The built-in tasks, by name in `TASKS` (a recipe's `task.name`).
 
-Prompts mix instruction styles (just the number ... show all your work) so that completion lengths are long-tailed
-and differ within a GRPO group, which is what the length-aware scheduler is for.
+`arithmetic`: small arithmetic and word problems with a verifiable integer answer. Prompts mix instruction styles
+(just the number ... show all your work) so that completion lengths are long-tailed and differ within a GRPO group,
+which is what the length-aware scheduler is for.
+
+`open_ended`: prompts unlike arithmetic (short facts, open questions, lists, code, translation, long explanations)
+whose natural answers run from a word to hundreds of tokens, rewarded for answering in the requested form.
 """
 
 from __future__ import annotations
@@ -10,8 +14,9 @@ import random
 import re
 from decimal import Decimal, InvalidOperation
 
-__all__ = ["INSTRUCTIONS", "REWARD_FUNCS", "arithmetic_dataset", "correctness_reward", "extract_answer",
-           "format_reward"]
+__all__ = ["INSTRUCTIONS", "OPEN_REWARD_FUNCS", "OPEN_STYLES", "REWARD_FUNCS", "TASKS", "arithmetic_dataset",
+           "correctness_reward", "extract_answer", "format_reward", "nonempty_reward", "open_ended_dataset",
+           "open_format_reward"]
 
 # (instruction, weight): short, medium and long answers.
 INSTRUCTIONS: list[tuple[str, int]] = [
@@ -159,3 +164,90 @@ def format_reward(prompts, completions, answer=None, **kwargs) -> list[float]:
 
 
 REWARD_FUNCS = [correctness_reward, format_reward]
+
+
+# -------------------------------------------------------------------------------------------------------- open-ended
+
+OPEN_FILLERS: dict[str, list[str]] = {
+    "country": ["France", "Japan", "Brazil", "Canada", "Egypt", "India", "Italy", "Kenya", "Norway", "Mexico"],
+    "element": ["oxygen", "gold", "iron", "sodium", "carbon", "helium", "silver", "potassium"],
+    "topic": ["photosynthesis", "the water cycle", "black holes", "inflation", "vaccines", "the printing press",
+              "plate tectonics", "machine learning", "the Roman Empire", "compound interest", "recycling",
+              "the internet"],
+    "things": ["fruits", "countries in Europe", "programming languages", "musical instruments", "board games",
+               "things to pack for a beach trip", "ways to save energy at home", "famous painters"],
+    "n": ["3", "5", "7", "10"],
+    "language": ["Python", "JavaScript", "C", "Rust", "Go"],
+    "job": ["reverses a string", "checks whether a number is prime", "counts the words in a sentence",
+            "merges two sorted lists", "returns the n-th Fibonacci number", "removes duplicates from a list",
+            "parses a date like 2024-05-17"],
+    "target": ["French", "Spanish", "German", "Italian", "Portuguese"],
+    "sentence": ["Good morning, how are you?", "The train leaves at seven.", "I would like a cup of coffee, please.",
+                 "Where is the nearest library?",
+                 "It is raining again today, so we will stay at home, read our books and cook a large dinner."],
+}
+
+# style -> templates over OPEN_FILLERS' keys, short to long answers within each style.
+OPEN_STYLES: dict[str, list[str]] = {
+    "short": ["What is the capital of {country}? Answer in one word.",
+              "What is the chemical symbol for {element}? Reply with the symbol only.",
+              "On which continent is {country}?"],
+    "open": ["What is the most interesting thing about {topic}?", "Why do people disagree about {topic}?",
+             "What would the world be like without {topic}? Give your opinion."],
+    "list": ["List {n} {things}.", "List {n} {things}, one per line, with no other text.",
+             "List {n} {things}, with a sentence or two about each."],
+    "code": ["Write a {language} function that {job}.",
+             "Write a {language} function that {job}. Only the code, no explanation.",
+             "Write a {language} function that {job}, with comments, tests and an explanation of how it works."],
+    "translation": ['Translate into {target}: "{sentence}"',
+                    'Translate into {target} and give only the translation: "{sentence}"',
+                    'Translate into {target}, then explain the grammar of the translation word by word: "{sentence}"'],
+    "explanation": ["Explain {topic} in one sentence.", "Explain {topic} to a ten-year-old.",
+                    "Write a long, detailed explanation of {topic}: where it comes from, its main ideas, and why it matters."],
+}
+
+
+def open_ended_dataset(num_prompts: int = 64, seed: int = 0):
+    """`num_prompts` conversational rows `{"prompt": [{"role": "user", "content": ...}], "style": <OPEN_STYLES key>}`
+    of styles unlike arithmetic, each a template of `OPEN_STYLES` filled from `OPEN_FILLERS`; deterministic given
+    `seed`."""
+    from datasets import Dataset
+
+    if num_prompts < 0:
+        raise ValueError(f"num_prompts must be >= 0, got {num_prompts}.")
+    rng = random.Random(seed)
+    prompts, styles = [], []
+    for _ in range(num_prompts):
+        style = rng.choice(list(OPEN_STYLES))
+        fillers = {key: rng.choice(values) for key, values in OPEN_FILLERS.items()}
+        prompts.append([{"role": "user", "content": rng.choice(OPEN_STYLES[style]).format(**fillers)}])
+        styles.append(style)
+    return Dataset.from_dict({"prompt": prompts, "style": styles})
+
+
+_LIST_ITEM = re.compile(r"^\s*(?:\d+[.)]|[-*•])\s+\S", re.MULTILINE)
+_CODE = re.compile(r"```|^\s*(?:def|function|fn|func|int|void|#include|public)\b", re.MULTILINE)
+
+
+def nonempty_reward(prompts, completions, **kwargs) -> list[float]:
+    """1.0 where the completion has any visible text, else 0.0."""
+    return [1.0 if _text(completion).strip() else 0.0 for completion in completions]
+
+
+def open_format_reward(prompts, completions, style=None, **kwargs) -> list[float]:
+    """0.2 where the completion has its prompt's `style` form (list: two list items or more; code: a code fence or a
+    line opening a function; any other style or none given: visible text), else 0.0. Length plays no part."""
+    checks = {"list": lambda text: len(_LIST_ITEM.findall(text)) >= 2, "code": lambda text: bool(_CODE.search(text))}
+    rewards = []
+    for completion, kind in zip(completions, style or [None] * len(completions), strict=True):
+        text = _text(completion)
+        rewards.append(0.2 if checks.get(kind, str.strip)(text) else 0.0)
+    return rewards
+
+
+OPEN_REWARD_FUNCS = [nonempty_reward, open_format_reward]
+
+TASKS = {  # a recipe's task.name -> (dataset(num_prompts, seed), reward functions)
+    "arithmetic": (arithmetic_dataset, REWARD_FUNCS),
+    "open_ended": (open_ended_dataset, OPEN_REWARD_FUNCS),
+}

@@ -36,14 +36,15 @@ def build_trainer(recipe: Recipe, trainer_class: type | None = None):
     GRPOTrainer subclass (stock TRL's for a comparison), which gets `lenbalance_config` only if it takes one."""
     from .integrations import LenBalanceGRPOTrainer, LenBalanceMixin
     from .models import load_model
-    from .tasks import REWARD_FUNCS, arithmetic_dataset
+    from .tasks import TASKS
 
     preflight(recipe)
     trainer_class = trainer_class or LenBalanceGRPOTrainer
     model, tokenizer = load_model(recipe.model.name_or_path, dtype=recipe.model.dtype)
-    dataset = arithmetic_dataset(recipe.task.num_prompts, recipe.task.seed)
+    make_dataset, reward_funcs = TASKS[recipe.task.name]
+    dataset = make_dataset(recipe.task.num_prompts, recipe.task.seed)
     extra = {"lenbalance_config": recipe.lenbalance} if issubclass(trainer_class, LenBalanceMixin) else {}
-    return trainer_class(model=model, processing_class=tokenizer, reward_funcs=REWARD_FUNCS, args=recipe.training,
+    return trainer_class(model=model, processing_class=tokenizer, reward_funcs=reward_funcs, args=recipe.training,
                          train_dataset=dataset, **extra)
 
 

@@ -1,4 +1,4 @@
-"""The embedded model and its cache, tiny test models, the arithmetic task and its rewards."""
+"""The embedded model and its cache, tiny test models, the built-in tasks and their rewards."""
 
 from __future__ import annotations
 
@@ -22,11 +22,17 @@ from rl_lenbalance.models import (
 )
 from rl_lenbalance.tasks import (
     INSTRUCTIONS,
+    OPEN_REWARD_FUNCS,
+    OPEN_STYLES,
     REWARD_FUNCS,
+    TASKS,
     arithmetic_dataset,
     correctness_reward,
     extract_answer,
     format_reward,
+    nonempty_reward,
+    open_ended_dataset,
+    open_format_reward,
 )
 
 BARE = re.compile(r"^What is ([\d +\-*]+)\?")
@@ -150,6 +156,50 @@ def test_rewards_on_dataset_answers():
     completions = [_chat(f"Answer: {a}") for a in dataset["answer"]]
     total = [c + f for c, f in zip(*(f(dataset["prompt"], completions, dataset["answer"]) for f in REWARD_FUNCS))]
     assert total == pytest.approx([1.2] * 8)
+
+
+# ------------------------------------------------------------------------------------------------- open-ended task
+
+
+def test_open_ended_dataset_is_deterministic_per_seed():
+    a, b = open_ended_dataset(32, seed=3), open_ended_dataset(32, seed=3)
+    assert a.to_list() == b.to_list()
+    assert open_ended_dataset(32, seed=4).to_list() != a.to_list()
+    assert len(open_ended_dataset(5)) == 5 and len(open_ended_dataset()) == 64
+    with pytest.raises(ValueError, match="num_prompts must be >= 0"):
+        open_ended_dataset(-1)
+
+
+def test_open_ended_dataset_covers_every_style_with_varied_instructions():
+    rows = open_ended_dataset(64, seed=0).to_list()
+    assert {row["style"] for row in rows} == set(OPEN_STYLES) == {
+        "short", "open", "list", "code", "translation", "explanation"}
+    for row in rows:
+        (message,) = row["prompt"]
+        assert message["role"] == "user" and "{" not in message["content"]  # every placeholder filled
+    contents = [row["prompt"][0]["content"] for row in rows]
+    assert len(set(contents)) >= 50
+    words = [len(c.split()) for c in contents]
+    assert min(words) <= 6 and max(words) >= 18  # one-word answers asked for beside long explanations
+    by_style = {style: [c for row, c in zip(rows, contents) if row["style"] == style] for style in OPEN_STYLES}
+    assert all(c.startswith("List ") for c in by_style["list"])
+    assert all(c.startswith("Translate into ") for c in by_style["translation"])
+    assert all(c.startswith("Write a ") and "function" in c for c in by_style["code"])
+    assert any("one word" in c for c in by_style["short"])
+    assert any("long, detailed explanation" in c for c in by_style["explanation"])
+
+
+def test_open_ended_rewards():
+    completions = [_chat("Paris"), _chat("   "), _chat("1. apple\n2. pear\n3. plum"), _chat("apple, pear, plum"),
+                   _chat("```python\ndef f(s):\n    return s[::-1]\n```"), _chat("def f(s): return s"),
+                   _chat("Use a loop."), _chat("Bonjour")]
+    styles = ["short", "short", "list", "list", "code", "code", "code", "translation"]
+    assert nonempty_reward(None, completions) == [1.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]
+    assert open_format_reward(None, completions, style=styles) == [0.2, 0.0, 0.2, 0.0, 0.2, 0.2, 0.0, 0.2]
+    assert open_format_reward(None, ["- a\n- b", "", "x"]) == [0.2, 0.0, 0.2]  # no style column: visible text
+    assert OPEN_REWARD_FUNCS == [nonempty_reward, open_format_reward]
+    assert TASKS == {"arithmetic": (arithmetic_dataset, REWARD_FUNCS),
+                     "open_ended": (open_ended_dataset, OPEN_REWARD_FUNCS)}
 
 
 # ------------------------------------------------------------------------------------------------------------ models

@@ -8,6 +8,8 @@ from rl_lenbalance.wandb_offline import find_runs, read_run
 
 from helpers import QUICKSTART
 
+OPEN_ENDED = QUICKSTART.parent / "open_ended.yaml"
+
 
 @pytest.mark.slow
 def test_quickstart_runs_on_the_embedded_model_and_logs_to_wandb(quickstart_run):
@@ -40,6 +42,33 @@ def test_unknown_recipe_key_names_the_closest_valid_one(tmp_path):
     recipe.write_text("max_step: 3\n")
     with pytest.raises(ValueError, match="max_step.*Did you mean 'max_steps'"):
         load_recipe(recipe)
+
+
+def test_task_name_selects_the_task_and_a_typo_names_the_closest(tmp_path):
+    assert load_recipe(QUICKSTART).task.name == "arithmetic"
+    assert load_recipe(OPEN_ENDED).task.name == "open_ended"
+    with pytest.raises(RecipeError, match=r"task.name='open_ended_' is not a built-in task. Did you mean "
+                                          r"'open_ended'\? Use one of arithmetic, open_ended."):
+        load_recipe(QUICKSTART, parse_overrides(["task.name=open_ended_"]))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("task:\n  name: 3\n")
+    with pytest.raises(RecipeError, match="task.name=3 is not valid: expected a string"):
+        load_recipe(recipe)
+
+
+def test_build_trainer_trains_a_step_on_the_open_ended_task(eos_tiny_model_dir, tmp_path):
+    recipe = load_recipe(OPEN_ENDED, {
+        "output_dir": str(tmp_path), "report_to": "none", "max_steps": 1, "per_device_train_batch_size": 4,
+        "num_generations": 2, "gradient_accumulation_steps": 1, "max_completion_length": 8,
+        "model": {"name_or_path": str(eos_tiny_model_dir)}, "task": {"num_prompts": 8}})
+    trainer = build_trainer(recipe)
+    assert set(trainer.train_dataset.column_names) == {"prompt", "style"} and len(trainer.train_dataset) == 8
+    assert [f.__name__ for f in trainer.reward_funcs] == ["nonempty_reward", "open_format_reward"]
+    trainer.train()
+    assert trainer.state.global_step == 1
+    (logged,) = [row for row in trainer.state.log_history if "loss" in row]
+    assert 0.0 <= logged["rewards/open_format_reward/mean"] <= 0.2  # the style column reached the reward
+    assert 0.0 <= logged["rewards/nonempty_reward/mean"] <= 1.0
 
 
 def test_a_hub_model_without_a_hub_is_a_clear_error(tmp_path):

@@ -207,7 +207,8 @@ def evaluate_rounds(folder: Path, setting: str, seed: int = 0) -> dict:
     if all(extra for _, _, extra in loaded):
         variants |= {f"context_{name}": (parts, LenBalanceConfig(context_features=True))
                      for name, parts in FEATURE_VARIANTS.items()}
-    report: dict = {"setting": setting, "rounds": len(rounds),
+    first = torch.load(files[0], weights_only=True)
+    report: dict = {"setting": setting, "task": first.get("task", "arithmetic"), "rounds": len(rounds),
                     "completions_per_round": [int((p.row >= 0).sum()) for p in rounds],
                     "distinct_prompts": len({int(k) for p in rounds for k in p.prompt}),
                     "trainer_logged": [torch.load(f, weights_only=True)["trainer_metrics"] for f in files],
