@@ -87,7 +87,7 @@ def run_setting(name: str, args: argparse.Namespace) -> None:
     trainer = LenBalanceGRPOTrainer(
         model=model, processing_class=tokenizer, reward_funcs=reward_funcs, args=config, train_dataset=dataset,
         lenbalance_config=LenBalanceConfig(max_overhead=1.0, compaction=True, training_plan="sorted",
-                                           log_table_every=0),
+                                           rebucket=True, log_table_every=0),  # a probe: live predictions at t=32
     )
     engine, learn_round = trainer.lenbalance, trainer.lenbalance.learn_round
     generate, saved = trainer._generate_single_turn, {}

@@ -12,6 +12,7 @@ from .loss import GLOBAL_LOSSES, ROW_MEAN_LOSSES, STRATEGIES
 from .schedule import PARTITIONERS, Autotuner
 
 AUTO = "auto"
+STATIC_TARGETS = ("draw", "group_median")  # what the head learns at t=0 (`LenBalanceConfig.static_target`)
 TRL_LOSS_TYPES = ROW_MEAN_LOSSES + GLOBAL_LOSSES + ("bnpo",)  # TRL 1.16's loss_type values (bnpo: per micro-batch)
 
 
@@ -41,6 +42,12 @@ class LenBalanceConfig:
     )
     num_bins: int = field(default=20, metadata={"help": "K, the number of log-spaced length bins of the head."})
     ce_weight: float = field(default=0.95, metadata={"help": "λ in the loss λ·CE + (1-λ)·MSE."})
+    static_target: str = field(
+        default="draw",
+        metadata={"help": "What the head learns at t=0: 'draw' (each completion's own length) or 'group_median' (the "
+                          "median length of its prompt's completions in the round: GRPO draws every prompt G times, so "
+                          "the round holds a sample of the prompt's length distribution; ProD, 2026)."},
+    )
     dropout: float = field(default=0.1, metadata={"help": "Dropout inside the head."})
     context_features: bool = field(
         default=True,
@@ -192,6 +199,9 @@ class LenBalanceConfig:
                 raise ValueError(f"lenbalance.{name} must be >= 1, got {getattr(self, name)}.")
         if self.num_bins < 2:
             raise ValueError(f"lenbalance.num_bins must be >= 2, got {self.num_bins}.")
+        if self.static_target not in STATIC_TARGETS:
+            raise ValueError(f"lenbalance.static_target={self.static_target!r} is not valid; use one of "
+                             f"{', '.join(STATIC_TARGETS)}.")
         if not 0.0 <= self.ce_weight <= 1.0:
             raise ValueError(f"lenbalance.ce_weight (λ) must lie in [0, 1], got {self.ce_weight}.")
         if self.training_plan != AUTO and self.training_plan not in STRATEGIES:

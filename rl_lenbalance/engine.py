@@ -111,6 +111,21 @@ class TrainingPairs:
         return TrainingPairs(**{f.name: fn(getattr(self, f.name)) for f in fields(self)})
 
 
+def group_median_targets(pairs: TrainingPairs) -> torch.Tensor:
+    """`pairs.y` with each t=0 sample's target set to the median final length of its prompt's rows in the round
+    (`LenBalanceConfig.static_target='group_median'`); every other sample keeps its own remaining length."""
+    final = {row: (prompt, length) for row, prompt, length  # a re-bucketed row's entries count once
+             in zip(pairs.row.tolist(), pairs.prompt.tolist(), pairs.length.tolist(), strict=True) if row >= 0}
+    by_prompt: dict[int, list[int]] = {}
+    for prompt, length in final.values():
+        by_prompt.setdefault(prompt, []).append(length)
+    median = {prompt: torch.tensor(lengths, dtype=torch.float32).quantile(0.5).item()
+              for prompt, lengths in by_prompt.items()}
+    prompts = pairs.prompt.repeat_interleave(len(pairs.y) // len(pairs.row)).tolist()
+    static = ((pairs.step == 0) & (pairs.y >= 0)).tolist()
+    return torch.tensor([median[p] if at_zero else y for p, at_zero, y in zip(prompts, static, pairs.y.tolist())])
+
+
 @dataclass
 class Wave:
     """One generate call: the rows it ran (ids unique across ranks) and what its hooks captured."""
@@ -365,9 +380,10 @@ class LenBalanceEngine:
             metrics |= self._scores("", label, step, self.predict(inputs[valid]).cpu(), y[valid], context,
                                     kendall=label != "static")
         self._update_health(metrics)
-        valid = pairs.y >= 0
+        targets = group_median_targets(pairs) if self.config.static_target == "group_median" else pairs.y
+        valid = targets >= 0
         with private_rng(self.seed + self.rounds):
-            loss = self.trainer.observe(x[valid], pairs.y[valid])
+            loss = self.trainer.observe(x[valid], targets[valid])
         if loss is not None:
             metrics["predictor/loss"] = loss
         if not self.head_is_finite():

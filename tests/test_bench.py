@@ -10,7 +10,8 @@ from rl_lenbalance.bench import BenchData, BuildConfig, RunConfig, check_compati
 from rl_lenbalance.bench.cli import main
 from rl_lenbalance.bench.config import STEPS
 from rl_lenbalance.bench.metrics import kendall_tau
-from rl_lenbalance.bench.online import entropy_trend, online_vs_offline, running_median_mae, with_features
+from rl_lenbalance.bench.online import (entropy_trend, live_summary, online_vs_offline, running_median_mae,
+                                        with_features)
 from rl_lenbalance.bench.predictors import PREDICTORS
 from rl_lenbalance.bench.run import run
 from rl_lenbalance.bench.train import FitSettings, score, train_predictor
@@ -192,3 +193,21 @@ def test_running_median_scores_each_round_against_the_rounds_before():
         rounds.append(pairs)
     assert running_median_mae(rounds, 0) == [pytest.approx((10 + 20) / 2)]  # median 20 against 30 and 40
     assert running_median_mae(rounds, 15) == [pytest.approx((10 + 20) / 2)]  # of (5, 45): 5, against 15 and 25
+
+
+def test_live_summary_averages_the_window_and_compares_the_estimate_used_with_the_simple_ones():
+    def round_(head, naive, median, used):
+        return {"predictor/live_mae_static": head, "predictor/live_mae_naive_static": naive,
+                "predictor/live_mae_history_static": naive, "predictor/live_mae_sibling_static": naive,
+                "predictor/live_mae_median_static": median, "predictor/live_mae_used_static": used,
+                "predictor/used_static": 4.0, "predictor/mae_static": 99.0}
+
+    logged = [round_(50.0, 50.0, 50.0, 50.0)] * 5 + [round_(30.0, 40.0, 20.0, 21.0), round_(34.0, 40.0, 24.0, 21.0)] * 2
+    assert live_summary(logged) == {}  # 9 rounds: no window is whole
+    summary = live_summary(logged + [round_(32.0, 40.0, 22.0, 21.0)])["rounds_6_10"]
+    assert "mae_static" not in summary and summary["used_static"] == 4.0  # replay keys left out
+    assert summary["live_mae_static"] == pytest.approx(32.0)
+    assert summary["live_mae_median_static"] == pytest.approx(22.0)
+    assert summary["static_head_below_naive_pct"] == pytest.approx(20.0)
+    assert summary["static_best_simple"] == "median"
+    assert summary["static_used_over_median_pct"] == pytest.approx(100 * (21 / 22 - 1))

@@ -373,3 +373,16 @@ def test_the_scheduler_acts_on_the_estimate_with_the_lowest_recent_live_error(ti
         engine.score_live(torch.arange(8), live, lengths, pairs)
     assert engine.chosen(0) == "head"
     assert torch.equal(engine.read(torch.full((2,), 5.0), [0, 1], 0, [[], []]), torch.full((2,), 5.0))
+
+
+def test_group_median_targets_replace_only_the_t0_samples_with_the_prompts_median_length():
+    from rl_lenbalance.engine import TrainingPairs, group_median_targets
+
+    pairs = TrainingPairs.empty(entries=5, samples=2, width=1)
+    pairs.row[:4] = torch.tensor([0, 1, 2, 2])  # row 2 re-bucketed: two entries, one length
+    pairs.prompt[:4], pairs.length[:4] = torch.tensor([7, 7, 7, 7]), torch.tensor([10, 40, 100, 100])
+    pairs.row[4], pairs.prompt[4], pairs.length[4] = 3, 9, 5
+    pairs.step[:] = torch.tensor([0, 8, 0, -1, 0, 32, 40, -1, 0, -1])
+    pairs.y[:] = torch.tensor([10.0, 2.0, 40.0, -1.0, 100.0, 68.0, 60.0, -1.0, 5.0, -1.0])
+    targets = group_median_targets(pairs)
+    assert targets.tolist() == [40.0, 2.0, 40.0, -1.0, 40.0, 68.0, 60.0, -1.0, 5.0, -1.0]  # median of 10, 40, 100

@@ -62,7 +62,8 @@ def online_vs_offline(data: BenchData, round_prompts: int, settings: FitSettings
     }
 
 
-VARIANTS = {"plp": LenBalanceConfig(context_features=False), "plp_context": LenBalanceConfig(context_features=True)}
+VARIANTS = {"plp": LenBalanceConfig(context_features=False), "plp_context": LenBalanceConfig(context_features=True),
+            "plp_context_group_median": LenBalanceConfig(context_features=True, static_target="group_median")}
 # head inputs tried besides the final hidden state's PLP features (issue 22 item 3), each with context features:
 # "final" (what the trainer recorded), "layerN" (the same PLP features of decoder layer N), "entropy" (`entropy_trend`)
 FEATURE_VARIANTS = {"layer15": ("layer15",), "layer22": ("layer22",), "layer15+final": ("layer15", "final"),
@@ -72,10 +73,10 @@ ENTROPY_SCALE = 5.0  # nats (a uniform choice among ~150 tokens)
 OFFLINE_TRAIN_ROUNDS = (3, 6, 9)  # the offline head's training rounds, for its learning curve (is data the limit?)
 
 
-def load_round(path: Path) -> tuple[TrainingPairs, int, dict]:
-    """A round saved by `benchmarks/predictor_online.py` (features as float32), its max completion length and the
-    other layers' features and token entropies saved beside it (empty in rounds saved without them)."""
-    saved = torch.load(path, weights_only=True)
+def load_round(saved: dict) -> tuple[TrainingPairs, int, dict]:
+    """A round saved by `benchmarks/predictor_online.py` (`torch.load`ed): its training pairs (features as float32),
+    its max completion length and the other layers' features and token entropies saved beside it (empty in rounds
+    saved without them)."""
     pairs = {k: v.float() if v.is_floating_point() else v for k, v in saved["pairs"].items()}
     if "wave" not in pairs:  # saved before rows carried their first wave: one process, one wave (`with_features`)
         pairs["wave"] = torch.where(pairs["row"] >= 0, 0, -1)
@@ -88,7 +89,8 @@ def entropy_trend(entropy: torch.Tensor, rows: torch.Tensor, steps: torch.Tensor
     row running at `step` drew every token before it)."""
     drawn = entropy.float().nan_to_num(0.0)
     total = torch.cat([torch.zeros(len(drawn), 1), drawn.cumsum(1)], 1)  # total[:, t]: the first t tokens' sum
-    seen = steps.clamp(min=1)  # tokens drawn before `step` (step 0 is zeroed below)
+    seen = steps.clamp(min=1, max=drawn.size(1))  # tokens drawn before `step` (0 zeroed below; a step past every
+    # row's end, the probe of a round shorter than it, reads the last token: no row runs there, its pair is unused)
     recent, last = seen.clamp(max=8), seen - 1
     out = torch.stack([total[rows, seen] / seen, (total[rows, seen] - total[rows, seen - recent]) / recent,
                        drawn.cummax(1).values[rows, last], drawn[rows, last]], 1)
@@ -196,23 +198,56 @@ def length_profile(rounds: list[TrainingPairs], max_length: int) -> dict[str, fl
             "capped_among_running_at_32": (lengths[running] >= max_length).float().mean().item()}
 
 
+LIVE_WINDOWS = {"rounds_6_10": range(5, 10), "rounds_11_20": SUMMARY_ROUNDS}  # 0-based round indices
+
+
+def live_summary(logged: list[dict[str, float]]) -> dict[str, dict[str, float]]:
+    """The live metrics the trainer logged (`LenBalanceEngine.score_live`), averaged over each window of
+    `LIVE_WINDOWS` that the run covers, with the targets of issue 29 worked out: the estimate the scheduler used
+    against the best simple one and the running median, the head at the probe against the survival-conditioned
+    running mean (`naive`), and the head at t=0 against naive."""
+    out = {}
+    for name, window in LIVE_WINDOWS.items():
+        rounds = [logged[i] for i in window if i < len(logged)]
+        if len(rounds) < len(window):
+            continue
+        keys = sorted({k for m in rounds for k in m if k.startswith(("predictor/live_", "predictor/used_"))})
+        mean = {k.removeprefix("predictor/"): sum(m[k] for m in rounds if k in m) / sum(k in m for m in rounds)
+                for k in keys}
+        for label in ("static", f"plp{PLP_REPORT_STEP}"):
+            head = mean.get(f"live_mae_{label}")
+            if head is None:
+                continue
+            simple = {e: mean[f"live_mae_{e}_{label}"] for e in ("naive", "history", "sibling", "median")
+                      if f"live_mae_{e}_{label}" in mean}
+            best = min(simple, key=simple.get)
+            used = mean[f"live_mae_used_{label}"]
+            mean |= {f"{label}_head_below_naive_pct": 100 * (1 - head / simple["naive"]),
+                     f"{label}_best_simple": best,
+                     f"{label}_head_over_best_simple_pct": 100 * (head / simple[best] - 1),
+                     f"{label}_used_over_median_pct": 100 * (used / simple["median"] - 1),
+                     f"{label}_used_over_best_simple_pct": 100 * (used / simple[best] - 1)}
+        out[name] = mean
+    return out
+
+
 def evaluate_rounds(folder: Path, setting: str, seed: int = 0) -> dict:
     """Every saved round of one prompt setting replayed through each head variant; rounds 11-20 averaged; the
     offline head beside the online one; and what the trainer itself logged each round."""
     files = sorted(folder.glob("round_*.pt"))
-    loaded = [load_round(path) for path in files]
+    saved = [torch.load(path, weights_only=True) for path in files]
+    loaded = [load_round(round_) for round_ in saved]
     rounds, max_length = [pairs for pairs, _, _ in loaded], loaded[0][1]
     hidden = (rounds[0].z0.size(1) - 2) // 3
     variants = dict(VARIANTS)
     if all(extra for _, _, extra in loaded):
         variants |= {f"context_{name}": (parts, LenBalanceConfig(context_features=True))
                      for name, parts in FEATURE_VARIANTS.items()}
-    first = torch.load(files[0], weights_only=True)
-    report: dict = {"setting": setting, "task": first.get("task", "arithmetic"), "rounds": len(rounds),
+    logged = [round_["trainer_metrics"] for round_ in saved]
+    report: dict = {"setting": setting, "task": saved[0].get("task", "arithmetic"), "rounds": len(rounds),
                     "completions_per_round": [int((p.row >= 0).sum()) for p in rounds],
                     "distinct_prompts": len({int(k) for p in rounds for k in p.prompt}),
-                    "trainer_logged": [torch.load(f, weights_only=True)["trainer_metrics"] for f in files],
-                    "variants": {}}
+                    "live": live_summary(logged), "trainer_logged": logged, "variants": {}}
     for name, spec in variants.items():
         parts, config = spec if isinstance(spec, tuple) else (("final",), spec)
         replayed = [with_features(p, extra, parts) for p, _, extra in loaded] if parts != ("final",) else rounds
