@@ -96,6 +96,34 @@ def assert_same_update(stock, ours, tol: float = 1e-8) -> None:
     assert losses[0] == pytest.approx(losses[1], rel=1e-6, abs=1e-6)  # a GRPO loss is ~0: compare absolutely
 
 
+def assert_same(a, b, where: str = "state") -> None:
+    """`a` equals `b` exactly, tensors (on any device), dicts, lists and tuples compared element by element; the
+    failure names the path to the first difference."""
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a.cpu(), b.cpu()), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_same(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def grad_gap(ours, reference) -> float:
+    """Largest gradient difference, relative to the largest reference gradient."""
+    scale = max(g.abs().max().item() for g in reference)
+    return max((a - b).abs().max().item() for a, b in zip(ours, reference)) / scale
+
+
+def gap(a, b) -> float:
+    """Largest absolute difference, in float64."""
+    return (a.double() - b.double()).abs().max().item()
+
+
 def tiny_decoder(model_dir, max_new_tokens: int, do_sample: bool, copies: int):
     """For rollout rounds without TRL: the float32 model in `model_dir` (eval), its tokenizer, a generation config,
     4 prompts `copies` times each, and a `Backend.decode` over `compacted_generate` (finished rows leave the batch

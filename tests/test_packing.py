@@ -19,6 +19,8 @@ from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 from rl_lenbalance import packing
 from rl_lenbalance.packing import packed_logps_and_entropies, packing_unsupported
 
+from helpers import gap, grad_gap
+
 TEMPERATURE = 0.7
 PROMPT, COMPLETION = 7, 9
 # (prompt tokens, completion tokens) per row: a full row, padding on both sides, an empty completion, a one-token
@@ -67,16 +69,6 @@ def grads(model, logps, entropy, attention_mask):
     loss = (logps * mask).sum() + 0.3 * (entropy * mask).sum()
     found = torch.autograd.grad(loss, params, allow_unused=True, retain_graph=True)
     return [torch.zeros_like(p) if g is None else g.double() for p, g in zip(params, found)]
-
-
-def grad_gap(ours, reference) -> float:
-    """Largest gradient difference, relative to the largest reference gradient."""
-    scale = max(g.abs().max().item() for g in reference)
-    return max((a - b).abs().max().item() for a, b in zip(ours, reference)) / scale
-
-
-def gap(a, b) -> float:
-    return (a.double() - b.double()).abs().max().item()
 
 
 CASES = [("llama", GRPOTrainer, False), ("qwen2", GRPOTrainer, False), ("qwen3_moe", GRPOTrainer, False),

@@ -26,7 +26,7 @@ from rl_lenbalance.predictor import CONTEXT_SIZE, HeadConfig, OnlineTrainer, PLP
 from rl_lenbalance.recipe import RecipeError, load_recipe
 from rl_lenbalance.train import parse_overrides
 
-from helpers import QUICKSTART, make_args, make_trainer
+from helpers import QUICKSTART, assert_same, make_args, make_trainer
 
 
 @pytest.fixture(autouse=True)
@@ -290,21 +290,6 @@ def test_resuming_from_a_checkpoint_without_lenbalance_warns(lenbalance_trainer)
     lenbalance_trainer.lenbalance_resume_from = "/somewhere/checkpoint-4"
     with pytest.warns(UserWarning, match="resuming from /somewhere/checkpoint-4, which holds no lenbalance/ folder"):
         callback.on_train_begin(lenbalance_trainer.args, SimpleNamespace(global_step=4), None)
-
-
-def assert_same(a, b, where="state"):
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a.cpu(), b.cpu()), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for key in a:
-            assert_same(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
 
 
 def test_a_killed_cli_run_resumes_with_its_step_count_and_all_predictor_state(eos_tiny_model_dir, tmp_path,

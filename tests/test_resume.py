@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 import torch
-from helpers import make_args, make_trainer
+from helpers import assert_same, make_args, make_trainer
 from transformers import TrainerCallback
 
 from rl_lenbalance import LenBalanceConfig, LenBalanceGRPOTrainer
@@ -41,21 +41,6 @@ def per_step(trainer, pick):
 
 def tuner_keys(row):
     return sorted(k for k in row if k.startswith("lenbalance/autotune/") and k.endswith("_s_per_ktok"))
-
-
-def assert_same(a, b, where="state"):
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a.cpu(), b.cpu()), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for key in a:
-            assert_same(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
 
 
 @pytest.fixture(scope="module")

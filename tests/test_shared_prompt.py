@@ -20,6 +20,8 @@ from rl_lenbalance.loss.shared_prompt import (plan_shared_prompt, prompt_groups,
                                               shared_prompt_unsupported)
 from rl_lenbalance.packing import packed_logps_and_entropies
 
+from helpers import gap, grad_gap
+
 TEMPERATURE = 0.7
 PROMPT, COMPLETION = 8, 7  # the micro-batch's prompt and completion widths
 # rows as (group, prompt length, completion length), groups interleaved: prompts of 3 lengths (two left-padded), a
@@ -65,16 +67,6 @@ def grads(model, loss, retain=False):
     params = [p for p in model.parameters() if p.requires_grad]
     found = torch.autograd.grad(loss, params, allow_unused=True, retain_graph=retain)
     return [torch.zeros_like(p) if g is None else g.double() for p, g in zip(params, found)]
-
-
-def grad_gap(ours, reference) -> float:
-    """Largest gradient difference, relative to the largest reference gradient."""
-    scale = max(g.abs().max().item() for g in reference)
-    return max((a - b).abs().max().item() for a, b in zip(ours, reference)) / scale
-
-
-def gap(a, b) -> float:
-    return (a.double() - b.double()).abs().max().item()
 
 
 def shared(model, input_ids, attention_mask, **kwargs):

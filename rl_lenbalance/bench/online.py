@@ -99,10 +99,11 @@ def entropy_trend(entropy: torch.Tensor, rows: torch.Tensor, steps: torch.Tensor
 
 def with_features(pairs: TrainingPairs, extra: dict, parts: tuple[str, ...]) -> TrainingPairs:
     """`pairs` whose head inputs (t=0, t=32 and the samples) are `parts` concatenated (see `FEATURE_VARIANTS`).
-    Row r of a round is entry r (one process, one wave: the saved rounds' layout)."""
-    valid = pairs.row[pairs.row >= 0]
-    if not torch.equal(valid, torch.arange(len(valid))):
-        raise ValueError("with_features reads rounds of one process and one wave (row r at entry r)")
+    Row id r is the round's completion r (one process: the saved rounds' layout), whichever waves hold its entries
+    (a re-bucketed row has one in the probe's wave and one in its continuation's)."""
+    batch = extra["entropy"].size(0) if "entropy" in extra else next(iter(next(iter(extra.values())).values())).size(0)
+    if int(pairs.row.max()) >= batch:
+        raise ValueError(f"with_features reads rounds of one process: row ids 0..{batch - 1}, got {int(pairs.row.max())}")
     samples = len(pairs.y) // len(pairs.row)
     rows = pairs.row.clamp(min=0)
 
