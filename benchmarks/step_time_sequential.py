@@ -6,8 +6,8 @@ steps; the first step of every block is warm-up. Medians over the remaining step
 a thread that is not the main one run slower (about 25% for a SmolLM2 `generate` on 2 cores), so this script is the
 reference for seconds on the CPU.
 
-    cd benchmarks && python step_time_sequential.py ../recipes/quickstart.yaml --steps 4 \
-        --set lenbalance.compaction=false lenbalance.training_plan=stock --out ../docs/benchmarks/step_time_sequential_stock_cpu.json
+    cd benchmarks && python step_time_sequential.py ../recipes/quickstart.yaml --steps 4 --set output_dir=/tmp/seq_chosen \
+        lenbalance.compaction=true lenbalance.training_plan=shared_prompt --out ../docs/benchmarks/step_time_sequential_chosen_cpu.json
 """
 
 from __future__ import annotations
