@@ -37,7 +37,8 @@ STATE_NAME = "engine_state.pt"  # beside the head's files: its optimizer, replay
 Gather = Callable[[torch.Tensor], torch.Tensor]  # this rank's rows -> every rank's rows, in rank order
 
 PLP_REPORT_STEP = 32  # the PLP error is reported after this many observed tokens (the paper's t = 32)
-SELECTION_ROUNDS = 3  # the last rounds of live error that choose among them
+SELECTION_ROUNDS = 10  # the last rounds of live error that choose among them (3 chased noise: round to round, the
+# best estimate of the last 3 was often the worst of the next; docs/benchmarks/README.md, predictor_online_cpu.json)
 
 
 def head_config(config: LenBalanceConfig, hidden_size: int, max_length: int) -> HeadConfig:

@@ -211,3 +211,5 @@ def test_live_summary_averages_the_window_and_compares_the_estimate_used_with_th
     assert summary["static_head_below_naive_pct"] == pytest.approx(20.0)
     assert summary["static_best_simple"] == "median"
     assert summary["static_used_over_median_pct"] == pytest.approx(100 * (21 / 22 - 1))
+    # choosing by every past round: the head in round 6 (all tied before), the median after: 30, 24, 20, 24, 22
+    assert summary["used_mae_by_selection_window"]["static"][20] == pytest.approx(24.0)

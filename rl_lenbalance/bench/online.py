@@ -13,6 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from ..config import LenBalanceConfig
 from ..engine import PLP_REPORT_STEP, LenBalanceEngine, TrainingPairs, head_config, new_trainer
 from ..predictor import PLPHead, feature_size
+from ..predictor.context import CANDIDATES
 from .dataset import BenchData
 from .metrics import mae
 from .predictors import PREDICTORS, Pairs, make_pairs
@@ -101,9 +102,11 @@ def with_features(pairs: TrainingPairs, extra: dict, parts: tuple[str, ...]) -> 
     """`pairs` whose head inputs (t=0, t=32 and the samples) are `parts` concatenated (see `FEATURE_VARIANTS`).
     Row id r is the round's completion r (one process: the saved rounds' layout), whichever waves hold its entries
     (a re-bucketed row has one in the probe's wave and one in its continuation's)."""
-    batch = extra["entropy"].size(0) if "entropy" in extra else next(iter(next(iter(extra.values())).values())).size(0)
+    first = next(iter(extra.values()))  # (B, W) entropies, or a layer's {step: (B, F)}
+    batch = (first if isinstance(first, torch.Tensor) else next(iter(first.values()))).size(0)
     if int(pairs.row.max()) >= batch:
-        raise ValueError(f"with_features reads rounds of one process: row ids 0..{batch - 1}, got {int(pairs.row.max())}")
+        raise ValueError(f"with_features reads rounds of one process: row ids 0..{batch - 1}, "
+                         f"got {int(pairs.row.max())}")
     samples = len(pairs.y) // len(pairs.row)
     rows = pairs.row.clamp(min=0)
 
@@ -228,7 +231,34 @@ def live_summary(logged: list[dict[str, float]]) -> dict[str, dict[str, float]]:
                      f"{label}_head_over_best_simple_pct": 100 * (head / simple[best] - 1),
                      f"{label}_used_over_median_pct": 100 * (used / simple["median"] - 1),
                      f"{label}_used_over_best_simple_pct": 100 * (used / simple[best] - 1)}
-        out[name] = mean
+        out[name] = mean | {"used_mae_by_selection_window": selection_by_window(logged, window)}
+    return out
+
+
+SELECTION_WINDOWS = (1, 3, 5, 10, 20)
+
+
+def selection_by_window(logged: list[dict[str, float]], window: range) -> dict[str, dict[int, float]]:
+    """Per step label, the live MAE over `window` (0-based rounds) of the estimate a scheduler would have acted on had
+    it chosen, as `LenBalanceEngine.chosen` does, the candidate with the lowest mean live MAE over the last W scored
+    rounds (from round 2), for each W of `SELECTION_WINDOWS`: from the trainer's logged live errors of every
+    candidate, which do not depend on the choice."""
+    out: dict[str, dict[int, float]] = {}
+    for label in ("static", f"plp{PLP_REPORT_STEP}"):
+        keys = [f"predictor/live_mae_{label}" if name == "head" else f"predictor/live_mae_{name}_{label}"
+                for name in CANDIDATES]
+        rows = [[m.get(k) for k in keys] for m in logged]
+        scored = [i for i in range(1, len(rows)) if None not in rows[i]]
+        if not all(i in scored for i in window if i < len(rows)):
+            continue
+        out[label] = {}
+        for w in SELECTION_WINDOWS:
+            used = []
+            for i in window:
+                past = [rows[j] for j in scored if j < i][-w:]
+                means = [sum(r[k] for r in past) / len(past) for k in range(len(CANDIDATES))] if past else [0.0]
+                used.append(rows[i][min(range(len(means)), key=means.__getitem__)])
+            out[label][w] = sum(used) / len(used)
     return out
 
 
