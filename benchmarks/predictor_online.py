@@ -128,6 +128,7 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="evaluate: the JSON report.")
+    parser.add_argument("--variants", nargs="+", help="evaluate: replay only these head variants (default: all).")
     args = parser.parse_args()
     if args.phase == "run":
         for name in args.settings:
@@ -135,7 +136,8 @@ def main() -> None:
         return
     from rl_lenbalance.bench.online import evaluate_rounds
 
-    results = [evaluate_rounds(Path(args.dump) / name, name, seed=args.seed) for name in args.settings]
+    results = [evaluate_rounds(Path(args.dump) / name, name, seed=args.seed, only=args.variants)
+               for name in args.settings]
     save_report(args.out, results)
 
 

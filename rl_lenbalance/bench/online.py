@@ -262,9 +262,9 @@ def selection_by_window(logged: list[dict[str, float]], window: range) -> dict[s
     return out
 
 
-def evaluate_rounds(folder: Path, setting: str, seed: int = 0) -> dict:
-    """Every saved round of one prompt setting replayed through each head variant; rounds 11-20 averaged; the
-    offline head beside the online one; and what the trainer itself logged each round."""
+def evaluate_rounds(folder: Path, setting: str, seed: int = 0, only: list[str] | None = None) -> dict:
+    """Every saved round of one prompt setting replayed through each head variant (`only`: these names); rounds
+    11-20 averaged; the offline head beside the online one; and what the trainer itself logged each round."""
     files = sorted(folder.glob("round_*.pt"))
     saved = [torch.load(path, weights_only=True) for path in files]
     loaded = [load_round(round_) for round_ in saved]
@@ -274,6 +274,8 @@ def evaluate_rounds(folder: Path, setting: str, seed: int = 0) -> dict:
     if all(extra for _, _, extra in loaded):
         variants |= {f"context_{name}": (parts, LenBalanceConfig(context_features=True))
                      for name, parts in FEATURE_VARIANTS.items()}
+    if only is not None:
+        variants = {name: spec for name, spec in variants.items() if name in only}
     logged = [round_["trainer_metrics"] for round_ in saved]
     report: dict = {"setting": setting, "task": saved[0].get("task", "arithmetic"), "rounds": len(rounds),
                     "completions_per_round": [int((p.row >= 0).sum()) for p in rounds],
