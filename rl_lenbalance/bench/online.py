@@ -4,6 +4,7 @@ replay of rounds saved from the real trainer (`benchmarks/predictor_online.py`) 
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -216,8 +217,8 @@ def live_summary(logged: list[dict[str, float]]) -> dict[str, dict[str, float]]:
         if len(rounds) < len(window):
             continue
         keys = sorted({k for m in rounds for k in m if k.startswith(("predictor/live_", "predictor/used_"))})
-        mean = {k.removeprefix("predictor/"): sum(m[k] for m in rounds if k in m) / sum(k in m for m in rounds)
-                for k in keys}
+        finite = {k: [m[k] for m in rounds if k in m and math.isfinite(m[k])] for k in keys}  # τ is NaN on ties
+        mean = {k.removeprefix("predictor/"): sum(v) / len(v) for k, v in finite.items() if v}
         for label in ("static", f"plp{PLP_REPORT_STEP}"):
             head = mean.get(f"live_mae_{label}")
             if head is None:
