@@ -1,6 +1,6 @@
-"""Stock TRL GRPOTrainer vs rl-lenbalance variants in the real trainer, on this machine's device, in one process.
+"""Stock TRL GRPOTrainer vs rl-lenbalance variants in the real trainer, on this machine's device.
 
-The variants take turns one optimizer step at a time, in an order reversed every step, each on its own RNG stream
+The variants take turns one optimizer step at a time, in an order reversed every step, each in a process of its own
 (`rl_lenbalance.compare`); phases are timed with device synchronisation; warm-up steps are dropped; medians and
 ratios against stock come from the same run. On a GPU the model runs in bf16.
 
@@ -13,6 +13,7 @@ ratios against stock come from the same run. On a GPU the model runs in bf16.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import tempfile
@@ -82,6 +83,33 @@ def model_source(name: str) -> str:
     return name
 
 
+def build(args: argparse.Namespace, source: str, settings: dict | None, name: str):
+    """One variant's timed trainer (in its own process, `rl_lenbalance.compare`): stock TRL for `settings` None."""
+    cuda = torch.cuda.is_available()
+    torch.manual_seed(0)
+    model, tokenizer = load_model(source, dtype=torch.bfloat16 if cuda else torch.float32)
+    config = GRPOConfig(
+        output_dir=tempfile.mkdtemp(prefix="rl_lenbalance_bench_"), use_cpu=not cuda,
+        bf16=cuda and not args.cb_slots,  # amp's fp32 output wrapper breaks TRL's continuous batching (bf16 weights)
+        max_steps=args.steps, seed=0, per_device_train_batch_size=args.batch,
+        gradient_accumulation_steps=args.grad_acc, num_generations=args.generations,
+        max_completion_length=args.max_length, temperature=1.0, top_k=0, beta=0.0, loss_type="dapo",
+        learning_rate=args.learning_rate, report_to="none", save_strategy="no", logging_steps=1,
+        disable_tqdm=True, use_transformers_continuous_batching=args.cb_slots > 0,
+        transformers_continuous_batching_config={"max_requests_per_batch": args.cb_slots} if args.cb_slots else None,
+    )
+    dataset = arithmetic_dataset(max(64, args.batch * args.grad_acc * args.steps // args.generations), seed=0)
+    kwargs = dict(model=model, processing_class=tokenizer, reward_funcs=REWARD_FUNCS, args=config,
+                  train_dataset=dataset)
+    if settings is None:
+        trainer = timed(GRPOTrainer)(**kwargs)
+    else:
+        trainer = timed(LenBalanceGRPOTrainer)(**kwargs, lenbalance_config=LenBalanceConfig(**settings))
+    if args.profile_step:
+        trainer.add_callback(ProfileStep(args.profile_step, f"{args.out}.profile_{name}.txt"))
+    return trainer
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="embedded", help="'embedded', 'tiny', or a model folder.")
@@ -104,32 +132,8 @@ def main() -> None:
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     source = model_source(args.model)
-    dataset = arithmetic_dataset(max(64, args.batch * args.grad_acc * args.steps // args.generations), seed=0)
 
-    def build(settings: dict | None, name: str):
-        torch.manual_seed(0)
-        model, tokenizer = load_model(source, dtype=torch.bfloat16 if cuda else torch.float32)
-        config = GRPOConfig(
-            output_dir=tempfile.mkdtemp(prefix="rl_lenbalance_bench_"), use_cpu=not cuda,
-            bf16=cuda and not args.cb_slots,  # amp's fp32 output wrapper breaks TRL's continuous batching (bf16 weights)
-            max_steps=args.steps, seed=0, per_device_train_batch_size=args.batch,
-            gradient_accumulation_steps=args.grad_acc, num_generations=args.generations,
-            max_completion_length=args.max_length, temperature=1.0, top_k=0, beta=0.0, loss_type="dapo",
-            learning_rate=args.learning_rate, report_to="none", save_strategy="no", logging_steps=1,
-            disable_tqdm=True, use_transformers_continuous_batching=args.cb_slots > 0,
-            transformers_continuous_batching_config={"max_requests_per_batch": args.cb_slots} if args.cb_slots else None,
-        )
-        kwargs = dict(model=model, processing_class=tokenizer, reward_funcs=REWARD_FUNCS, args=config,
-                      train_dataset=dataset)
-        if settings is None:
-            trainer = timed(GRPOTrainer)(**kwargs)
-        else:
-            trainer = timed(LenBalanceGRPOTrainer)(**kwargs, lenbalance_config=LenBalanceConfig(**settings))
-        if args.profile_step:
-            trainer.add_callback(ProfileStep(args.profile_step, f"{args.out}.profile_{name}.txt"))
-        return trainer
-
-    results = compare(build, {name: VARIANTS[name] for name in args.variants}, warmup=args.warmup)
+    results = compare(functools.partial(build, args, source), {name: VARIANTS[name] for name in args.variants}, warmup=args.warmup)
     print_comparison(results)
     trainer_settings = {k: v for k, v in vars(args).items() if k not in ("out", "variants")}
     stock = next((r for r in results if r["variant"] == "stock"), None)

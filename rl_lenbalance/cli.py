@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
 from collections.abc import Callable
 
 from .loss import STRATEGIES
@@ -69,12 +68,8 @@ def main(argv: list[str] | None = None) -> None:
                            plans=args.plans)
         except RecipeError as error:
             parser.exit(2, f"rl-lenbalance: error: {error}\n")
-        except CompareError as error:
-            print(f"rl-lenbalance: error: {error}", file=sys.stderr, flush=True)
-            sys.stdout.flush()
-            # A trainer's thread may still be inside its step (a hang cannot be stopped); the interpreter's teardown
-            # would end under it in a C++ abort (exit 134), so leave without it.
-            os._exit(2)
+        except CompareError as error:  # the failed variant's traceback (if it raised), then one line
+            parser.exit(2, f"{error.details}rl-lenbalance: error: {error}\n")
     elif args.command == "report" and not rest:
         from .report import main as report_main
 

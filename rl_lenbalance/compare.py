@@ -1,30 +1,33 @@
-"""Stock TRL against rl-lenbalance, in seconds, on the user's own hardware, in one process.
+"""Stock TRL against rl-lenbalance, in seconds, on the user's own hardware.
 
     rl-lenbalance compare recipes/quickstart.yaml --steps 4
 
-Each variant is its own trainer, built from the same recipe, weights, data and seed. The trainers run in threads
-that take turns one optimizer step at a time, in an order reversed every step (A B, B A, ...), each on its own RNG
-stream (saved and restored at every turn), so every variant sees the draws it would see alone and none profits
-from a warmer machine. Phases are timed with device synchronisation at their edges (`torch.cuda.synchronize` on
-a GPU). Warm-up steps are dropped; medians are reported, with ratios against stock measured in the same run. A
-variant that raises, or spends longer than the per-turn timeout on one step, stops the comparison at once with a
-`CompareError` naming it and its step.
+Each variant is its own trainer, built from the same recipe, weights, data and seed, in a process of its own (run
+in its main thread, as a user runs a trainer: on a CPU, torch runs the same ops about 1.2x slower in another
+thread). The processes take turns one optimizer step at a time, in an order reversed every step (A B, B A, ...),
+so none profits from a warmer machine, and each samples exactly what it would alone. Phases are timed with device
+synchronisation at their edges (`torch.cuda.synchronize` on a GPU). Warm-up steps are dropped; medians are reported,
+with ratios against stock measured in the same run. A variant that raises, or spends longer than the per-turn
+timeout on one step, stops the comparison at once with a `CompareError` naming it and its step. Each process holds
+its own device memory: N variants need N times the memory of one.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
 import math
-import random
+import multiprocessing
 import statistics
-import threading
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 from transformers import TrainerCallback
 
@@ -35,6 +38,7 @@ if TYPE_CHECKING:
     from rich.console import Console
 
 PHASES = ("whole_step_s", "generation_s", "loss_phase_s")
+STARTUP_TIMEOUT_S = 600.0  # a variant's process importing torch and the trainer: never timed
 
 
 def synchronize() -> None:
@@ -97,134 +101,109 @@ def timed(base: type) -> type:
     return Timed
 
 
-def _rng_state() -> tuple:
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    return torch.get_rng_state(), cuda, random.getstate(), np.random.get_state()
-
-
-def _set_rng_state(state: tuple) -> None:
-    cpu, cuda, python, numpy = state
-    torch.set_rng_state(cpu)
-    if cuda is not None:
-        torch.cuda.set_rng_state_all(cuda)
-    random.setstate(python)
-    np.random.set_state(numpy)
-
-
 class CompareError(RuntimeError):
-    """A variant failed, or held its turn longer than the per-turn timeout: the comparison is over."""
+    """A variant failed, or held its turn longer than the per-turn timeout: the comparison is over. `details` holds
+    the failed variant's traceback, as its process printed it."""
+
+    def __init__(self, message: str, details: str = "") -> None:
+        super().__init__(message)
+        self.details = details
 
 
-class _Stopped(Exception):
-    """Raised in a job waiting for its turn once another job failed."""
+class Turn:
+    """A variant's side of the turnstile, in the variant's own process: `take` blocks until the turn is handed over,
+    `give_back` ends it and waits for the next one."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+    def take(self) -> None:
+        self.conn.recv()
+
+    def give_back(self) -> None:
+        self.conn.send(("turn", None))
+        self.take()
+
+
+def _serve(job: Callable[[Turn], object], conn: Connection) -> None:
+    """A variant's process: say it is ready (its imports done), wait for its first turn, run `job` and send back its
+    result, or the error that ended it."""
+    turn = Turn(conn)
+    conn.send(("ready", None))
+    turn.take()
+    try:
+        result = job(turn)
+    except BaseException as error:  # any failure ends the comparison; the parent raises it, naming the variant
+        conn.send(("error", (f"{type(error).__name__}: {error}", traceback.format_exc())))
+        return
+    conn.send(("done", result))
 
 
 class Turnstile:
-    """Lets jobs in threads (trainers) run one turn (an optimizer step) at a time, in an order reversed every round,
-    each on its own RNG stream (`rng`, set by the caller before `run`). The first failure, or a turn longer than
-    `turn_timeout_s`, ends the comparison: `run` raises it at once, naming the variant and its step."""
+    """Runs each job (a variant) in a process of its own, in its main thread, one turn (an optimizer step) at a time,
+    in an order reversed every round (A B, B A, ...). Each process has its own RNG, so a variant draws exactly what
+    it would alone. The first failure, or a turn longer than `turn_timeout_s`, ends the comparison: `run` kills every
+    process and raises `CompareError` naming the variant and its step."""
 
     def __init__(self, names: list[str], turn_timeout_s: float = 3600.0) -> None:
-        self.names, self.round, self.position = list(names), 0, 0
-        self.finished: set[str] = set()
-        self.steps = dict.fromkeys(self.names, 0)  # turns begun: the step a job is in
-        self.holder: str | None = None  # whose turn is running
-        self.rng: dict[str, tuple] = {}
-        self.error: CompareError | None = None
-        self.turn_timeout_s = turn_timeout_s
-        self.turn_started = time.monotonic()  # when the current turn was handed over
-        self.condition = threading.Condition()
+        self.names, self.turn_timeout_s = list(names), turn_timeout_s
+        self.steps = dict.fromkeys(self.names, 0)  # turns handed over: the step a variant is in
 
-    def _order(self) -> list[str]:
-        order = self.names if self.round % 2 == 0 else self.names[::-1]
-        return [name for name in order if name not in self.finished]
+    def _receive(self, name: str, conn: Connection, process, timeout_s: float, late: str) -> tuple[str, object]:
+        """The variant's next message, within `timeout_s` (else `late` is the error)."""
+        if not conn.poll(timeout_s):
+            raise CompareError(late)
+        try:
+            return conn.recv()
+        except EOFError:
+            process.join(timeout=5)
+            raise CompareError(f"variant {name!r} ended in step {self.steps[name]} without a word (exit code "
+                               f"{process.exitcode}; killed for memory?).") from None
 
-    def _current(self) -> str | None:
-        order = self._order()
-        return order[self.position] if self.position < len(order) else None
-
-    def _step(self, name: str) -> int:
-        """The step `name` is in: its running turn's, else the one it waits for (or sets up)."""
-        return self.steps[name] + (self.holder != name)
-
-    def acquire(self, name: str) -> None:
-        """Block until it is `name`'s turn, then switch to its RNG stream; raises `_Stopped` once a job failed."""
-        with self.condition:
-            self.condition.wait_for(lambda: self.error is not None or self._current() == name)
-            if self.error is not None:
-                raise _Stopped
-            self.steps[name] += 1
-            self.holder = name
-            _set_rng_state(self.rng[name])
-
-    def release(self, name: str, finished: bool = False) -> None:
-        """End `name`'s turn (for good with `finished`), saving its RNG stream."""
-        with self.condition:
-            if self._current() != name:  # a job that ended before its turn: just drop it
-                self.finished.add(name)
-            else:
-                self.rng[name] = _rng_state()
-                if finished:
-                    self.finished.add(name)  # the next one in the order moves into this position
-                else:
-                    self.position += 1
-                if self.position >= len(self._order()):
-                    self.round, self.position = self.round + 1, 0
-                self.holder, self.turn_started = None, time.monotonic()
-            self.condition.notify_all()
-
-    def _fail(self, message: str, cause: BaseException | None = None) -> None:
-        """Record the first failure and wake every waiting job (the caller holds the condition)."""
-        if self.error is None:
-            self.error = CompareError(message)
-            self.error.__cause__ = cause
-        self.condition.notify_all()
-
-    def run(self, jobs: dict[str, Callable[[], None]]) -> None:
-        """Run each job (`name -> callable`, taking turns through `acquire`/`release`) in a daemon thread and return
-        when all finished; raise `CompareError` as soon as one raises or a turn outlasts `turn_timeout_s` (a job
-        that hangs stays behind in its daemon thread)."""
-
-        def target(name: str) -> None:
-            try:
-                jobs[name]()
-            except _Stopped:
-                return
-            except BaseException as error:  # any failure ends the comparison, raised in the caller's thread
-                with self.condition:
-                    self._fail(f"variant {name!r} failed in step {self._step(name)}: {type(error).__name__}: {error}",
-                               error)
-                return
-            self.release(name, finished=True)
-
-        threads = [threading.Thread(target=target, args=(name,), name=f"compare-{name}", daemon=True) for name in jobs]
-        for thread in threads:
-            thread.start()
-        with self.condition:
-            while self.error is None and len(self.finished) < len(self.names):
-                left = self.turn_started + self.turn_timeout_s - time.monotonic()
-                if left <= 0:
-                    name = self._current()
-                    self._fail(f"variant {name!r} did not finish step {self._step(name)} within "
-                               f"turn_timeout_s={self.turn_timeout_s:g} s; the comparison stopped (a hang: a deadlock "
-                               "or a device that does not answer; if one step really takes longer, raise the timeout: "
-                               "--turn-timeout).")
-                else:
-                    self.condition.wait(left)
-            if self.error is not None:
-                raise self.error
-        for thread in threads:
-            thread.join()
+    def run(self, jobs: dict[str, Callable[[Turn], object]]) -> dict[str, object]:
+        """Run every job (`name -> picklable callable taking a Turn`, which calls `turn.give_back()` at the end of
+        each step) to its end in turns; return each job's result."""
+        context = multiprocessing.get_context("spawn")  # a fresh interpreter: no torch thread pool inherited
+        conns, processes, results = {}, {}, {}
+        try:
+            for name in self.names:
+                conns[name], child = context.Pipe()
+                processes[name] = context.Process(target=_serve, args=(jobs[name], child), name=f"compare-{name}",
+                                                  daemon=True)
+                processes[name].start()
+                child.close()
+            for name in self.names:
+                self._receive(name, conns[name], processes[name], STARTUP_TIMEOUT_S,  # before any turn is timed
+                              f"variant {name!r} did not start within {STARTUP_TIMEOUT_S:g} s.")
+            for round_ in itertools.count():
+                order = [n for n in (self.names if round_ % 2 == 0 else self.names[::-1]) if n not in results]
+                if not order:
+                    return results
+                for name in order:
+                    self.steps[name] += 1
+                    conns[name].send("go")
+                    kind, payload = self._receive(
+                        name, conns[name], processes[name], self.turn_timeout_s,
+                        f"variant {name!r} did not finish step {self.steps[name]} within turn_timeout_s="
+                        f"{self.turn_timeout_s:g} s; the comparison stopped (a hang: a deadlock or a device that does "
+                        "not answer; if one step really takes longer, raise the timeout: --turn-timeout).")
+                    if kind == "done":
+                        results[name] = payload
+                    elif kind == "error":
+                        message, details = payload
+                        raise CompareError(f"variant {name!r} failed in step {self.steps[name]}: {message}", details)
+        finally:  # a finished variant's process ends by itself (its exit handlers run); any other is killed
+            for name, process in processes.items():
+                process.join(timeout=60 if name in results else 0)
+                process.kill()
+                process.join()
 
 
 class _TakeTurns(TrainerCallback):
-    """Holds the turnstile for one trainer from the end of its previous step to the end of this one."""
+    """Times each optimizer step of a `timed` trainer and hands the turn back at its end."""
 
-    def __init__(self, turnstile: Turnstile, name: str, trainer) -> None:
-        self.turnstile, self.name, self.trainer = turnstile, name, trainer
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.turnstile.acquire(self.name)
+    def __init__(self, turn: Turn, trainer) -> None:
+        self.turn, self.trainer = turn, trainer
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.trainer.step_records.append(StepRecord())
@@ -234,19 +213,17 @@ class _TakeTurns(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         synchronize()
         self.trainer.step_records[-1].whole_step_s = time.perf_counter() - self._start
-        self.turnstile.release(self.name)
-        self.turnstile.acquire(self.name)
+        self.turn.give_back()
 
 
-def run_alternating(trainers: dict[str, object], turn_timeout_s: float = 3600.0) -> None:
-    """Train every trainer (built with `timed`) to its end, one optimizer step each in turn; raises `CompareError`
-    as soon as one fails or a step outlasts `turn_timeout_s`."""
-    turnstile = Turnstile(list(trainers), turn_timeout_s)
-    for name, trainer in trainers.items():
-        trainer.step_records = []
-        trainer.add_callback(_TakeTurns(turnstile, name, trainer))
-        turnstile.rng[name] = _rng_state()
-    turnstile.run({name: trainer.train for name, trainer in trainers.items()})
+def _train_variant(build: Callable[[dict | None, str], object], name: str, settings: dict | None, warmup: int,
+                   turn: Turn) -> dict:
+    """A variant's job: build its trainer (in its first turn), train it step by step in turns, summarize it."""
+    trainer = build(settings, name)
+    trainer.step_records = []
+    trainer.add_callback(_TakeTurns(turn, trainer))
+    trainer.train()
+    return summarize(name, trainer, warmup, settings)
 
 
 def _median(values: list[float]) -> float:
@@ -303,11 +280,13 @@ def add_ratios(results: list[dict]) -> None:
 def compare(build: Callable[[dict | None, str], object], variants: dict[str, dict | None], warmup: int = 1,
             turn_timeout_s: float = 3600.0) -> list[dict]:
     """Build one trainer per variant (`build(None, name)`: stock; `build(settings, name)`: rl-lenbalance with these
-    `LenBalanceConfig` fields), train them in alternation and return one summary per variant. A variant that fails,
-    or spends more than `turn_timeout_s` on one step, ends it with `CompareError`."""
-    trainers = {name: build(settings, name) for name, settings in variants.items()}
-    run_alternating(trainers, turn_timeout_s)
-    results = [summarize(name, trainers[name], warmup, variants[name]) for name in variants]
+    `LenBalanceConfig` fields; `build` must pickle: a module-level function or a `functools.partial` of one), each
+    in its own process, train them in turns and return one summary per variant. A variant that fails, or spends
+    more than `turn_timeout_s` on one step, ends it with `CompareError`."""
+    jobs = {name: functools.partial(_train_variant, build, name, settings, warmup)
+            for name, settings in variants.items()}
+    summaries = Turnstile(list(variants), turn_timeout_s).run(jobs)
+    results = [summaries[name] for name in variants]
     add_ratios(results)
     return results
 
@@ -347,16 +326,25 @@ def print_comparison(results: list[dict], console: Console | None = None) -> Non
     (console or Console()).print(table)
 
 
+def _build_from_recipe(recipe, settings: dict | None, _name: str):
+    """`compare_recipe`'s trainers: stock `GRPOTrainer` (`settings` None) or `LenBalanceGRPOTrainer` with these
+    `LenBalanceConfig` fields, both `timed`."""
+    from trl import GRPOTrainer
+
+    from .integrations import LenBalanceGRPOTrainer
+    from .train import build_trainer
+
+    if settings is None:
+        return build_trainer(recipe, timed(GRPOTrainer))
+    return build_trainer(replace(recipe, lenbalance=replace(recipe.lenbalance, **settings)), timed(LenBalanceGRPOTrainer))
+
+
 def compare_recipe(recipe_path: str, overrides: dict | None = None, steps: int = 4, warmup: int = 1,
                    turn_timeout_s: float = 3600.0, plans: list[str] | None = None) -> list[dict]:
     """Stock `GRPOTrainer` and `LenBalanceGRPOTrainer`, both as the recipe says (trained `steps` steps, nothing saved
     or reported), plus one `LenBalanceGRPOTrainer` per loss strategy in `plans` (`lenbalance.training_plan` pinned);
     prints the table and writes it to `output_dir/lenbalance_compare.json`."""
-    from trl import GRPOTrainer
-
-    from .integrations import LenBalanceGRPOTrainer
     from .recipe import load_recipe
-    from .train import build_trainer
 
     if steps <= warmup:
         raise ValueError(f"--steps={steps} leaves no step after the {warmup} warm-up step(s); use --steps {warmup + 1} "
@@ -364,14 +352,8 @@ def compare_recipe(recipe_path: str, overrides: dict | None = None, steps: int =
     fixed = {"max_steps": steps, "save_strategy": "no", "report_to": "none", "disable_tqdm": True}
     recipe = load_recipe(recipe_path, (overrides or {}) | fixed)
 
-    def build(settings: dict | None, _name: str):
-        if settings is None:
-            return build_trainer(recipe, timed(GRPOTrainer))
-        return build_trainer(replace(recipe, lenbalance=replace(recipe.lenbalance, **settings)),
-                             timed(LenBalanceGRPOTrainer))
-
     variants = {"stock": None, "lenbalance": {}} | {f"lenbalance_{plan}": {"training_plan": plan} for plan in plans or ()}
-    results = compare(build, variants, warmup, turn_timeout_s)
+    results = compare(functools.partial(_build_from_recipe, recipe), variants, warmup, turn_timeout_s)
     print_comparison(results)
     out = Path(recipe.training.output_dir, "lenbalance_compare.json")
     out.parent.mkdir(parents=True, exist_ok=True)

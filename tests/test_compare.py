@@ -1,97 +1,69 @@
-"""`rl-lenbalance compare`: trainers take turns one optimizer step at a time, each on its own RNG stream."""
+"""`rl-lenbalance compare`: trainers take turns one optimizer step at a time, each in a process of its own."""
 
 from __future__ import annotations
 
+import functools
 import json
-import threading
+import multiprocessing
 import time
+from pathlib import Path
 
 import pytest
 import torch
 from rich.console import Console
 
-from rl_lenbalance.compare import CompareError, Turnstile, _rng_state, add_ratios, compare_recipe, print_comparison
+from rl_lenbalance.compare import CompareError, Turn, Turnstile, add_ratios, compare_recipe, print_comparison
 
 from helpers import QUICKSTART
 
 
-def test_turnstile_alternates_the_order_every_round_and_isolates_rng_streams():
-    turnstile = Turnstile(["a", "b"])
-    seen: list[tuple[str, float]] = []
+def _fake_trainer(steps: int, folder: Path, turn: Turn, *, fail_at: int = 0, hang_at: int = 0) -> list[float]:
+    """A fake variant (its process's job): `steps` turns, each drawing from torch's RNG and leaving a file named
+    after its process and step in `folder`; raises at step `fail_at`, hangs at step `hang_at`."""
+    name = multiprocessing.current_process().name.removeprefix("compare-")
     torch.manual_seed(7)
-    turnstile.rng["a"] = turnstile.rng["b"] = _rng_state()
-
-    def run(name: str) -> None:
-        turnstile.acquire(name)
-        for _ in range(3):
-            seen.append((name, torch.rand(1).item()))  # what this trainer draws in its turn
-            turnstile.release(name)
-            turnstile.acquire(name)
-        turnstile.release(name, finished=True)
-
-    threads = [threading.Thread(target=run, args=(name,)) for name in ("a", "b")]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=30)
-    assert [name for name, _ in seen] == ["a", "b", "b", "a", "a", "b"]
-    draws = {name: [x for n, x in seen if n == name] for name in ("a", "b")}
-    torch.manual_seed(7)
-    assert draws["a"] == draws["b"] == [torch.rand(1).item() for _ in range(3)]  # as if each ran alone
-
-
-def _stepping(turnstile: Turnstile, name: str, steps: int, seen: list[str], step=lambda n: None):
-    """A fake trainer: `steps` turns, each recorded in `seen` and running `step(n)`, as `_TakeTurns` drives one."""
-
-    def job() -> None:
-        turnstile.acquire(name)
-        for n in range(1, steps + 1):
-            seen.append(f"{name}{n}")
-            step(n)
-            turnstile.release(name)
-            turnstile.acquire(name)
-
-    return job
-
-
-def _threads_end() -> bool:
-    """Every fake's thread ended (a job waiting for its turn is stopped once another failed)."""
-    threads = [t for t in threading.enumerate() if t.name.startswith("compare-")]
-    for thread in threads:
-        thread.join(timeout=10)
-    return not any(thread.is_alive() for thread in threads)
-
-
-def _turnstile(names: list[str], **kwargs) -> Turnstile:
-    turnstile = Turnstile(names, **kwargs)
-    turnstile.rng = {name: _rng_state() for name in names}
-    return turnstile
-
-
-def test_a_variant_that_raises_ends_the_comparison_at_once_naming_it_and_its_step():
-    turnstile, seen = _turnstile(["a", "b"]), []
-
-    def step(n: int) -> None:
-        if n == 2:
+    draws = []
+    for step in range(1, steps + 1):
+        (folder / f"{name}{step}").write_text(str(time.monotonic()))
+        if step == fail_at:
             raise ValueError("boom")
-
-    jobs = {"a": _stepping(turnstile, "a", 5, seen), "b": _stepping(turnstile, "b", 5, seen, step)}
-    with pytest.raises(CompareError, match=r"variant 'b' failed in step 2: ValueError: boom") as error:
-        turnstile.run(jobs)
-    assert isinstance(error.value.__cause__, ValueError)
-    assert seen == ["a1", "b1", "b2"]  # order a b, then b a: "a" never ran its step 2
-    assert _threads_end()
+        if step == hang_at:
+            time.sleep(600)
+        draws.append(torch.rand(1).item())
+        turn.give_back()
+    return draws
 
 
-def test_a_variant_that_hangs_ends_the_comparison_after_the_turn_timeout():
-    turnstile, seen, hang = _turnstile(["a", "b"], turn_timeout_s=0.5), [], threading.Event()
-    jobs = {"a": _stepping(turnstile, "a", 3, seen), "b": _stepping(turnstile, "b", 3, seen, lambda n: hang.wait())}
-    start = time.monotonic()
+def _turn_order(folder: Path) -> list[str]:
+    return sorted((p.name for p in folder.iterdir()), key=lambda name: float((folder / name).read_text()))
+
+
+def test_turnstile_alternates_the_order_every_round_in_processes_of_their_own(tmp_path):
+    job = functools.partial(_fake_trainer, 3, tmp_path)
+    results = Turnstile(["a", "b"]).run({"a": job, "b": job})
+    assert _turn_order(tmp_path) == ["a1", "b1", "b2", "a2", "a3", "b3"]
+    torch.manual_seed(7)
+    assert results["a"] == results["b"] == [torch.rand(1).item() for _ in range(3)]  # as if each ran alone
+    assert not multiprocessing.active_children()
+
+
+def test_a_variant_that_raises_ends_the_comparison_at_once_naming_it_and_its_step(tmp_path):
+    jobs = {"a": functools.partial(_fake_trainer, 5, tmp_path),
+            "b": functools.partial(_fake_trainer, 5, tmp_path, fail_at=2)}
+    with pytest.raises(CompareError, match=r"^variant 'b' failed in step 2: ValueError: boom$") as error:
+        Turnstile(["a", "b"]).run(jobs)
+    assert "in _fake_trainer" in error.value.details and error.value.details.rstrip().endswith("ValueError: boom")
+    assert _turn_order(tmp_path) == ["a1", "b1", "b2"]  # order a b, then b a: "a" never ran its step 2
+    assert not multiprocessing.active_children()
+
+
+def test_a_variant_that_hangs_ends_the_comparison_after_the_turn_timeout(tmp_path):
+    jobs = {"a": functools.partial(_fake_trainer, 3, tmp_path),
+            "b": functools.partial(_fake_trainer, 3, tmp_path, hang_at=1)}
     with pytest.raises(CompareError, match=r"variant 'b' did not finish step 1 within turn_timeout_s=0.5 s"):
-        turnstile.run(jobs)
-    assert 0.5 <= time.monotonic() - start < 10 and seen == ["a1", "b1"]
-    hang.set()  # let the fake's daemon thread end
-    assert _threads_end()
+        Turnstile(["a", "b"], turn_timeout_s=0.5).run(jobs)
+    assert _turn_order(tmp_path) == ["a1", "b1"]
+    assert not multiprocessing.active_children()  # the hung process was killed
 
 
 def test_the_comparison_table_fits_an_80_column_terminal():

@@ -159,7 +159,7 @@ def test_compare_help_states_the_minimum_the_code_accepts(capsys):
 
 
 def test_a_compare_error_is_one_line_and_exit_2_without_an_abort(eos_tiny_model_dir, tmp_path):
-    """A turn timeout shorter than a step: the trainer's thread is still inside it when the CLI exits."""
+    """A turn timeout shorter than a step: the trainer's process is killed inside it and the CLI says one line."""
     cmd = [sys.executable, "-m", "rl_lenbalance.cli", "compare", str(QUICKSTART), "--turn-timeout", "0.001", "--set",
            f"model.name_or_path={eos_tiny_model_dir}", f"output_dir={tmp_path}", "per_device_train_batch_size=4",
            "gradient_accumulation_steps=1", "num_generations=4", "max_completion_length=8", "task.num_prompts=8"]
