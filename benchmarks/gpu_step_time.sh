@@ -14,6 +14,9 @@
 # per-strategy figures say is fastest, and is the whole step >= 1.0x stock? (issue 20: `lenbalance_packed` is in it,
 # and in the qwen section; `packed` with sdpa builds a dense block mask, so load flash_attention_2 where installed)
 # The 30-step NaN soak (SECTIONS=soak: stock and the defaults, ~17 min) needs a session of its own.
+# step_time.py runs each variant in a process of its own (rl_lenbalance.compare): each holds its own CUDA context
+# and memory, so `auto`'s 7 variants need about 7x one trainer's memory (not yet run so on a GPU; if it runs out,
+# pass fewer --variants per call).
 set -u
 export HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false WANDB_MODE=disabled
 case "${1:-}" in

@@ -2,9 +2,8 @@
 in ABBA order (stock, lenbalance, lenbalance, stock), each block a fresh trainer from the recipe trained `--steps`
 steps; the first step of every block is warm-up. Medians over the remaining steps, with ratios against stock.
 
-`rl-lenbalance compare` alternates the trainers step by step, each in its own Python thread; on a CPU, torch ops in
-a thread that is not the main one run slower (about 25% for a SmolLM2 `generate` on 2 cores), so this script is the
-reference for seconds on the CPU.
+`rl-lenbalance compare` alternates the trainers step by step, each in a process of its own; this script runs each
+alone, in blocks, with no other trainer's process alive beside it.
 
     cd benchmarks && python step_time_sequential.py ../recipes/quickstart.yaml --steps 4 --set output_dir=/tmp/seq_chosen \
         lenbalance.compaction=true lenbalance.training_plan=shared_prompt --out ../docs/benchmarks/step_time_sequential_chosen_cpu.json

@@ -112,6 +112,12 @@ class TrainingPairs:
         return TrainingPairs(**{f.name: fn(getattr(self, f.name)) for f in fields(self)})
 
 
+def lowest_mean_error(rounds: Sequence[Sequence[float]]) -> int:
+    """The index of the candidate (a column of `rounds`, one row per round) with the lowest mean error; NaNs are
+    skipped, and a candidate never scored is never chosen."""
+    return int(torch.tensor(rounds, dtype=torch.float64).nanmean(0).nan_to_num(float("inf")).argmin())
+
+
 def group_median_targets(pairs: TrainingPairs) -> torch.Tensor:
     """`pairs.y` with each t=0 sample's target set to the median final length of its prompt's rows in the round
     (`LenBalanceConfig.static_target='group_median'`); every other sample keeps its own remaining length."""
@@ -251,9 +257,7 @@ class LenBalanceEngine:
         """The candidate (`CANDIDATES`) the scheduler acts on at `step`: the lowest mean live MAE over the last
         `SELECTION_ROUNDS` rounds scored at that step (`score_live`); the head before any."""
         rounds = self.live_errors.get(_label(step))
-        if not rounds:
-            return "head"
-        return CANDIDATES[int(torch.tensor(list(rounds)).nanmean(0).nan_to_num(float("inf")).argmin())]
+        return CANDIDATES[lowest_mean_error(list(rounds))] if rounds else "head"
 
     def read(self, predicted: torch.Tensor, keys: Sequence[int], step: int,
              siblings: Sequence[Sequence[int]]) -> torch.Tensor:

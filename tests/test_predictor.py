@@ -375,6 +375,15 @@ def test_the_scheduler_acts_on_the_estimate_with_the_lowest_recent_live_error(ti
     assert torch.equal(engine.read(torch.full((2,), 5.0), [0, 1], 0, [[], []]), torch.full((2,), 5.0))
 
 
+def test_the_choice_skips_unscored_rounds_and_never_picks_a_candidate_never_scored():
+    from rl_lenbalance.engine import lowest_mean_error
+
+    nan = float("nan")
+    assert lowest_mean_error([[9.0, 4.0, nan], [9.0, nan, nan]]) == 1  # mean 4 over the one round that scored it
+    assert lowest_mean_error([[9.0, 4.0, nan], [1.0, 8.0, nan]]) == 0  # means 5 and 6; column 2 never scored
+    assert lowest_mean_error([[nan, nan, 3.0]]) == 2
+
+
 def test_group_median_targets_replace_only_the_t0_samples_with_the_prompts_median_length():
     from rl_lenbalance.engine import TrainingPairs, group_median_targets
 

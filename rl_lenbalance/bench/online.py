@@ -12,7 +12,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from ..config import LenBalanceConfig
-from ..engine import PLP_REPORT_STEP, LenBalanceEngine, TrainingPairs, head_config, new_trainer
+from ..engine import PLP_REPORT_STEP, LenBalanceEngine, TrainingPairs, head_config, lowest_mean_error, new_trainer
 from ..predictor import PLPHead, feature_size
 from ..predictor.context import CANDIDATES
 from .dataset import BenchData
@@ -243,7 +243,7 @@ def selection_by_window(logged: list[dict[str, float]], window: range) -> dict[s
     """Per step label, the live MAE over `window` (0-based rounds) of the estimate a scheduler would have acted on had
     it chosen, as `LenBalanceEngine.chosen` does, the candidate with the lowest mean live MAE over the last W scored
     rounds (from round 2), for each W of `SELECTION_WINDOWS`: from the trainer's logged live errors of every
-    candidate, which do not depend on the choice."""
+    candidate, which do not depend on the choice (the rule is `engine.lowest_mean_error`, as the trainer's)."""
     out: dict[str, dict[int, float]] = {}
     for label in ("static", f"plp{PLP_REPORT_STEP}"):
         keys = [f"predictor/live_mae_{label}" if name == "head" else f"predictor/live_mae_{name}_{label}"
@@ -257,8 +257,7 @@ def selection_by_window(logged: list[dict[str, float]], window: range) -> dict[s
             used = []
             for i in window:
                 past = [rows[j] for j in scored if j < i][-w:]
-                means = [sum(r[k] for r in past) / len(past) for k in range(len(CANDIDATES))] if past else [0.0]
-                used.append(rows[i][min(range(len(means)), key=means.__getitem__)])
+                used.append(rows[i][lowest_mean_error(past) if past else CANDIDATES.index("head")])
             out[label][w] = sum(used) / len(used)
     return out
 
