@@ -6,6 +6,10 @@ PY     := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
+# glibc keeps freed memory for reuse instead of handing it back and faulting it in again: on 2 CPU cores the quickstart's
+# stock step ran 1.41x faster (docs/benchmarks/compare_quickstart_14_malloc_cpu.json)
+export MALLOC_MMAP_THRESHOLD_ := 17179869184
+export MALLOC_TRIM_THRESHOLD_ := 17179869184
 
 .PHONY: demo test test-fast setup setup-test
 
