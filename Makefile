@@ -6,10 +6,6 @@ PY     := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
-# glibc keeps freed memory for reuse instead of handing it back and faulting it in again: on 2 CPU cores the quickstart's
-# stock step ran 1.41x faster (docs/benchmarks/compare_quickstart_14_malloc_cpu.json)
-export MALLOC_MMAP_THRESHOLD_ := 17179869184
-export MALLOC_TRIM_THRESHOLD_ := 17179869184
 
 .PHONY: demo test test-fast setup setup-test
 
@@ -23,6 +19,11 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
+# glibc keeps freed memory for reuse instead of handing it back and faulting it in again: the quickstart's stock step
+# took 28.6 s instead of 40.2 s on 2 cores (docs/benchmarks/README.md). Not for the tests: one pytest process keeps
+# every heap it ever grew (15 GB peak resident in a full run, against 24 GB on the CI machine).
+demo: export MALLOC_MMAP_THRESHOLD_ := 17179869184
+demo: export MALLOC_TRIM_THRESHOLD_ := 17179869184
 demo: setup
 	$(VENV)/bin/rl-lenbalance train recipes/quickstart.yaml
 
