@@ -296,7 +296,8 @@ COLUMNS = (  # header, legend, cell
     ("gen", "generation phase", lambda r: f"{r['generation_s_median']:.2f}"),
     ("loss", "loss phase", lambda r: f"{r['loss_phase_s_median']:.2f}"),
     ("micro", "one loss micro-step", lambda r: f"{r['microstep_s_median']:.3f}"),
-    ("pad", "loss-forward tokens that are padding", lambda r: f"{r['loss_pad_frac']:.1%}"),
+    ("pad", "loss-forward tokens that are padding (below 0: fewer tokens than the rows hold, each shared prompt "
+            "computed once)", lambda r: f"{r['loss_pad_frac']:.1%}"),
     ("×stock", "stock's whole step over the variant's (above 1: faster)",
      lambda r: f"{r.get('speedup_whole_step_s', math.nan):.2f}×"),
     ("×/tok", "the same per completion token", lambda r: f"{r.get('speedup_per_completion_token', math.nan):.2f}×"),

@@ -80,7 +80,7 @@ def test_the_comparison_table_fits_an_80_column_terminal():
     print_comparison(results, console)
     text = console.export_text()
     assert "…" not in text and max(map(len, text.splitlines())) <= 80
-    for shown in ("stock", "lenbalance", "243.40", "1234.50", "25.0%", "1.20×", "generation phase",
+    for shown in ("stock", "lenbalance", "243.40", "1234.50", "25.0%", "1.20×", "generation phase", "below 0",
                   "lenbalance: training plan: sorted (1.25× stock)",
                   "lenbalance: generation plan: compaction (1.10× stock)"):
         assert shown in text, shown
