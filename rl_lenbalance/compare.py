@@ -19,6 +19,7 @@ import itertools
 import json
 import math
 import multiprocessing
+import resource
 import statistics
 import time
 import traceback
@@ -57,10 +58,17 @@ class StepRecord:
     loss_tokens: int = 0
     loss_real_tokens: int = 0
     microstep_s: list[float] = field(default_factory=list)  # each micro-step's loss forward + backward
+    page_faults: int = 0  # minor page faults of the process in the step (memory the allocator had handed back)
+    generation_page_faults: int = 0
 
     @property
     def loss_phase_s(self) -> float:
         return self.whole_step_s - self.generation_s
+
+
+def page_faults() -> int:
+    """Minor page faults of this process so far: on a CPU, what the allocator handing memory back costs."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def timed(base: type) -> type:
@@ -71,11 +79,12 @@ def timed(base: type) -> type:
 
         def _generate_and_score_completions(self, inputs):
             synchronize()
-            start = time.perf_counter()
+            start, faults = time.perf_counter(), page_faults()
             out = super()._generate_and_score_completions(inputs)
             synchronize()
             record = self.step_records[-1]
             record.generation_s += time.perf_counter() - start
+            record.generation_page_faults += page_faults() - faults
             record.completion_tokens += int(out["completion_mask"].sum())
             return out
 
@@ -208,11 +217,12 @@ class _TakeTurns(TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):
         self.trainer.step_records.append(StepRecord())
         synchronize()
-        self._start = time.perf_counter()
+        self._start, self._faults = time.perf_counter(), page_faults()
 
     def on_step_end(self, args, state, control, **kwargs):
         synchronize()
         self.trainer.step_records[-1].whole_step_s = time.perf_counter() - self._start
+        self.trainer.step_records[-1].page_faults = page_faults() - self._faults
         self.turn.give_back()
 
 
@@ -248,6 +258,8 @@ def summarize(name: str, trainer, warmup: int, settings: dict | None) -> dict:
         out[f"{phase}_per_step"] = [getattr(r, phase) for r in records]
     out |= {
         "microstep_s_median": _median([s for r in records for s in r.microstep_s]),
+        "page_faults_median": _median([r.page_faults for r in records]),
+        "generation_page_faults_median": _median([r.generation_page_faults for r in records]),
         "completion_tokens": completion_tokens,
         "whole_s_per_1k_completion_tokens": 1000 * sum(r.whole_step_s for r in records) / max(completion_tokens, 1),
         "loss_pad_frac": run["loss_pad_frac"],
