@@ -133,7 +133,8 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     source = model_source(args.model)
 
-    results = compare(functools.partial(build, args, source), {name: VARIANTS[name] for name in args.variants}, warmup=args.warmup)
+    variants = {name: VARIANTS[name] for name in args.variants}
+    results = compare(functools.partial(build, args, source), variants, warmup=args.warmup)
     print_comparison(results)
     trainer_settings = {k: v for k, v in vars(args).items() if k not in ("out", "variants")}
     stock = next((r for r in results if r["variant"] == "stock"), None)

@@ -15,38 +15,21 @@ import argparse
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 from _common import save_report  # noqa: E402
-from transformers import TrainerCallback  # noqa: E402
 from trl import GRPOTrainer  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from rl_lenbalance.compare import StepRecord, timed  # noqa: E402
+from rl_lenbalance.compare import StepClock, timed  # noqa: E402
 from rl_lenbalance.integrations import LenBalanceGRPOTrainer  # noqa: E402
 from rl_lenbalance.recipe import load_recipe  # noqa: E402
 from rl_lenbalance.train import build_trainer, parse_overrides  # noqa: E402
 
 ORDER = ("stock", "lenbalance", "lenbalance", "stock")
-
-
-class StepClock(TrainerCallback):
-    """A `StepRecord` per optimizer step of a `timed` trainer, with its whole-step seconds."""
-
-    def __init__(self, trainer) -> None:
-        self.trainer = trainer
-        trainer.step_records = []
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self.trainer.step_records.append(StepRecord())
-        self.start = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.trainer.step_records[-1].whole_step_s = time.perf_counter() - self.start
 
 
 def main() -> None:

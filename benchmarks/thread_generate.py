@@ -1,6 +1,6 @@
 """One SmolLM2 `generate` (16 rows, 32 sampled tokens) timed in the main thread and in a fresh Python thread, in
 alternation (the first call is warm-up). On a CPU, torch runs the same ops slower outside the main thread, which is
-where `rl-lenbalance compare` runs each trainer; `benchmarks/step_time_sequential.py` avoids it.
+where `rl-lenbalance compare` ran each trainer until it gave each a process of its own (December 2026).
 
     cd benchmarks && python thread_generate.py --repeats 4 --out ../docs/benchmarks/thread_generate_cpu.json
 """

@@ -25,8 +25,8 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -208,11 +208,12 @@ class Turnstile:
                 process.join()
 
 
-class _TakeTurns(TrainerCallback):
-    """Times each optimizer step of a `timed` trainer and hands the turn back at its end."""
+class StepClock(TrainerCallback):
+    """A `StepRecord` per optimizer step of a `timed` trainer, with its whole-step seconds and page faults."""
 
-    def __init__(self, turn: Turn, trainer) -> None:
-        self.turn, self.trainer = turn, trainer
+    def __init__(self, trainer) -> None:
+        self.trainer = trainer
+        trainer.step_records = []
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.trainer.step_records.append(StepRecord())
@@ -223,6 +224,17 @@ class _TakeTurns(TrainerCallback):
         synchronize()
         self.trainer.step_records[-1].whole_step_s = time.perf_counter() - self._start
         self.trainer.step_records[-1].page_faults = page_faults() - self._faults
+
+
+class _TakeTurns(StepClock):
+    """A `StepClock` that hands the turn back at the end of each step."""
+
+    def __init__(self, turn: Turn, trainer) -> None:
+        super().__init__(trainer)
+        self.turn = turn
+
+    def on_step_end(self, args, state, control, **kwargs):
+        super().on_step_end(args, state, control, **kwargs)
         self.turn.give_back()
 
 
@@ -230,7 +242,6 @@ def _train_variant(build: Callable[[dict | None, str], object], name: str, setti
                    turn: Turn) -> dict:
     """A variant's job: build its trainer (in its first turn), train it step by step in turns, summarize it."""
     trainer = build(settings, name)
-    trainer.step_records = []
     trainer.add_callback(_TakeTurns(turn, trainer))
     trainer.train()
     return summarize(name, trainer, warmup, settings)
