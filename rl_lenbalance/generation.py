@@ -20,6 +20,7 @@ import torch
 from transformers import (
     DynamicCache,
     GenerationConfig,
+    GenerationMixin,
     LogitsProcessorList,
     MinPLogitsWarper,
     PreTrainedModel,
@@ -82,6 +83,16 @@ def unsupported_options(generation_config: GenerationConfig) -> list[str]:
         and value != defaults.get(name)
         and value not in _NO_OP_VALUES.get(name, ())
     ]
+
+
+def replaced_generate(model: torch.nn.Module) -> str | None:
+    """What replaces transformers' own `generate` on `model` (None when nothing does): a `generate` set on the
+    instance (a patch, a wrapper) or a class's own override runs code that `compacted_generate` would skip."""
+    if "generate" in vars(model):
+        return f"{type(model).__name__}.generate is replaced on the model instance"
+    if getattr(type(model), "generate", None) is not GenerationMixin.generate:
+        return f"{type(model).__name__} defines its own generate"
+    return None
 
 
 def left_pad(prompts: list[list[int]], pad_token_id: int, device: torch.device | str = "cpu"

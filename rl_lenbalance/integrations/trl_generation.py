@@ -17,7 +17,7 @@ from trl.models import unwrap_model_for_generation
 from ..capture import CaptureResult
 from ..config import AUTO, LenBalanceConfig
 from ..engine import private_rng
-from ..generation import compacted_generate, unsupported_options
+from ..generation import compacted_generate, replaced_generate, unsupported_options
 from ..ledger import GENERATION_PLANS, GenerationLedger, gather_ledgers, round_metrics, seconds_per_decode_step
 from ..rollout import Backend, RolloutSettings, run_admitted, run_rollout, uncaptured_ledger
 from ..schedule import Autotuner
@@ -123,7 +123,7 @@ class GenerationOverrides:
         config, engine = self.lenbalance_config, self.lenbalance
         return RolloutSettings(
             eos_token_ids=self.eos_token_ids, max_completion_length=self.max_completion_length,
-            compact=self._gen_autotune.next() == "compaction",
+            compact=self._gen_autotune.next() == "compaction" and not self._loop_blocked("compaction"),
             rebucket=config.rebucket and engine.healthy and engine.rounds > 0 and not self._loop_blocked("rebucket"),
             wave_size=config.generation_wave_size, probe_tokens=config.probe_tokens,
             partition_method=config.partition_method,
@@ -211,13 +211,16 @@ class GenerationOverrides:
             self._lenbalance_tool_turn = False
 
     def _loop_blocked(self, setting: str) -> bool:
-        """True (with a one-time warning) when the generation config asks for something rl-lenbalance's decode loop
-        (needed by compaction and re-bucketing) can't do."""
+        """True (with a one-time warning) when rl-lenbalance's decode loop (needed by compaction and re-bucketing)
+        cannot stand in for the model's `generate`: the generation config asks for something it does not implement,
+        or `generate` itself is replaced (checked every round: a script may patch it after the trainer is built)."""
         unsupported = unsupported_options(self.generation_config)
-        if unsupported:
-            self._warn_once(setting, f"lenbalance.{setting} is on, but the generation config sets {unsupported}, "
-                            f"which rl-lenbalance's decode loop does not implement; {setting} is off.")
-        return bool(unsupported)
+        why = (f"the generation config sets {unsupported}, which rl-lenbalance's decode loop does not implement"
+               if unsupported else replaced_generate(self.accelerator.unwrap_model(self.model)))
+        if why:
+            self._warn_once(setting, f"lenbalance.{setting} needs rl-lenbalance's decode loop, but {why}; {setting} "
+                            "is off (stock's generate runs).")
+        return why is not None
 
     @stock_when_reentered
     def _generate_and_score_completions(self, inputs):
