@@ -270,7 +270,9 @@ def summarize(name: str, trainer, warmup: int, settings: dict | None) -> dict:
     out |= {
         "microstep_s_median": _median([s for r in records for s in r.microstep_s]),
         "page_faults_median": _median([r.page_faults for r in records]),
+        "page_faults_per_step": [r.page_faults for r in records],
         "generation_page_faults_median": _median([r.generation_page_faults for r in records]),
+        "generation_page_faults_per_step": [r.generation_page_faults for r in records],
         "completion_tokens": completion_tokens,
         "whole_s_per_1k_completion_tokens": 1000 * sum(r.whole_step_s for r in records) / max(completion_tokens, 1),
         "loss_pad_frac": run["loss_pad_frac"],
