@@ -30,9 +30,9 @@ from _common import save_report  # noqa: E402
 from trl import GRPOTrainer  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from rl_lenbalance.compare import synchronize  # noqa: E402
-from rl_lenbalance.recipe import load_recipe  # noqa: E402
-from rl_lenbalance.train import build_trainer, parse_overrides  # noqa: E402
+from rl_lenbalance.cli.compare import synchronize  # noqa: E402
+from rl_lenbalance.cli.recipe import load_recipe  # noqa: E402
+from rl_lenbalance.cli.train import build_trainer, parse_overrides  # noqa: E402
 
 VARIANTS = ("generate", "generate_hooked", "compaction", "compaction_hooked")
 

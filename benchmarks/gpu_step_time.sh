@@ -14,7 +14,7 @@
 # per-strategy figures say is fastest, and is the whole step >= 1.0x stock? (issue 20: `lenbalance_packed` is in it,
 # and in the qwen section; `packed` with sdpa builds a dense block mask, so load flash_attention_2 where installed)
 # The 30-step NaN soak (SECTIONS=soak: stock and the defaults, ~17 min) needs a session of its own.
-# step_time.py runs each variant in a process of its own (rl_lenbalance.compare): each holds its own CUDA context
+# step_time.py runs each variant in a process of its own (rl_lenbalance.cli.compare): each holds its own CUDA context
 # and memory, so `auto`'s 7 variants need about 7x one trainer's memory (not yet run so on a GPU; if it runs out,
 # pass fewer --variants per call).
 set -u
@@ -23,7 +23,7 @@ case "${1:-}" in
 prepare)
   set -e
   mkdir -p .gpu/whl
-  gguf=$(.venv/bin/python -c "from rl_lenbalance.models import _embedded_gguf; print(_embedded_gguf())")
+  gguf=$(.venv/bin/python -c "from rl_lenbalance.builtin.models import _embedded_gguf; print(_embedded_gguf())")
   head -c 46137344 "$gguf" > .gpu/m1; tail -c +46137345 "$gguf" > .gpu/m2
   .venv/bin/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d .gpu/whl \
     trl==1.16.0 transformers==5.24.0 datasets==5.2.0 gguf==0.19.0 dill==0.4.1 multiprocess==0.70.19

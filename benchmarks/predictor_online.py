@@ -3,9 +3,9 @@ and of the naive / per-prompt history / sibling estimates, in two prompt setting
 
 `run` trains LenBalanceGRPOTrainer on the embedded SmolLM2 and keeps every round's training pairs (the exact tensors
 the engine learned from, with each row's prompt) under DUMP/SETTING/. `evaluate` replays those rounds, in order,
-through fresh engine heads (`rl_lenbalance.bench.online.replay_rounds`: the same scoring and `OnlineTrainer` steps as
+through fresh engine heads (`benchmarks.forelen.online.replay_rounds`: the same scoring and `OnlineTrainer` steps as
 in the trainer), with and without context features, plus the same head trained offline on all rounds, and writes
-the report, which names the task the rounds were generated on (`--task`, a name of `rl_lenbalance.tasks.TASKS`).
+the report, which names the task the rounds were generated on (`--task`, a name of `rl_lenbalance.builtin.tasks.TASKS`).
 Splitting the two lets head variants be compared on identical rollouts.
 
     python benchmarks/predictor_online.py run --dump /tmp/plp_rounds --rounds 20
@@ -29,10 +29,10 @@ from _common import save_report  # noqa: E402
 from trl import GRPOConfig  # noqa: E402
 
 from rl_lenbalance import LenBalanceConfig, LenBalanceGRPOTrainer  # noqa: E402
-from rl_lenbalance.capture import GenerationCapture, outputs_of  # noqa: E402
-from rl_lenbalance.generation import prompt_then_completion  # noqa: E402
-from rl_lenbalance.models import load_model  # noqa: E402
-from rl_lenbalance.tasks import TASKS  # noqa: E402
+from rl_lenbalance.generation.capture import GenerationCapture, outputs_of  # noqa: E402
+from rl_lenbalance.generation.decode import prompt_then_completion  # noqa: E402
+from rl_lenbalance.builtin.models import load_model  # noqa: E402
+from rl_lenbalance.builtin.tasks import TASKS  # noqa: E402
 
 SETTINGS = {  # name -> distinct prompts in the dataset (TRL's sampler reshuffles every epoch)
     "distinct": lambda rounds, prompts_per_round: rounds * prompts_per_round,  # one epoch: no prompt recurs
@@ -121,7 +121,7 @@ def main() -> None:
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--model", default="embedded:smollm2-135m-instruct")
     parser.add_argument("--task", default="arithmetic", choices=list(TASKS),
-                        help="run: the prompts and rewards (rl_lenbalance.tasks.TASKS); evaluate reads it back.")
+                        help="run: the prompts and rewards (rl_lenbalance.builtin.tasks.TASKS); evaluate reads it back.")
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--completions", type=int, default=32, help="Completions per round.")
     parser.add_argument("--generations", type=int, default=2, help="Completions per prompt (GRPO's G).")
@@ -134,7 +134,7 @@ def main() -> None:
         for name in args.settings:
             run_setting(name, args)
         return
-    from rl_lenbalance.bench.online import evaluate_rounds
+    from benchmarks.forelen.online import evaluate_rounds
 
     results = [evaluate_rounds(Path(args.dump) / name, name, seed=args.seed, only=args.variants)
                for name in args.settings]

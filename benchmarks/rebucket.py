@@ -31,9 +31,9 @@ from accelerate.utils import gather_object  # noqa: E402
 from trl import GRPOConfig  # noqa: E402
 
 from rl_lenbalance import LenBalanceConfig, LenBalanceGRPOTrainer  # noqa: E402
-from rl_lenbalance.models import load_model  # noqa: E402
+from rl_lenbalance.builtin.models import load_model  # noqa: E402
 from rl_lenbalance.schedule import rebucket, wave_cost  # noqa: E402
-from rl_lenbalance.tasks import REWARD_FUNCS, arithmetic_dataset  # noqa: E402
+from rl_lenbalance.builtin.tasks import REWARD_FUNCS, arithmetic_dataset  # noqa: E402
 
 VARIANTS = {
     "one_call": {},

@@ -2,7 +2,7 @@
 
 On a GPU a decode step costs about the same for 1 or 512 rows (DESIGN.md), so the time of generation in waves is the
 sum over waves of the wave's longest completion. This script counts those steps for the test split of the predictor
-benchmark's data (`rl-lenbalance bench build`), with the benchmark's EGTP (prompt-only) and PLP heads trained on its
+benchmark's data (`python -m benchmarks.forelen build`), with the benchmark's EGTP (prompt-only) and PLP heads trained on its
 train split, for these schedules of the same completions:
 
 - stock: TRL's order (the completions of a prompt side by side), cut into waves;
@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 
-from rl_lenbalance.bench.dataset import BenchData
-from rl_lenbalance.bench.predictors import PREDICTORS, make_pairs
-from rl_lenbalance.bench.train import FitSettings, predict, train_predictor
-from rl_lenbalance.models import default_cache_dir
+from benchmarks.forelen.dataset import BenchData
+from benchmarks.forelen.predictors import PREDICTORS, make_pairs
+from benchmarks.forelen.train import FitSettings, predict, train_predictor
+from rl_lenbalance.builtin.models import default_cache_dir
 
 
 def wave_steps(lengths: Sequence[int], order: Sequence[int], wave: int) -> int:

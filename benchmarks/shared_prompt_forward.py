@@ -1,5 +1,5 @@
 """The loss phase's forward + backward over one optimizer step's rows, four ways, on this machine's CPU: stock's
-padded micro-batches, `packed` (rl_lenbalance.packing), and the two known ways of computing each group's prompt
+padded micro-batches, `packed` (rl_lenbalance.loss.packed), and the two known ways of computing each group's prompt
 once: (a) the prompt's key/value cache computed once with gradients and indexed to the rows, then the completions
 run padded against it; (b) a tree mask (rl_lenbalance.loss.shared_prompt, the one kept).
 
@@ -27,8 +27,8 @@ from _common import save_report  # noqa: E402
 
 from rl_lenbalance.loss.shared_prompt import (plan_shared_prompt, prompt_groups,  # noqa: E402
                                               shared_prompt_logps_and_entropies)
-from rl_lenbalance.models import load_model  # noqa: E402
-from rl_lenbalance.packing import _ChunkedLogpEntropy, packed_logps_and_entropies  # noqa: E402
+from rl_lenbalance.builtin.models import load_model  # noqa: E402
+from rl_lenbalance.loss.packed import _ChunkedLogpEntropy, packed_logps_and_entropies  # noqa: E402
 
 
 def make_step(groups: int, group_size: int, vocab: int, seed: int):

@@ -2,7 +2,7 @@
 
 Offline, from real rollouts of a recipe (by default the quickstart: embedded SmolLM2, temperature 1, 128 tokens,
 8 completions per prompt): the tokens per decode step that prompt-lookup drafts of k tokens would give (lockstep walk
-and position-averaged expectation, see `rl_lenbalance.bench.spec`), the measured cost of a decode step that verifies
+and position-averaged expectation, see `benchmarks.forelen.spec`), the measured cost of a decode step that verifies
 P positions per row, and the two combined into a predicted generation time per round against stock.
 
     flock /tmp/cpu.lock python benchmarks/spec_offline.py --rounds 4 --out docs/benchmarks/spec_offline_cpu.json
@@ -24,7 +24,7 @@ import torch  # noqa: E402
 from _common import save_report  # noqa: E402
 from transformers import DynamicCache, GenerationConfig  # noqa: E402
 
-from rl_lenbalance.bench.spec import (  # noqa: E402
+from benchmarks.forelen.spec import (  # noqa: E402
     averaged_schedule,
     expected_accepted,
     interpolated_cost,
@@ -35,10 +35,10 @@ from rl_lenbalance.bench.spec import (  # noqa: E402
     stock_schedule,
     walk_schedule,
 )
-from rl_lenbalance.generation import _logits_processor, left_pad, prompt_then_completion  # noqa: E402
-from rl_lenbalance.models import load_model  # noqa: E402
-from rl_lenbalance.recipe import load_recipe  # noqa: E402
-from rl_lenbalance.tasks import TASKS  # noqa: E402
+from rl_lenbalance.generation.decode import _logits_processor, left_pad, prompt_then_completion  # noqa: E402
+from rl_lenbalance.builtin.models import load_model  # noqa: E402
+from rl_lenbalance.cli.recipe import load_recipe  # noqa: E402
+from rl_lenbalance.builtin.tasks import TASKS  # noqa: E402
 
 SOURCES = {"self": False, "group": True}  # own output + prompt; and the siblings' outputs so far
 

@@ -1,7 +1,7 @@
 """Stock TRL GRPOTrainer vs rl-lenbalance variants in the real trainer, on this machine's device.
 
 The variants take turns one optimizer step at a time, in an order reversed every step, each in a process of its own
-(`rl_lenbalance.compare`); phases are timed with device synchronisation; warm-up steps are dropped; medians and
+(`rl_lenbalance.cli.compare`); phases are timed with device synchronisation; warm-up steps are dropped; medians and
 ratios against stock come from the same run. On a GPU the model runs in bf16.
 
     # the GPU setting of issue 10 (embedded SmolLM2, 256 completions per step, up to 512 tokens)
@@ -27,9 +27,9 @@ from transformers import TrainerCallback  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from rl_lenbalance import LenBalanceConfig, LenBalanceGRPOTrainer  # noqa: E402
-from rl_lenbalance.compare import compare, print_comparison, timed  # noqa: E402
-from rl_lenbalance.models import build_tiny_model, embedded_model_dir, load_model  # noqa: E402
-from rl_lenbalance.tasks import REWARD_FUNCS, arithmetic_dataset  # noqa: E402
+from rl_lenbalance.cli.compare import compare, print_comparison, timed  # noqa: E402
+from rl_lenbalance.builtin.models import build_tiny_model, embedded_model_dir, load_model  # noqa: E402
+from rl_lenbalance.builtin.tasks import REWARD_FUNCS, arithmetic_dataset  # noqa: E402
 
 VARIANTS = {  # name -> LenBalanceConfig fields (None: stock TRL)
     "stock": None,
@@ -37,7 +37,7 @@ VARIANTS = {  # name -> LenBalanceConfig fields (None: stock TRL)
     "lenbalance_stock_trimmed": {"training_plan": "stock_trimmed"},  # each loss strategy pinned: what 'auto' chooses
     "lenbalance_sorted": {"training_plan": "sorted"},  # from, measured in the same run
     "lenbalance_uneven": {"training_plan": "sorted_uneven"},
-    "lenbalance_packed": {"training_plan": "packed"},  # padding-free loss forward (rl_lenbalance.packing)
+    "lenbalance_packed": {"training_plan": "packed"},  # padding-free loss forward (rl_lenbalance.loss.packed)
     "lenbalance_shared_prompt": {"training_plan": "shared_prompt"},  # each group's prompt computed once
     "lenbalance_generation_only": {"balance_training": False},  # capture + online head, stock training
     "lenbalance_compaction": {"compaction": True},
@@ -84,7 +84,7 @@ def model_source(name: str) -> str:
 
 
 def build(args: argparse.Namespace, source: str, settings: dict | None, name: str):
-    """One variant's timed trainer (in its own process, `rl_lenbalance.compare`): stock TRL for `settings` None."""
+    """One variant's timed trainer (in its own process, `rl_lenbalance.cli.compare`): stock TRL for `settings` None."""
     cuda = torch.cuda.is_available()
     torch.manual_seed(0)
     model, tokenizer = load_model(source, dtype=torch.bfloat16 if cuda else torch.float32)

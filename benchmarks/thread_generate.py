@@ -18,7 +18,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from _common import save_report  # noqa: E402
 
-from rl_lenbalance.models import load_model  # noqa: E402
+from rl_lenbalance.builtin.models import load_model  # noqa: E402
 
 
 def main() -> None:

@@ -9,9 +9,9 @@ import time
 from trl import GRPOConfig, GRPOTrainer
 
 from rl_lenbalance import LenBalanceCallback, LenBalanceConfig
-from rl_lenbalance.models import load_model
-from rl_lenbalance.tasks import REWARD_FUNCS, arithmetic_dataset
-from rl_lenbalance.train import print_summary, summarize
+from rl_lenbalance.builtin.models import load_model
+from rl_lenbalance.builtin.tasks import REWARD_FUNCS, arithmetic_dataset
+from rl_lenbalance.cli.train import print_summary, summarize
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--max-steps", type=int, default=2)

@@ -19,7 +19,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def embedded_dir():
     """The embedded SmolLM2-135M-Instruct's safetensors cache (converted once, ~30 s; then instant)."""
-    from rl_lenbalance.models import embedded_model_dir
+    from rl_lenbalance.builtin.models import embedded_model_dir
 
     return embedded_model_dir()
 
@@ -27,7 +27,7 @@ def embedded_dir():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, embedded_dir):
     """A tiny random Llama with the embedded model's tokenizer and chat template (fast CPU tests)."""
-    from rl_lenbalance.models import build_tiny_model
+    from rl_lenbalance.builtin.models import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny_model"), tokenizer_from=embedded_dir)
 
@@ -55,7 +55,7 @@ def quickstart_run(tmp_path_factory, embedded_dir):
 
     import wandb
 
-    from rl_lenbalance.train import run
+    from rl_lenbalance.cli.train import run
 
     out = tmp_path_factory.mktemp("quickstart")
     wandb.teardown()  # an earlier wandb.init in this process would pin its WANDB_DIR
@@ -114,7 +114,7 @@ def family_model_dir(tiny_model_dir, tmp_path_factory):
 @pytest.fixture
 def no_model_loading(monkeypatch):
     """Fail the test if the run gets as far as loading the model (`train.build_trainer`)."""
-    from rl_lenbalance import train
+    from rl_lenbalance.cli import train
 
     def refuse(recipe):
         raise AssertionError("the model was loaded before the error was found")
@@ -125,7 +125,7 @@ def no_model_loading(monkeypatch):
 @pytest.fixture
 def no_weights_loading(monkeypatch):
     """Fail the test if the run gets as far as loading the model's weights (reading its config is allowed)."""
-    from rl_lenbalance import models
+    from rl_lenbalance.builtin import models
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model's weights were loaded before the error was found")

@@ -130,7 +130,7 @@ def tiny_decoder(model_dir, max_new_tokens: int, do_sample: bool, copies: int):
     when the rollout compacts)."""
     from transformers import GenerationConfig
 
-    from rl_lenbalance.generation import compacted_generate
+    from rl_lenbalance.generation.decode import compacted_generate
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rl_lenbalance.config import LenBalanceConfig
-from rl_lenbalance.engine import check_head
+from rl_lenbalance.generation.engine import check_head
 from rl_lenbalance.ledger import (
     GenerationLedger,
     RunTotals,
@@ -30,7 +30,16 @@ from rl_lenbalance.schedule import optimizer_steps, plan_training, take_rows, tr
 from helpers import tiny_decoder
 
 PACKAGE = Path(__file__).resolve().parents[1] / "rl_lenbalance"
-PURE = ["rollout", "ledger", "engine", "capture", "schedule", "predictor", "loss"]  # never reach TRL or accelerate
+STAGES = [  # lowest first: a module imports from its own stage or from a lower one, never from a higher one
+    ["predictor", "schedule", "builtin"],  # pure parts: the head's math, row assignments, the demo's model and tasks
+    ["loss"],  # training strategies and their kernels
+    ["config", "ledger"],  # the settings (checked against the registries below them) and the counts
+    ["generation"],  # decode loop, capture, the predictor at run time, a round's orchestration
+    ["integrations"],  # TRL glue
+    ["cli"],  # the command and what it runs
+    ["__init__", "train"],  # the public names, the `accelerate launch -m rl_lenbalance.train` shim
+]
+PURE = ["generation", "config", "ledger", "schedule", "predictor", "loss", "builtin"]  # never reach TRL or accelerate
 
 
 def _module_file(name: str) -> Path | None:
@@ -41,10 +50,19 @@ def _module_file(name: str) -> Path | None:
     return path.with_suffix(".py") if path.with_suffix(".py").is_file() else None
 
 
+def _modules() -> list[str]:
+    """Every module of the package, dotted (a package by its folder's name; the top `__init__` as "__init__")."""
+    names = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE).with_suffix("").parts
+        names.append(".".join(parts[:-1]) if parts[-1] == "__init__" and len(parts) > 1 else ".".join(parts))
+    return names
+
+
 def _imports(name: str) -> tuple[set[str], set[str]]:
     """(package modules, outside top-level packages) that `rl_lenbalance.<name>` imports, anywhere in its code."""
-    path = _module_file(name)
-    package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+    path = PACKAGE / "__init__.py" if name == "__init__" else _module_file(name)
+    package = [] if name == "__init__" else name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
     inside, outside = set(), set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
@@ -58,7 +76,8 @@ def _imports(name: str) -> tuple[set[str], set[str]]:
             base = package[: len(package) - node.level + 1]
             module = ".".join(base + (node.module.split(".") if node.module else []))
             for alias in node.names:  # `from . import ledger` names a module; `from .x import f` names x
-                inside.add(f"{module}.{alias.name}" if _module_file(f"{module}.{alias.name}") else module)
+                inside.add(f"{module}.{alias.name}".strip(".") if _module_file(f"{module}.{alias.name}".strip("."))
+                           else module)
     return {m for m in inside if m}, outside
 
 
@@ -67,7 +86,7 @@ def _closure(name: str) -> tuple[set[str], set[str]]:
     seen, outside, todo = set(), set(), [name]
     while todo:
         module = todo.pop()
-        if module in seen or _module_file(module) is None:
+        if module in seen or (_module_file(module) is None and module != "__init__"):
             continue
         seen.add(module)
         inside, out = _imports(module)
@@ -76,23 +95,55 @@ def _closure(name: str) -> tuple[set[str], set[str]]:
     return seen, outside
 
 
+def _stage(module: str) -> int:
+    top = module.split(".")[0]
+    return next(i for i, names in enumerate(STAGES) if top in names)
+
+
 def test_the_import_reader_sees_the_adapter_import_trl():
     reached, outside = _closure("integrations.trl")
-    assert {"trl", "accelerate"} <= outside and {"rollout", "ledger", "integrations.callback"} <= reached
+    assert {"trl", "accelerate"} <= outside
+    assert {"generation.rollout", "ledger", "integrations.trl.callback", "loss.packed"} <= reached
+
+
+def test_every_module_has_a_stage_and_imports_none_above_it():
+    upward = []
+    for module in _modules():
+        inside, _ = _imports(module)
+        upward += [(module, target) for target in inside if _stage(target) > _stage(module)]
+    assert not upward
+
+
+def test_no_import_circle():
+    graph = {module: _imports(module)[0] for module in _modules()}
+    done, path = set(), []
+
+    def visit(module: str) -> None:
+        assert module not in path, " -> ".join(path[path.index(module):] + [module])
+        if module in done or module not in graph:
+            return
+        path.append(module)
+        for target in sorted(graph[module]):
+            if target != module.rsplit(".", 1)[0]:  # a package module's own `__init__` imports its children
+                visit(target)
+        path.pop()
+        done.add(module)
+
+    for module in graph:
+        visit(module)
 
 
 @pytest.mark.parametrize("name", PURE)
 def test_pure_parts_never_import_trl_or_accelerate(name):
-    modules = [name] + [f"{name}.{p.stem}" for p in sorted((PACKAGE / name).glob("*.py")) if p.stem != "__init__"]
-    for module in modules if (PACKAGE / name).is_dir() else [name]:
+    for module in [m for m in _modules() if m == name or m.startswith(f"{name}.")]:
         reached, outside = _closure(module)
         assert not {"trl", "accelerate"} & outside, (module, outside)
-        assert not any(m.startswith("integrations") for m in reached), (module, reached)
+        assert not any(m.startswith(("integrations", "cli")) for m in reached), (module, reached)
 
 
 def test_the_callback_never_imports_the_adapter():
-    reached, _ = _closure("integrations.callback")
-    assert "integrations.trl" not in reached
+    reached, _ = _closure("integrations.trl.callback")
+    assert "integrations.trl.trainer" not in reached
 
 
 # --- the training plan -------------------------------------------------------------------------------------------
@@ -238,7 +289,7 @@ def test_a_saved_head_with_another_contract_is_refused_naming_the_setting():
 def test_the_engine_refuses_a_head_that_would_read_another_layer(tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from rl_lenbalance.engine import LenBalanceEngine
+    from rl_lenbalance.generation.engine import LenBalanceEngine
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     trained = LenBalanceEngine(model, LenBalanceConfig(feature_layer=1), max_length=16)
@@ -254,9 +305,9 @@ def test_the_engine_refuses_a_head_that_would_read_another_layer(tiny_model_dir,
 
 
 def test_a_rollout_in_waves_with_rebucketing_returns_what_one_generate_call_returns(eos_tiny_model_dir):
-    from rl_lenbalance.engine import LenBalanceEngine
-    from rl_lenbalance.generation import compacted_generate
-    from rl_lenbalance.rollout import Backend, RolloutSettings, run_rollout
+    from rl_lenbalance.generation.engine import LenBalanceEngine
+    from rl_lenbalance.generation.decode import compacted_generate
+    from rl_lenbalance.generation.rollout import Backend, RolloutSettings, run_rollout
 
     model, tokenizer, generation, prompts, decode = tiny_decoder(eos_tiny_model_dir, 24, do_sample=False, copies=2)
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from trl import GRPOTrainer
 
 from rl_lenbalance import LenBalanceConfig, LenBalanceGRPOTrainer
-from rl_lenbalance.generation import compacted_generate
+from rl_lenbalance.generation.decode import compacted_generate
 from rl_lenbalance.loss import STRATEGIES, exact_strategies, regrouping_blockers
 from rl_lenbalance.schedule import Autotuner, decide
 
@@ -141,7 +141,7 @@ def test_past_the_budget_compaction_still_drops_finished_rows_without_hooks(eos_
         return compacted_generate(*args, **kwargs)
 
     config = LenBalanceConfig(max_overhead=1e-9, compaction=True, training_plan="sorted")
-    with patch("rl_lenbalance.integrations.trl_generation.compacted_generate", spy):
+    with patch("rl_lenbalance.integrations.trl.generation.compacted_generate", spy):
         ours = train(LenBalanceGRPOTrainer, eos_tiny_model_dir, tmp_path, lenbalance=config, max_steps=3,
                      max_completion_length=24)
     assert ours.lenbalance.rounds == 1 and len(calls) == 3

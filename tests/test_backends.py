@@ -55,8 +55,8 @@ def test_vllm_requests_go_longest_predicted_first_and_the_update_is_stocks(eos_t
 def test_a_round_through_a_scheduling_backend_submits_longest_predicted_first(eos_tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rl_lenbalance.engine import LenBalanceEngine
-    from rl_lenbalance.rollout import Backend, RolloutSettings, _predict_prompt_lengths, run_admitted
+    from rl_lenbalance.generation.engine import LenBalanceEngine
+    from rl_lenbalance.generation.rollout import Backend, RolloutSettings, _predict_prompt_lengths, run_admitted
 
     model = AutoModelForCausalLM.from_pretrained(eos_tiny_model_dir, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(eos_tiny_model_dir)

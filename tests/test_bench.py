@@ -6,15 +6,15 @@ import json
 import pytest
 import torch
 
-from rl_lenbalance.bench import BenchData, BuildConfig, RunConfig, check_compatible
-from rl_lenbalance.bench.cli import main
-from rl_lenbalance.bench.config import STEPS
-from rl_lenbalance.bench.metrics import kendall_tau
-from rl_lenbalance.bench.online import (entropy_trend, live_summary, online_vs_offline, running_median_mae,
+from benchmarks.forelen import BenchData, BuildConfig, RunConfig, check_compatible
+from benchmarks.forelen.cli import main
+from benchmarks.forelen.dataset import STEPS
+from benchmarks.forelen.metrics import kendall_tau
+from benchmarks.forelen.online import (entropy_trend, live_summary, online_vs_offline, running_median_mae,
                                         with_features)
-from rl_lenbalance.bench.predictors import PREDICTORS
-from rl_lenbalance.bench.run import run
-from rl_lenbalance.bench.train import FitSettings, score, train_predictor
+from benchmarks.forelen.predictors import PREDICTORS
+from benchmarks.forelen.run import run
+from benchmarks.forelen.train import FitSettings, score, train_predictor
 from rl_lenbalance.predictor import POOLING_METHODS, HeadConfig, PLPHead, StreamingPool, plp_features
 
 HIDDEN, PROXY, MAX_LEN, K = 16, 8, 160, 2
@@ -170,7 +170,7 @@ def test_entropy_trend_reads_only_the_tokens_drawn_before_the_step():
 
 
 def test_feature_variants_take_each_sample_from_its_row_and_step():
-    from rl_lenbalance.engine import TrainingPairs
+    from rl_lenbalance.generation.engine import TrainingPairs
 
     pairs = TrainingPairs.empty(entries=2, samples=2, width=3)
     pairs.row[:] = torch.tensor([0, 1])
@@ -184,7 +184,7 @@ def test_feature_variants_take_each_sample_from_its_row_and_step():
 
 
 def test_running_median_scores_each_round_against_the_rounds_before():
-    from rl_lenbalance.engine import TrainingPairs
+    from rl_lenbalance.generation.engine import TrainingPairs
 
     rounds = []
     for lengths in ([10, 20, 60], [30, 40]):

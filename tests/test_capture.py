@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rl_lenbalance.capture import GenerationCapture, record_steps
+from rl_lenbalance.generation.capture import GenerationCapture, record_steps
 from rl_lenbalance.config import LenBalanceConfig
 from rl_lenbalance.predictor import HeadConfig, PLPHead, StreamingPool, plp_features, pool_tokens, token_entropy
 
@@ -79,8 +79,8 @@ def test_a_bad_hook_module_is_a_clear_error(model_and_tokenizer):
 def test_a_resumed_capture_continues_the_streams_of_an_uninterrupted_one(model_and_tokenizer):
     """Re-bucketing splits a row over two generate calls; the second resumes from the first's StreamState (fed
     prompt + probe tokens), and records the PLP features an uninterrupted call records."""
-    from rl_lenbalance.capture import StreamState
-    from rl_lenbalance.generation import compacted_generate
+    from rl_lenbalance.generation.capture import StreamState
+    from rl_lenbalance.generation.decode import compacted_generate
     from transformers import GenerationConfig
 
     model, tokenizer = model_and_tokenizer
@@ -115,7 +115,7 @@ def test_default_capture_predicts_at_step_0_only_and_folds_tokens_exactly(eos_ti
     loop on the way) equal those of a capture that folds every step, and the head runs only where it is read."""
     from transformers import GenerationConfig
 
-    from rl_lenbalance.generation import compacted_generate
+    from rl_lenbalance.generation.decode import compacted_generate
 
     tokenizer = AutoTokenizer.from_pretrained(eos_tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(eos_tiny_model_dir, dtype=torch.float32).eval()
@@ -154,8 +154,8 @@ def test_streaming_pool_extend_equals_token_by_token_updates():
 
 def test_a_row_split_over_two_waves_yields_the_training_pairs_of_one(model_and_tokenizer):
     """The probe wave and the continuation wave (maybe on another rank) each keep the draws they hold."""
-    from rl_lenbalance.capture import CaptureResult
-    from rl_lenbalance.engine import LenBalanceEngine, Wave
+    from rl_lenbalance.generation.capture import CaptureResult
+    from rl_lenbalance.generation.engine import LenBalanceEngine, Wave
     from rl_lenbalance.predictor import feature_size
 
     model, _ = model_and_tokenizer
@@ -186,7 +186,7 @@ def test_replayed_features_equal_what_the_generation_hooks_record(eos_tiny_model
     """Backends whose passes cannot be hooked (continuous batching, vLLM) learn from one teacher-forced forward."""
     from transformers import GenerationConfig
 
-    from rl_lenbalance.generation import compacted_generate
+    from rl_lenbalance.generation.decode import compacted_generate
 
     model = AutoModelForCausalLM.from_pretrained(eos_tiny_model_dir, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(eos_tiny_model_dir)

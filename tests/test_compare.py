@@ -12,7 +12,7 @@ import pytest
 import torch
 from rich.console import Console
 
-from rl_lenbalance.compare import CompareError, Turn, Turnstile, add_ratios, compare_recipe, print_comparison
+from rl_lenbalance.cli.compare import CompareError, Turn, Turnstile, add_ratios, compare_recipe, print_comparison
 
 from helpers import QUICKSTART
 

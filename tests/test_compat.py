@@ -79,7 +79,7 @@ def test_mask_truncated_completions_with_every_completion_truncated_matches_stoc
 def test_capture_reads_lm_heads_input_on_every_family(family_model_dir, family):
     """The captured final hidden state is what lm_head reads (GPT-2's `ln_f`, NemotronH's `norm_f`: no `.norm`), and
     an intermediate `feature_layer` is found in every family's blocks."""
-    from rl_lenbalance.capture import GenerationCapture
+    from rl_lenbalance.generation.capture import GenerationCapture
     from rl_lenbalance.predictor import HeadConfig, PLPHead
 
     model = AutoModelForCausalLM.from_pretrained(family_model_dir(family), dtype=torch.float32).eval()
@@ -101,7 +101,7 @@ def test_capture_reads_lm_heads_input_on_every_family(family_model_dir, family):
 
 
 def test_a_model_whose_decoder_layers_cannot_be_found_names_feature_layer(family_model_dir):
-    from rl_lenbalance.capture import GenerationCapture
+    from rl_lenbalance.generation.capture import GenerationCapture
     from rl_lenbalance.predictor import HeadConfig, PLPHead
 
     model = AutoModelForCausalLM.from_pretrained(family_model_dir("gpt2"), dtype=torch.float32)

@@ -1,5 +1,5 @@
 """What `rl-lenbalance train` prints while it trains: one compact line per logged step, no metrics dictionary, and
-no deprecation warnings from TRL's calls into transformers (rl_lenbalance/console.py)."""
+no deprecation warnings from TRL's calls into transformers (rl_lenbalance/cli/console.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import subprocess
 import sys
 import warnings
 
-from rl_lenbalance.console import plan_name, step_line, trl_deprecations_silenced
+from rl_lenbalance.cli.console import plan_name, step_line, trl_deprecations_silenced
 from rl_lenbalance.loss import STRATEGIES
 
 NAMES = list(STRATEGIES)
@@ -62,7 +62,7 @@ def test_the_cli_prints_one_compact_line_per_step_and_no_metrics_dict_or_checkpo
                       "gradient_accumulation_steps: 2\nnum_generations: 4\nmax_completion_length: 16\n"
                       "logging_steps: 1\nsave_strategy: 'no'\nreport_to: none\nseed: 0\n")
     env = {**os.environ, "WANDB_DIR": str(tmp_path), "PYTHONWARNINGS": ""}
-    proc = subprocess.run([sys.executable, "-m", "rl_lenbalance.cli", "train", str(recipe)], env=env,
+    proc = subprocess.run([sys.executable, "-m", "rl_lenbalance.cli.main", "train", str(recipe)], env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = (proc.stdout + proc.stderr).replace("\r", "\n").splitlines()

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from rl_lenbalance.generation import compacted_generate, exact_sampling, sample_rows, unsupported_options
+from rl_lenbalance.generation.decode import compacted_generate, exact_sampling, sample_rows, unsupported_options
 
 QUESTIONS = [
     "What is 7 times 8? Answer with the number only.",

@@ -15,7 +15,7 @@ from trl import GRPOTrainer
 import helpers
 from helpers import train
 from rl_lenbalance import LenBalanceConfig, LenBalanceGRPOTrainer, ledger
-from rl_lenbalance.generation import compacted_generate
+from rl_lenbalance.generation.decode import compacted_generate
 
 SCORE = helpers.varied_reward
 GREEDY = dict(generation_kwargs={"do_sample": False}, max_completion_length=24)
@@ -53,7 +53,7 @@ def test_greedy_auto_times_both_plans_and_keeps_stocks_completions(embedded_dir,
     train(GRPOTrainer, embedded_dir, tmp_path, **run)
     got = recording_rewards(monkeypatch)  # from here on, `expected` grows no more
     config = LenBalanceConfig(predictor_steps_per_round=2, autotune_samples=1)
-    monkeypatch.setattr("rl_lenbalance.integrations.trl_generation.compacted_generate", spy)
+    monkeypatch.setattr("rl_lenbalance.integrations.trl.generation.compacted_generate", spy)
     ours = train(LenBalanceGRPOTrainer, embedded_dir, tmp_path, lenbalance=config, **run)
     assert ours.lenbalance_config.compaction == "auto" and ours._gen_autotune.candidates == ["stock", "compaction"]
     assert len({len(c) for c in expected}) >= 3, "greedy rows of one length would not exercise compaction"
@@ -80,7 +80,7 @@ def test_greedy_auto_keeps_the_faster_plan_and_rechecks_the_other(eos_tiny_model
         return wrapped
 
     if slow == "compaction":
-        monkeypatch.setattr("rl_lenbalance.integrations.trl_generation.compacted_generate",
+        monkeypatch.setattr("rl_lenbalance.integrations.trl.generation.compacted_generate",
                             slower(compacted_generate))
     else:
         monkeypatch.setattr(GRPOTrainer, "_generate_single_turn", slower(GRPOTrainer._generate_single_turn))
@@ -123,8 +123,8 @@ def test_where_torch_samples_otherwise_auto_never_compacts_under_sampling(eos_ti
         calls.append(1)
         return compacted_generate(*args, **kwargs)
 
-    monkeypatch.setattr("rl_lenbalance.integrations.trl.exact_sampling", lambda device_type: False)
-    monkeypatch.setattr("rl_lenbalance.integrations.trl_generation.compacted_generate", spy)
+    monkeypatch.setattr("rl_lenbalance.integrations.trl.trainer.exact_sampling", lambda device_type: False)
+    monkeypatch.setattr("rl_lenbalance.integrations.trl.generation.compacted_generate", spy)
     ours = train(LenBalanceGRPOTrainer, eos_tiny_model_dir, tmp_path, max_steps=3, max_completion_length=24,
                  lenbalance=LenBalanceConfig(predictor_steps_per_round=2, autotune_samples=1))
     assert ours.lenbalance_config.compaction is False and ours._gen_autotune.candidates == ["stock"]

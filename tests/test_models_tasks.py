@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-from rl_lenbalance import models
-from rl_lenbalance.models import (
+from rl_lenbalance.builtin import models
+from rl_lenbalance.builtin.models import (
     EMBEDDED_MODEL,
     EmbeddedModelMissingError,
     HubUnreachableError,
@@ -20,7 +20,7 @@ from rl_lenbalance.models import (
     embedded_model_dir,
     load_model,
 )
-from rl_lenbalance.tasks import (
+from rl_lenbalance.builtin.tasks import (
     INSTRUCTIONS,
     OPEN_REWARD_FUNCS,
     OPEN_STYLES,

@@ -71,7 +71,7 @@ def test_a_microbatch_over_the_dense_mask_limit_runs_in_parts_and_learns_what_st
     """Under sdpa a sequence of N tokens builds an (N, N) mask: past the limit a micro-batch runs as several
     padding-free forwards (rows kept whole), never padded."""
     run = dict(max_steps=2, max_completion_length=24)
-    monkeypatch.setattr("rl_lenbalance.integrations.trl_loss.DENSE_PACK_MAX_TOKENS", 60)
+    monkeypatch.setattr("rl_lenbalance.integrations.trl.loss.DENSE_PACK_MAX_TOKENS", 60)
     ours = train(LenBalanceGRPOTrainer, eos_tiny_model_dir, tmp_path, lenbalance=config(plan), **run)
     stock = train(GRPOTrainer, eos_tiny_model_dir, tmp_path, **run)
     assert not padded_rows(ours) and len(ours.loss_forward_shapes) >= 2 * len(stock.loss_forward_shapes)

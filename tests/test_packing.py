@@ -1,4 +1,4 @@
-"""The padding-free loss forward (`rl_lenbalance.packing`) gives TRL's own per-token log-probs, entropies and gradients
+"""The padding-free loss forward (`rl_lenbalance.loss.packed`) gives TRL's own per-token log-probs, entropies and gradients
 on every family it accepts, refuses the ones it cannot pack with a reason, and each comparison is shown to be able to
 fail (continuous or restarted position ids, an attention without packed masks, a Mamba hybrid).
 
@@ -16,8 +16,8 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
-from rl_lenbalance import packing
-from rl_lenbalance.packing import packed_logps_and_entropies, packing_unsupported
+from rl_lenbalance.loss import packed as packing
+from rl_lenbalance.loss.packed import packed_logps_and_entropies, packing_unsupported
 
 from helpers import gap, grad_gap
 

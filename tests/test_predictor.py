@@ -247,7 +247,7 @@ def test_engine_metrics_score_every_estimate_and_rank_rows(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
     from rl_lenbalance.config import LenBalanceConfig
-    from rl_lenbalance.engine import LenBalanceEngine, TrainingPairs
+    from rl_lenbalance.generation.engine import LenBalanceEngine, TrainingPairs
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     engine = LenBalanceEngine(model, LenBalanceConfig(context_features=True, samples_per_sequence=1), 64)
@@ -282,8 +282,8 @@ def test_the_probe_reads_the_input_its_training_pair_holds_and_its_live_error_is
     the probe visible) is the training pair's input at t=32, and the logged live MAEs are those of the predictions
     the scheduler read, from a head whose prediction is known."""
     from rl_lenbalance.config import LenBalanceConfig
-    from rl_lenbalance.engine import PLP_REPORT_STEP, LenBalanceEngine
-    from rl_lenbalance.rollout import Backend, RolloutSettings, run_rollout
+    from rl_lenbalance.generation.engine import PLP_REPORT_STEP, LenBalanceEngine
+    from rl_lenbalance.generation.rollout import Backend, RolloutSettings, run_rollout
 
     model, tokenizer, _, prompts, decode = tiny_decoder(eos_tiny_model_dir, 48, do_sample=True, copies=4)
     backend = Backend(decode, lambda *_: None, gather=lambda items: items)
@@ -340,7 +340,7 @@ def test_the_scheduler_acts_on_the_estimate_with_the_lowest_recent_live_error(ti
     from transformers import AutoModelForCausalLM
 
     from rl_lenbalance.config import LenBalanceConfig
-    from rl_lenbalance.engine import SELECTION_ROUNDS, LenBalanceEngine, TrainingPairs
+    from rl_lenbalance.generation.engine import SELECTION_ROUNDS, LenBalanceEngine, TrainingPairs
     from rl_lenbalance.predictor.context import CANDIDATES, ESTIMATES
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
@@ -376,7 +376,7 @@ def test_the_scheduler_acts_on_the_estimate_with_the_lowest_recent_live_error(ti
 
 
 def test_the_choice_skips_unscored_rounds_and_never_picks_a_candidate_never_scored():
-    from rl_lenbalance.engine import lowest_mean_error
+    from rl_lenbalance.generation.engine import lowest_mean_error
 
     nan = float("nan")
     assert lowest_mean_error([[9.0, 4.0, nan], [9.0, nan, nan]]) == 1  # mean 4 over the one round that scored it
@@ -385,7 +385,7 @@ def test_the_choice_skips_unscored_rounds_and_never_picks_a_candidate_never_scor
 
 
 def test_group_median_targets_replace_only_the_t0_samples_with_the_prompts_median_length():
-    from rl_lenbalance.engine import TrainingPairs, group_median_targets
+    from rl_lenbalance.generation.engine import TrainingPairs, group_median_targets
 
     pairs = TrainingPairs.empty(entries=5, samples=2, width=1)
     pairs.row[:4] = torch.tensor([0, 1, 2, 2])  # row 2 re-bucketed: two entries, one length

@@ -19,12 +19,12 @@ from transformers import TrainerCallback
 from trl import GRPOTrainer
 
 from rl_lenbalance import LenBalanceCallback, LenBalanceConfig, LenBalanceGRPOTrainer, wrap_trainer
-from rl_lenbalance import train as train_module
-from rl_lenbalance.cli import main as cli_main
-from rl_lenbalance.engine import LenBalanceEngine, TrainingPairs
+from rl_lenbalance.cli import train as train_module
+from rl_lenbalance.cli.main import main as cli_main
+from rl_lenbalance.generation.engine import LenBalanceEngine, TrainingPairs
 from rl_lenbalance.predictor import CONTEXT_SIZE, HeadConfig, OnlineTrainer, PLPHead, feature_size
-from rl_lenbalance.recipe import RecipeError, load_recipe
-from rl_lenbalance.train import parse_overrides
+from rl_lenbalance.cli.recipe import RecipeError, load_recipe
+from rl_lenbalance.cli.train import parse_overrides
 
 from helpers import QUICKSTART, assert_same, make_args, make_trainer
 
@@ -321,7 +321,7 @@ report_to: none
                                                                                  os.environ.get("PYTHONPATH", "")])}
     log = tmp_path / "killed_run.log"
     with log.open("w") as handle:
-        process = subprocess.Popen([sys.executable, "-m", "rl_lenbalance.cli", "train", str(recipe)], env=env,
+        process = subprocess.Popen([sys.executable, "-m", "rl_lenbalance.cli.main", "train", str(recipe)], env=env,
                                    stdout=handle, stderr=subprocess.STDOUT)
     saved = out / "checkpoint-1" / "lenbalance"
     deadline = time.monotonic() + 600

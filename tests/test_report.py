@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from rl_lenbalance.ledger import summary_rows
-from rl_lenbalance.report import (HTML_NAME, PNG_NAME, build_report, load_length_tables, locate_run, logged_summary,
+from rl_lenbalance.cli.report import (HTML_NAME, PNG_NAME, build_report, load_length_tables, locate_run, logged_summary,
                                   loss_tokens_saved, main, render_figure)
-from rl_lenbalance.wandb_offline import find_runs, read_run
+from rl_lenbalance.cli.wandb_offline import find_runs, read_run
 
 from helpers import QUICKSTART
 
@@ -195,7 +195,7 @@ def trained_run(request, tmp_path_factory) -> Path:
         shared = None
     if shared is not None:
         return Path(shared[0] if isinstance(shared, tuple) else shared)
-    from rl_lenbalance.train import run
+    from rl_lenbalance.cli.train import run
 
     request.getfixturevalue("embedded_dir")
     out = tmp_path_factory.mktemp("report_run")

@@ -14,7 +14,7 @@ from transformers import TrainerCallback
 
 from rl_lenbalance import LenBalanceConfig, LenBalanceGRPOTrainer
 from rl_lenbalance.schedule import Autotuner
-from rl_lenbalance.train import summarize
+from rl_lenbalance.cli.train import summarize
 
 STEPS = 3
 

@@ -18,7 +18,7 @@ from trl import GRPOConfig, GRPOTrainer
 from rl_lenbalance.loss import shared_prompt
 from rl_lenbalance.loss.shared_prompt import (plan_shared_prompt, prompt_groups, shared_prompt_logps_and_entropies,
                                               shared_prompt_unsupported)
-from rl_lenbalance.packing import packed_logps_and_entropies
+from rl_lenbalance.loss.packed import packed_logps_and_entropies
 
 from helpers import gap, grad_gap
 

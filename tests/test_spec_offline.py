@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from rl_lenbalance.bench.spec import (
+from benchmarks.forelen.spec import (
     draft,
     expected_accepted,
     interpolated_cost,

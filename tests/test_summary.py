@@ -12,7 +12,7 @@ from rich.console import Console
 from rl_lenbalance.ledger import (GenerationLedger, RunTotals, TrainingLedger, logged_totals, round_metrics, summary,
                                   summary_json, summary_rows, time_metrics, training_metrics, wandb_summary, waste)
 from rl_lenbalance.loss import STRATEGIES
-from rl_lenbalance.train import print_summary
+from rl_lenbalance.cli.train import print_summary
 
 STEPS = [  # (generation ledger, predictor train seconds, training ledger, generation-phase s, loss-phase s)
     (GenerationLedger(100, 160, 40, 40, 90, 2.0, 0.2, 0, 0), 0.3, TrainingLedger(100, 200, 80, 0), 3.0, 1.5),

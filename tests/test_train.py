@@ -2,9 +2,9 @@
 
 import pytest
 
-from rl_lenbalance.recipe import RecipeError, load_recipe
-from rl_lenbalance.train import build_trainer, parse_overrides
-from rl_lenbalance.wandb_offline import find_runs, read_run
+from rl_lenbalance.cli.recipe import RecipeError, load_recipe
+from rl_lenbalance.cli.train import build_trainer, parse_overrides
+from rl_lenbalance.cli.wandb_offline import find_runs, read_run
 
 from helpers import QUICKSTART
 
@@ -117,7 +117,7 @@ def test_quickstart_under_two_gloo_processes_logs_metrics_reduced_over_ranks(tmp
     import sys
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "rl_lenbalance.train",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "rl_lenbalance.cli.train",
            "--config", str(QUICKSTART), "--set", "max_steps=1", "max_completion_length=32",
            "gradient_accumulation_steps=2", f"output_dir={tmp_path / 'run'}"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
@@ -137,7 +137,7 @@ def test_quickstart_under_two_gloo_processes_logs_metrics_reduced_over_ranks(tmp
 def test_a_cpu_recipe_uses_bf16_only_where_the_cpu_runs_it_natively(monkeypatch):
     """TRL defaults to bf16 mixed precision; where the CPU emulates bf16 products (AVX2 only) that made the loss
     phase ~13x slower, so a CPU recipe that sets neither bf16 nor fp16 follows the CPU, and an explicit value stays."""
-    from rl_lenbalance import recipe
+    from rl_lenbalance.cli import recipe
 
     for native in (True, False):
         monkeypatch.setattr(recipe, "cpu_has_fast_bf16", lambda native=native: native)

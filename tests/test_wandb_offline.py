@@ -1,4 +1,4 @@
-"""Round-trip a real wandb offline run through rl_lenbalance.wandb_offline."""
+"""Round-trip a real wandb offline run through rl_lenbalance.cli.wandb_offline."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import wandb
 
-from rl_lenbalance.wandb_offline import find_runs, iter_records, read_run
+from rl_lenbalance.cli.wandb_offline import find_runs, iter_records, read_run
 
 PAD_FRACS = [0.5, 0.25, 0.125]
 BLOB = "x" * 70_000  # larger than two 32 KiB blocks: exercises FIRST/MIDDLE/LAST chunks

@@ -1,4 +1,4 @@
-"""Adapters for TRL trainers."""
+"""Adapters for training frameworks: `trl`."""
 
 from .trl import LenBalanceCallback, LenBalanceGRPOTrainer, LenBalanceMixin, LenBalanceRLOOTrainer, wrap_trainer
 

@@ -10,7 +10,7 @@ as ONE sequence `(1, N)` laid out as a tree per group:
 with a 4D mask: a token attends, causally, to its group's shared prompt and to its own branch. The prompt's last
 token opens every branch, so that each position's next token is the next one in the sequence (TRL's fused LM head
 shifts labels by one) and the first completion token is predicted from the prompt's last position, as in stock; it
-costs one token per row. Positions are stock's (each token's column in the padded input, as `packing.py` keeps
+costs one token per row. Positions are stock's (each token's column in the padded input, as `packed.py` keeps
 them), so every token sees exactly the keys, values and positions it sees in stock's padded forward, and the
 gradient through the shared prompt is the sum of stock's G copies. Logits are computed only at the positions that
 predict a completion token.
@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..packing import (_text_config, _unwrap, checked_shapes, packed_logps_and_entropies, packing_unsupported,
+from .packed import (_text_config, _unwrap, checked_shapes, packed_logps_and_entropies, packing_unsupported,
                        score_sequence)
 from ..schedule import TrainingPlan
 from .strategies import Layout, PassRows, Strategy

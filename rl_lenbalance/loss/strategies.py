@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..packing import packed_logps_and_entropies
+from .packed import packed_logps_and_entropies
 from ..schedule import TrainingPlan, plan_training
 
 ROW_MEAN_LOSSES = ("grpo", "dr_grpo", "sapo", "luspo")  # a micro-batch's loss is a mean over its rows
@@ -145,7 +145,7 @@ class Packed(Sorted):
     uneven: bool = True
 
     def unsupported(self, model: torch.nn.Module) -> str | None:
-        from ..packing import packing_unsupported
+        from .packed import packing_unsupported
 
         return packing_unsupported(model)
 

@@ -21,8 +21,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer  # noqa: E402
 
 from rl_lenbalance import LenBalanceConfig, LenBalanceGRPOTrainer, LenBalanceRLOOTrainer  # noqa: E402
-from rl_lenbalance.integrations import trl_loss  # noqa: E402
-from rl_lenbalance.packing import DENSE_PACK_MAX_TOKENS  # noqa: E402
+from rl_lenbalance.integrations.trl import loss as trl_loss  # noqa: E402
+from rl_lenbalance.loss.packed import DENSE_PACK_MAX_TOKENS  # noqa: E402
 
 MODEL_DIR, OUT = sys.argv[1], sys.argv[2]
 PROMPTS = ["What is 2+2?", "List 5 fruits.", "Write a poem.", "Explain gravity in detail.", "Hi", "Count to 20."]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from ..tasks import INSTRUCTIONS, _bare, _instruction, _word
+from rl_lenbalance.builtin.tasks import INSTRUCTIONS, _bare, _instruction, _word
 
 TOPICS = [
     "the history of the printing press", "climate change", "the human immune system", "black holes",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import STEPS
+from .dataset import STEPS
 
 PROMPT_BASELINES = ("ssjf-reg", "ssjf-mc", "s3")
 COLUMNS = {"long": "Long Seq", "reasoning": "Reasoning", "rl": "RL"}

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..predictor import NaiveLengthBaseline
+from rl_lenbalance.predictor import NaiveLengthBaseline
 
 
 def mlp(width: int, hidden: int, out: int) -> nn.Sequential:

@@ -9,13 +9,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..capture import GenerationCapture, outputs_of, resolve_module
-from ..config import LenBalanceConfig
-from ..generation import left_pad
-from ..models import load_model
-from ..predictor import POOLING_METHODS, HeadConfig, PLPHead, pool_tokens, token_entropy
-from .config import SPLITS, STEPS, BuildConfig
-from .dataset import BenchData, model_id, scenario_dir
+from rl_lenbalance.generation.capture import GenerationCapture, outputs_of, resolve_module
+from rl_lenbalance.config import LenBalanceConfig
+from rl_lenbalance.generation.decode import left_pad
+from rl_lenbalance.builtin.models import load_model
+from rl_lenbalance.predictor import POOLING_METHODS, HeadConfig, PLPHead, pool_tokens, token_entropy
+from .config import BuildConfig
+from .dataset import SPLITS, STEPS, BenchData, model_id, scenario_dir
 from .prompts import chat, scenario_prompts
 from .proxy import ProxyEncoder
 

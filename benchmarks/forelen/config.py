@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 SCENARIOS = ("long", "reasoning", "rl")
-STEPS = (0, 8, 16, 32, 64)  # observed tokens at which progressive features are stored and PLP/TRAIL are scored
-SPLITS = ("train", "val", "test")
 
 
 def check_names(kind: str, names: list[str] | tuple[str, ...], valid: tuple[str, ...]) -> None:

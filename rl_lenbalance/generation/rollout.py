@@ -19,9 +19,9 @@ import torch
 
 from .capture import CaptureResult, StreamState
 from .engine import LenBalanceEngine, Wave
-from .generation import left_pad
-from .ledger import GenerationLedger
-from .schedule import admission_order, balance_rows, padded_tokens, rebucket, waves_by_length
+from .decode import left_pad
+from ..ledger import GenerationLedger
+from ..schedule import admission_order, balance_rows, padded_tokens, rebucket, waves_by_length
 
 
 class Decode(Protocol):

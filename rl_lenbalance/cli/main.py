@@ -1,5 +1,5 @@
 """`rl-lenbalance` command line: `train RECIPE [--set KEY=VALUE ...]`, `compare RECIPE [--steps N]`,
-`report RUN_DIR [--out DIR]`, `bench ...`."""
+`report RUN_DIR [--out DIR]`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import os
 from collections.abc import Callable
 
-from .loss import STRATEGIES
+from ..loss import STRATEGIES
 
 MIN_COMPARE_STEPS = 2  # compare_recipe's one warm-up step, then at least one timed step
 
@@ -52,7 +52,6 @@ def main(argv: list[str] | None = None) -> None:
     report = commands.add_parser("report", help="PNG panels + one self-contained HTML page of a finished run.")
     report.add_argument("run_dir", help="A training output_dir, a wandb offline-run-* folder, or its .wandb file.")
     report.add_argument("--out", help="Output folder (default: RUN_DIR/report).")
-    commands.add_parser("bench", add_help=False, help="The predictor benchmark: `rl-lenbalance bench --help`.")
     args, rest = parser.parse_known_args(argv)
     if args.command == "train" and not rest:
         from .train import run_command
@@ -74,10 +73,6 @@ def main(argv: list[str] | None = None) -> None:
         from .report import main as report_main
 
         report_main([args.run_dir] + (["--out", args.out] if args.out else []))
-    elif args.command == "bench":
-        from .bench.cli import main as bench_main
-
-        bench_main(rest)
     else:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
 

@@ -14,13 +14,13 @@ from tqdm.auto import tqdm
 from trl import GRPOTrainer
 from trl.models import unwrap_model_for_generation
 
-from ..capture import CaptureResult
-from ..config import AUTO, LenBalanceConfig
-from ..engine import private_rng
-from ..generation import compacted_generate, replaced_generate, unsupported_options
-from ..ledger import GENERATION_PLANS, GenerationLedger, gather_ledgers, round_metrics, seconds_per_decode_step
-from ..rollout import Backend, RolloutSettings, run_admitted, run_rollout, uncaptured_ledger
-from ..schedule import Autotuner
+from ...generation.capture import CaptureResult
+from ...config import AUTO, LenBalanceConfig
+from ...generation.engine import private_rng
+from ...generation.decode import compacted_generate, replaced_generate, unsupported_options
+from ...ledger import GENERATION_PLANS, GenerationLedger, gather_ledgers, round_metrics, seconds_per_decode_step
+from ...generation.rollout import Backend, RolloutSettings, run_admitted, run_rollout, uncaptured_ledger
+from ...schedule import Autotuner
 from .stock import stock_when_reentered
 
 

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from .capture import CaptureResult, GenerationCapture, StreamState, record_steps
-from .config import LenBalanceConfig
-from .predictor import (
+from ..config import LenBalanceConfig
+from ..predictor import (
     CONTEXT_SIZE,
     HeadConfig,
     LengthHistory,
@@ -30,8 +30,8 @@ from .predictor import (
     kendall_tau,
     plp_features,
 )
-from .predictor.context import CANDIDATES, ESTIMATES
-from .predictor.head import CONFIG_NAME, WEIGHTS_NAME
+from ..predictor.context import CANDIDATES, ESTIMATES
+from ..predictor.head import CONFIG_NAME, WEIGHTS_NAME
 
 STATE_NAME = "engine_state.pt"  # beside the head's files: its optimizer, replay buffer, baseline and health
 Gather = Callable[[torch.Tensor], torch.Tensor]  # this rank's rows -> every rank's rows, in rank order

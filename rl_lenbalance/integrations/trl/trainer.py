@@ -2,11 +2,11 @@
 
 `LenBalanceMixin` goes in front of the TRL trainer class. Each override changes one stock method in one place and
 delegates the work to the framework-free parts:
-- generation (`trl_generation.GenerationOverrides`): `_generate_single_turn` runs `rollout.run_rollout` over TRL's
+- generation (`generation.GenerationOverrides`): `_generate_single_turn` runs `rollout.run_rollout` over TRL's
   own generation, or `rollout.run_admitted` around TRL's continuous batching / vLLM call, then the engine's online
   update and the generation ledger; a `schedule.Autotuner` over the rounds' measured seconds picks stock's
   `generate` or compaction (`compaction: auto`, greedy decoding); `_generate_and_score_completions` is stock, timed;
-- loss phase (`trl_loss.LossPhaseOverrides`): `_prepare_inputs` cuts each pass over a generation batch into
+- loss phase (`loss.LossPhaseOverrides`): `_prepare_inputs` cuts each pass over a generation batch into
   micro-batches by one strategy of `loss.STRATEGIES` (picked by `schedule.Autotuner` from the passes' measured
   seconds), each micro-batch carrying its layout; `compute_loss` runs it with that layout and reweights a row-mean
   loss; `_get_per_token_logps_and_entropies` runs the layout's forward; `training_step` is stock, timed, and a
@@ -25,14 +25,14 @@ from dataclasses import asdict, fields, replace
 from transformers.trainer_utils import get_last_checkpoint
 from trl import GRPOTrainer, RLOOTrainer
 
-from ..config import LenBalanceConfig, cpu_has_fast_bf16
-from ..engine import LenBalanceEngine
-from ..generation import exact_sampling
-from ..ledger import RunTotals, time_metrics
+from ...config import LenBalanceConfig, cpu_has_fast_bf16
+from ...generation.engine import LenBalanceEngine
+from ...generation.decode import exact_sampling
+from ...ledger import RunTotals, time_metrics
 from .callback import EngineCallback
 from .stock import stock_when_reentered
-from .trl_generation import GenerationOverrides
-from .trl_loss import LossPhaseOverrides
+from .generation import GenerationOverrides
+from .loss import LossPhaseOverrides
 
 
 class LenBalanceMixin(GenerationOverrides, LossPhaseOverrides):

@@ -10,13 +10,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..models import EMBEDDED_MODEL, default_cache_dir
-from ..predictor import POOLING_METHODS
-from .config import SPLITS, STEPS
+from rl_lenbalance.builtin.models import EMBEDDED_MODEL, default_cache_dir
+from rl_lenbalance.predictor import POOLING_METHODS
 
 FORMAT_VERSION = 1
 TENSORS = ("prompt_split", "prompt_ids", "pooled", "proxy", "sample_prompt", "lengths", "completion_ids", "plp",
            "trail")
+
+STEPS = (0, 8, 16, 32, 64)  # observed tokens at which progressive features are stored and PLP/TRAIL are scored
+SPLITS = ("train", "val", "test")
 
 
 @dataclass
@@ -67,7 +69,7 @@ class BenchData:
     def load(cls, directory: str | os.PathLike) -> "BenchData":
         directory = Path(directory)
         if not (directory / "meta.json").is_file():
-            raise FileNotFoundError(f"No benchmark data in {directory}; make it with `python -m rl_lenbalance.bench "
+            raise FileNotFoundError(f"No benchmark data in {directory}; make it with `python -m benchmarks.forelen "
                                     "build`.")
         body = json.loads((directory / "meta.json").read_text())
         if body.get("format") != FORMAT_VERSION:

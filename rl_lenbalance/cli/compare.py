@@ -32,8 +32,8 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import TrainerCallback
 
-from . import ledger
-from .loss import LAYOUT_KEY, STRATEGIES
+from .. import ledger
+from ..loss import LAYOUT_KEY, STRATEGIES
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -357,7 +357,7 @@ def _build_from_recipe(recipe, settings: dict | None, _name: str):
     `LenBalanceConfig` fields, both `timed`."""
     from trl import GRPOTrainer
 
-    from .integrations import LenBalanceGRPOTrainer
+    from ..integrations import LenBalanceGRPOTrainer
     from .train import build_trainer
 
     if settings is None:

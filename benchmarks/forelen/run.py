@@ -9,10 +9,10 @@ import sys
 import time
 from pathlib import Path
 
-from ..predictor import PLPHead, bin_index, soft_labels
-from .config import SPLITS, RunConfig
+from rl_lenbalance.predictor import PLPHead, bin_index, soft_labels
+from .config import RunConfig
 from .cost import step_cost
-from .dataset import BenchData, check_compatible, model_id, scenario_dir
+from .dataset import SPLITS, BenchData, check_compatible, model_id, scenario_dir
 from .metrics import mae, summary
 from .online import online_vs_offline
 from .predictors import PREDICTORS, make_pairs, plp_head

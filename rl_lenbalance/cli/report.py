@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import ledger
-from .predictor.context import CANDIDATES
+from .. import ledger
+from ..predictor.context import CANDIDATES
 from .wandb_offline import OfflineRun, find_runs, read_run
 
 WANDB_PREFIX = "train/"  # transformers' WandbCallback puts the trainer's logs under "train/"

@@ -1,4 +1,4 @@
-"""`python -m rl_lenbalance.bench build|run ...` (wired as `rl-lenbalance bench ...`)."""
+"""`python -m benchmarks.forelen build|run ...`, from the repository root."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ DOCS = Path("docs/benchmarks")
 def parser() -> argparse.ArgumentParser:
     from .predictors import PREDICTORS
 
-    top = argparse.ArgumentParser(prog="rl-lenbalance bench", description="ForeLen-style length-predictor benchmark.")
+    top = argparse.ArgumentParser(prog="python -m benchmarks.forelen", description="ForeLen-style length-predictor benchmark.")
     commands = top.add_subparsers(dest="command", required=True)
     build = commands.add_parser("build", help="Generate the scenarios with the policy model and cache the features.")
     build.add_argument("--out", help="Data folder (default: <cache>/bench/full, or .../small with --small).")
@@ -73,6 +73,6 @@ def main(argv: list[str] | None = None) -> None:
         config = RunConfig(scenarios=tuple(args.scenarios), predictors=tuple(args.predictors) if args.predictors
                            else None, seeds=args.seeds, epochs=args.epochs, model=args.model,
                            feature_layer=args.feature_layer, predictor_path=args.predictor_path)
-        command = "python -m rl_lenbalance.bench " + " ".join(argv)
+        command = "python -m benchmarks.forelen " + " ".join(argv)
         for path in run(config, args.data or default_bench_dir("full"), args.out, command=command):
             print(path)

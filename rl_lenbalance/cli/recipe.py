@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 from transformers import HfArgumentParser
 
-from .config import LenBalanceConfig, cpu_has_fast_bf16
+from ..config import LenBalanceConfig, cpu_has_fast_bf16
 
 SECTIONS = ("model", "task", "lenbalance")
 
@@ -57,7 +57,7 @@ class ModelArguments:
     dtype: str = field(default="float32", metadata={"help": "Weights dtype: float32, bfloat16, float16 or auto."})
 
     def __post_init__(self) -> None:
-        from .models import _as_dtype
+        from ..builtin.models import _as_dtype
 
         try:
             _as_dtype(self.dtype)  # before anything is loaded
@@ -80,7 +80,7 @@ class TaskArguments:
     seed: int = field(default=0, metadata={"help": "Seed of the generated prompts."})
 
     def __post_init__(self) -> None:
-        from .tasks import TASKS
+        from ..builtin.tasks import TASKS
 
         if self.name not in TASKS:
             close = difflib.get_close_matches(self.name, list(TASKS), n=1)
@@ -217,10 +217,10 @@ def preflight(recipe: Recipe) -> None:
     weights load: the model path, `lenbalance.feature_layer` against the model's layers, `lenbalance.predictor_path`'s
     head against this run (the same `check_head` the engine applies) and its weights file, and, when
     `resume_from_checkpoint` names a checkpoint folder, the head saved in its `lenbalance/` against this run."""
-    from .engine import check_head
-    from .models import model_config
-    from .predictor import read_head_config
-    from .predictor.head import WEIGHTS_NAME
+    from ..generation.engine import check_head
+    from ..builtin.models import model_config
+    from ..predictor import read_head_config
+    from ..predictor.head import WEIGHTS_NAME
 
     name, lenbalance = recipe.model.name_or_path, recipe.lenbalance
     try:
@@ -270,9 +270,9 @@ _HEAD_SETTINGS = {  # a saved head's contract (`engine.check_head`) -> the setti
 def _check_resumed_head(recipe: Recipe, hidden_size: int) -> None:
     """Refuse to resume a checkpoint whose saved length head was trained with another contract than this run's
     settings give (e.g. another max_completion_length): `engine.load` would refuse it only after the model loads."""
-    from .engine import head_config
-    from .predictor import read_head_config
-    from .predictor.head import CONFIG_NAME
+    from ..generation.engine import head_config
+    from ..predictor import read_head_config
+    from ..predictor.head import CONFIG_NAME
 
     folder = Path(recipe.resume_from_checkpoint, "lenbalance")
     if not (folder / CONFIG_NAME).is_file():

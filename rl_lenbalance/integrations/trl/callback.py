@@ -15,7 +15,7 @@ import warnings
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .. import ledger
+from ... import ledger
 
 SUBFOLDER = "lenbalance"  # checkpoint-N/lenbalance/: the head and its online-training state
 RUN_STATE = "run_state.json"  # in SUBFOLDER: the training-plan tuner and the run totals (the capture budget)

@@ -9,9 +9,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..predictor import HeadConfig, PLPHead, plp_features
-from .config import STEPS
-from .dataset import BenchData
+from rl_lenbalance.predictor import HeadConfig, PLPHead, plp_features
+from .dataset import STEPS, BenchData
 from .models import BucketClassifier, Ranker, Regressor
 
 Features = Callable[[BenchData, torch.Tensor, int], torch.Tensor]  # (data, completion rows, t) -> (n, F)

@@ -13,12 +13,12 @@ from tqdm.auto import tqdm
 from trl.trainer.utils import (shuffle_sequence_dict, split_pixel_values_by_grid, split_tensor_dict,
                               unsplit_pixel_values_by_grid)
 
-from ..config import AUTO, LenBalanceConfig
-from ..ledger import TrainingLedger, gather_ledgers, training_metrics
-from ..loss import (LAYOUT_KEY, ROW_MEAN_LOSSES, STRATEGIES, Layout, PassRows, Strategy, exact_strategies,
+from ...config import AUTO, LenBalanceConfig
+from ...ledger import TrainingLedger, gather_ledgers, training_metrics
+from ...loss import (LAYOUT_KEY, ROW_MEAN_LOSSES, STRATEGIES, Layout, PassRows, Strategy, exact_strategies,
                     prompt_groups, regrouping_blockers, stock_plan)
-from ..packing import DENSE_PACK_MAX_TOKENS, skips_masked_blocks
-from ..schedule import Autotuner, TrainingPlan, fit_columns, optimizer_steps, take_rows, trim_padding
+from ...loss.packed import DENSE_PACK_MAX_TOKENS, skips_masked_blocks
+from ...schedule import Autotuner, TrainingPlan, fit_columns, optimizer_steps, take_rows, trim_padding
 from .stock import stock_when_reentered
 
 

@@ -16,8 +16,8 @@ from typing import Any
 
 from transformers import ProgressCallback
 
-from .ledger import GENERATION_PLANS
-from .loss import STRATEGIES
+from ..ledger import GENERATION_PLANS
+from ..loss import STRATEGIES
 
 # transformers 5 renamed `gradient_checkpointing*` to `activation_checkpointing*`; TRL 1.16's
 # `unwrap_model_for_generation` still reads the old names around every generation (stock TRL prints these too)
