@@ -54,7 +54,7 @@ def run_variant(trainer, name: str, prompts: list[list[int]]) -> list[list[int]]
     if name == "generate":
         ids = GRPOTrainer._generate_single_turn(trainer, prompts, None, {}, trainer.num_generations)
         return ids[0] if isinstance(ids, tuple) else ids
-    backend = trainer._backend((trainer.num_generations,), {})
+    backend = trainer._lenbalance_backend((trainer.num_generations,), {})
     compact = name.startswith("compaction")
     if not name.endswith("hooked"):
         return backend.decode(prompts, None, compact=True)

@@ -39,7 +39,7 @@ VARIANTS = {  # name -> LenBalanceConfig fields (None: stock TRL)
     "lenbalance_uneven": {"training_plan": "sorted_uneven"},
     "lenbalance_packed": {"training_plan": "packed"},  # padding-free loss forward (rl_lenbalance.loss.packed)
     "lenbalance_shared_prompt": {"training_plan": "shared_prompt"},  # each group's prompt computed once
-    "lenbalance_generation_only": {"balance_training": False},  # capture + online head, stock training
+    "lenbalance_generation_only": {"training_plan": "off"},  # capture + online head, stock training
     "lenbalance_compaction": {"compaction": True},
 }
 

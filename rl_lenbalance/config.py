@@ -12,6 +12,7 @@ from .loss import GLOBAL_LOSSES, ROW_MEAN_LOSSES, STRATEGIES
 from .schedule import PARTITIONERS, Autotuner
 
 AUTO = "auto"
+OFF = "off"  # training_plan: TRL's own `_prepare_inputs`, untouched
 STATIC_TARGETS = ("draw", "group_median")  # what the head learns at t=0 (`LenBalanceConfig.static_target`)
 TRL_LOSS_TYPES = ROW_MEAN_LOSSES + GLOBAL_LOSSES + ("bnpo",)  # TRL 1.16's loss_type values (bnpo: per micro-batch)
 
@@ -85,22 +86,20 @@ class LenBalanceConfig:
         default=None, metadata={"help": "Folder of a saved predictor to start from (None: train from scratch)."}
     )
     # Scheduling
-    balance_training: bool = field(
-        default=True,
-        metadata={
-            "help": "Let rl-lenbalance plan the loss phase's micro-batches (`training_plan`); False: TRL's own "
-            "`_prepare_inputs`, untouched (no loss-phase ledger, timing or tuner). `training_plan: stock` differs: "
-            "stock's micro-batches, still ledgered and timed (the tuner's baseline, and a like-for-like check)."
-        },
-    )
     training_plan: str = field(
         default=AUTO,
         metadata={
             "help": "How each optimizer step's rows become micro-batches: 'auto' (measure every strategy that is exact "
-            "under the trainer's settings on the run's own steps, keep the fastest, never one slower than stock's) "
-            f"or one of {', '.join(STRATEGIES)} (see `rl_lenbalance.loss.STRATEGIES`). A strategy that is not "
-            "exact under the trainer's settings falls back to 'stock_trimmed' with a one-time note."
+            "under the trainer's settings on the run's own steps, keep the fastest, never one slower than stock's), "
+            f"one of {', '.join(STRATEGIES)} (see `rl_lenbalance.loss.STRATEGIES`; one that is not exact under the "
+            "trainer's settings falls back to 'stock_trimmed' with a one-time note), or 'off': TRL's own "
+            "`_prepare_inputs`, untouched (no loss-phase ledger, timing or tuner; 'stock' differs: stock's "
+            "micro-batches, still ledgered and timed)."
         },
+    )
+    balance_training: bool | None = field(
+        default=None,
+        metadata={"help": "Removed: merged into `training_plan` ('off' for False; True is the default, 'auto')."},
     )
     autotune_samples: int = field(
         default=Autotuner.samples,
@@ -204,9 +203,13 @@ class LenBalanceConfig:
                              f"{', '.join(STATIC_TARGETS)}.")
         if not 0.0 <= self.ce_weight <= 1.0:
             raise ValueError(f"lenbalance.ce_weight (λ) must lie in [0, 1], got {self.ce_weight}.")
-        if self.training_plan != AUTO and self.training_plan not in STRATEGIES:
-            raise ValueError(f"lenbalance.training_plan={self.training_plan!r} is not valid; use 'auto' or one of "
-                             f"{', '.join(STRATEGIES)}.")
+        if self.balance_training is not None:
+            fix = "training_plan: off" if self.balance_training is False else "nothing (training_plan: auto, the default)"
+            raise ValueError(f"lenbalance.balance_training={self.balance_training} was merged into "
+                             f"lenbalance.training_plan: remove it and set {fix}.")
+        if self.training_plan not in (AUTO, OFF) and self.training_plan not in STRATEGIES:
+            raise ValueError(f"lenbalance.training_plan={self.training_plan!r} is not valid; use 'auto', 'off' or one "
+                             f"of {', '.join(STRATEGIES)}.")
         if self.max_overhead < 0:
             raise ValueError(f"lenbalance.max_overhead must be >= 0 (a share of generation time), got {self.max_overhead}.")
         if self.autotune_samples < 1 or self.autotune_every < 0 or self.autotune_margin < 0:

@@ -18,11 +18,11 @@ from typing import Any
 
 import torch
 
-from .loss import STRATEGIES
 
-PLAN_NAMES = tuple(STRATEGIES)  # a plan logged as a number is its index here (`autotune/strategy`, `autotune/choice`)
-GENERATION_PLANS = ("stock", "compaction")  # likewise for generation (`gen/plan`, `gen/choice`): stock's `generate`,
-# or the decode loop that drops finished rows
+GENERATION_PLANS = ("stock", "compaction")  # stock's `generate`, or the decode loop that drops finished rows
+# runs logged before plans were logged by name hold an index into these orders (`autotune/strategy`, `gen/plan`, ...)
+LEGACY_STRATEGIES = ("stock", "stock_trimmed", "sorted", "sorted_uneven", "packed", "shared_prompt")
+LEGACY_GENERATION_PLANS = ("stock", "compaction")
 Gather = Callable[[torch.Tensor], torch.Tensor]  # (1, n) on this rank -> (ranks, n): every rank's row, rank order
 
 
@@ -232,26 +232,43 @@ def logged_totals(logged: Sequence[LoggedRow], passes: int = 1) -> RunTotals:
     )
 
 
-def plan_name(choice: str | float, names: Sequence[str] = PLAN_NAMES) -> str:
-    """A training plan logged as its name or as its index into `names` (`loss.STRATEGIES`)."""
-    if isinstance(choice, str):
-        return choice
-    index = int(choice)
-    return names[index] if 0 <= index < len(names) else f"unknown plan (index {index})"
+def named(key: str, names: Sequence[str], chosen: str) -> dict[str, float]:
+    """One 0/1 metric per name, `key/<name>`, 1 for `chosen`: no registry order in the logs, and a mean over a log
+    interval is each name's share of it."""
+    return {f"{key}/{name}": float(name == chosen) for name in names}
 
 
-def _plan_state(logged: Sequence[LoggedRow], names: Sequence[str]) -> dict[str, Any]:
+def logged_name(row: Mapping[str, Any], key: str, legacy: Sequence[str] = ()) -> str | None:
+    """The name a log row holds under `lenbalance/<key>` (`named`'s one metric at 1); in a run logged before names,
+    a name or an index into `legacy` at `lenbalance/<key>` itself. None when the row names none, or a mean of
+    several."""
+    prefix = f"lenbalance/{key}/"
+    ones = [name[len(prefix):] for name, value in row.items() if name.startswith(prefix) and value == 1]
+    if ones:
+        return ones[0] if len(ones) == 1 else None
+    old = row.get(f"lenbalance/{key}")
+    if isinstance(old, str):
+        return old
+    if finite(old) and float(old).is_integer() and 0 <= old < len(legacy):
+        return legacy[int(old)]
+    return None
+
+
+def _last_name(logged: Sequence[LoggedRow], key: str, legacy: Sequence[str]) -> str | None:
+    return next((name for row in reversed(logged) if (name := logged_name(row, key, legacy)) is not None), None)
+
+
+def _plan_state(logged: Sequence[LoggedRow]) -> dict[str, Any]:
     """The summary's training-plan entries: the plan each logged step ran (`plan_by_step`), and the tuner's state,
     "chosen" (`autotune_choice`, `autotune_ratio_vs_stock`) or "measuring" (`autotune_pass` of
     `autotune_passes_to_measure`); empty when no plan was logged."""
-    by_step = {f"{int(row['step'])}": plan_name(row["lenbalance/autotune/strategy"], names) for row in logged
-               if "step" in row and (isinstance(row.get("lenbalance/autotune/strategy"), str)
-                                     or finite(row.get("lenbalance/autotune/strategy")))}
+    by_step = {f"{int(row['step'])}": name for row in logged
+               if "step" in row and (name := logged_name(row, "autotune/strategy", LEGACY_STRATEGIES)) is not None}
     out: dict[str, Any] = {"plan_by_step": by_step} if by_step else {}
-    choice = _last(logged, "autotune/choice")
+    choice = _last_name(logged, "autotune/choice", LEGACY_STRATEGIES)
     if choice is not None:
         ratio = _last(logged, "autotune/ratio_vs_stock")
-        return out | {"autotune_state": "chosen", "autotune_choice": plan_name(choice, names),
+        return out | {"autotune_state": "chosen", "autotune_choice": choice,
                       "autotune_ratio_vs_stock": math.nan if ratio is None else ratio}
     passes, needed = _last(logged, "autotune/pass"), _last(logged, "autotune/passes_to_measure")
     if passes is None or needed is None:
@@ -263,12 +280,11 @@ def _generation_plan_state(logged: Sequence[LoggedRow]) -> dict[str, Any]:
     """The summary's generation-plan entries: the tuner's choice (`generation_plan`, a name of `GENERATION_PLANS`)
     and stock's time over it (`generation_plan_ratio_vs_stock`, NaN until both were measured), or
     `generation_plan: "measuring"` before the first choice; empty when no round logged a plan."""
-    choice = _last(logged, "gen/choice")
+    choice = _last_name(logged, "gen/choice", LEGACY_GENERATION_PLANS)
     if choice is not None:
         ratio = _last(logged, "gen/ratio_vs_stock")
-        return {"generation_plan": plan_name(choice, GENERATION_PLANS),
-                "generation_plan_ratio_vs_stock": math.nan if ratio is None else ratio}
-    return {"generation_plan": "measuring"} if _last(logged, "gen/plan") is not None else {}
+        return {"generation_plan": choice, "generation_plan_ratio_vs_stock": math.nan if ratio is None else ratio}
+    return {"generation_plan": "measuring"} if _last_name(logged, "gen/plan", LEGACY_GENERATION_PLANS) else {}
 
 
 def _predictor_state(logged: Sequence[LoggedRow]) -> dict[str, Any]:
@@ -296,12 +312,12 @@ def _predictor_state(logged: Sequence[LoggedRow]) -> dict[str, Any]:
 
 
 def summary(totals: RunTotals, logged: Sequence[LoggedRow], steps: int, wall_s: float = math.nan,
-            fallbacks: int | None = None, plan_names: Sequence[str] = PLAN_NAMES) -> dict[str, Any]:
+            fallbacks: int | None = None) -> dict[str, Any]:
     """The run's summary (`lenbalance_summary.json`), the one behind every table: seconds per phase, padding against
     stock TRL (`waste`), the training and generation plans (`_plan_state`, `_generation_plan_state`) and the
     predictor (`_predictor_state`). `totals` are the run's (`RunTotals`, or `logged_totals(logged)`); `logged` are
     the trainer's log rows, read for what only they hold: the predictor's values, `fallbacks` unless given, and the
-    plans (`autotune/*`: names, or indices into `plan_names`; `gen/*`: into `GENERATION_PLANS`). Anything else not
+    plans (`logged_name`: by name, or by index in a run logged before names). Anything else not
     measured is NaN (`summary_json` writes it as null)."""
 
     def last(key: str) -> float:
@@ -328,7 +344,7 @@ def summary(totals: RunTotals, logged: Sequence[LoggedRow], steps: int, wall_s: 
         "fallbacks": last("predictor/fallbacks") if fallbacks is None else fallbacks,
         "skipped_updates": last("predictor/skipped_updates"),
         "nonfinite_grad_steps": totals.nonfinite_grad_steps,
-    } | _predictor_state(logged) | _plan_state(logged, plan_names) | _generation_plan_state(logged)
+    } | _predictor_state(logged) | _plan_state(logged) | _generation_plan_state(logged)
 
 
 def training_plan(summary: Mapping[str, Any]) -> str | None:
@@ -337,7 +353,7 @@ def training_plan(summary: Mapping[str, Any]) -> str | None:
     choice = summary.get("autotune_choice")
     if choice is not None:
         ratio = summary.get("autotune_ratio_vs_stock")
-        return plan_name(choice) + (f" ({ratio:.2f}× stock)" if finite(ratio) else "")
+        return choice + (f" ({ratio:.2f}× stock)" if finite(ratio) else "")
     if summary.get("autotune_state") == "measuring":
         return (f"measuring: pass {summary['autotune_pass']} of {summary['autotune_passes_to_measure']}, "
                 "no choice yet")

@@ -27,7 +27,7 @@ from rl_lenbalance.ledger import (
 from rl_lenbalance.predictor import CONTEXT_SIZE, HeadConfig
 from rl_lenbalance.schedule import optimizer_steps, plan_training, take_rows, trim_padding
 
-from helpers import tiny_decoder
+from helpers import make_args, make_trainer, tiny_decoder
 
 PACKAGE = Path(__file__).resolve().parents[1] / "rl_lenbalance"
 STAGES = [  # lowest first: a module imports from its own stage or from a lower one, never from a higher one
@@ -144,6 +144,22 @@ def test_pure_parts_never_import_trl_or_accelerate(name):
 def test_the_callback_never_imports_the_adapter():
     reached, _ = _closure("integrations.trl.callback")
     assert "integrations.trl.trainer" not in reached
+
+
+def test_every_name_the_adapter_adds_to_a_trainer_says_lenbalance(tiny_model_dir, tmp_path):
+    """A name without `lenbalance` in it would collide the day TRL adds one of its own."""
+    from trl import GRPOTrainer
+
+    from rl_lenbalance import LenBalanceGRPOTrainer
+
+    def names(trainer) -> set[str]:
+        return set(vars(trainer)) | set(dir(type(trainer)))
+
+    stock = make_trainer(GRPOTrainer, tiny_model_dir, make_args(tmp_path))
+    ours = make_trainer(LenBalanceGRPOTrainer, tiny_model_dir, make_args(tmp_path))
+    added = names(ours) - names(stock)
+    assert {"lenbalance", "lenbalance_config", "_lenbalance_loss_tuner"} <= added  # the reader sees what it adds
+    assert not [name for name in added if "lenbalance" not in name]
 
 
 # --- the training plan -------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from trl import GRPOTrainer
 
-from rl_lenbalance import LenBalanceConfig, LenBalanceGRPOTrainer
+from rl_lenbalance import LenBalanceConfig, LenBalanceGRPOTrainer, ledger
 from rl_lenbalance.generation.decode import compacted_generate
 from rl_lenbalance.loss import STRATEGIES, exact_strategies, regrouping_blockers
 from rl_lenbalance.schedule import Autotuner, decide
@@ -110,7 +110,7 @@ def test_auto_never_keeps_a_slowed_strategy_and_learns_what_stock_learns(eos_tin
     ours = train(LenBalanceGRPOTrainer, eos_tiny_model_dir, tmp_path, lenbalance=config, **run)
     stock = train(GRPOTrainer, eos_tiny_model_dir, tmp_path, **run)
     assert passes[:7] == ["sorted"] + ALL  # warm-up, then one timed pass of each candidate
-    assert "sorted" not in passes[7:] and len(passes) == 9 and ours._autotune.choice != "sorted"
+    assert "sorted" not in passes[7:] and len(passes) == 9 and ours._lenbalance_loss_tuner.choice != "sorted"
     logged = {k for row in ours.state.log_history for k in row}
     assert {f"lenbalance/autotune/{name}_s_per_ktok" for name in ALL} <= logged
     assert {"lenbalance/autotune/choice", "lenbalance/autotune/ratio_vs_stock"} <= logged
@@ -126,7 +126,7 @@ def test_settings_with_per_microbatch_statistics_train_stock_micro_batches_trimm
     with pytest.warns(UserWarning, match="regrouping rows would change what is learned"):
         ours = train(LenBalanceGRPOTrainer, eos_tiny_model_dir, tmp_path, **run)
     stock = train(GRPOTrainer, eos_tiny_model_dir, tmp_path, **run)
-    assert set(ours._autotune.candidates) == {"stock", "stock_trimmed"}
+    assert set(ours._lenbalance_loss_tuner.candidates) == {"stock", "stock_trimmed"}
     assert ours.lenbalance_totals.loss_tokens < ours.lenbalance_totals.loss_tokens_stock  # columns were cut
     assert_same_update(stock, ours)
 
@@ -157,7 +157,7 @@ def test_an_inexact_training_plan_falls_back_to_stock_trimmed_with_a_note(eos_ti
     with pytest.warns(UserWarning, match=r"training_plan='sorted' regroups rows.*loss_type='bnpo'.*'stock_trimmed'"):
         ours = train(LenBalanceGRPOTrainer, eos_tiny_model_dir, tmp_path, loss_type="bnpo", max_steps=1,
                      lenbalance=LenBalanceConfig(training_plan="sorted", predictor_steps_per_round=2))
-    assert ours._autotune.candidates == ["stock_trimmed"]
+    assert ours._lenbalance_loss_tuner.candidates == ["stock_trimmed"]
 
 
 def test_a_tiny_overhead_budget_captures_only_some_rounds_and_still_trains_the_head(eos_tiny_model_dir, tmp_path):
@@ -182,12 +182,14 @@ def test_a_tiny_overhead_budget_captures_only_some_rounds_and_still_trains_the_h
 
 
 def test_a_log_over_several_steps_names_the_last_passs_plan_not_a_mean_of_indices(eos_tiny_model_dir, tmp_path):
-    """TRL averages its metric store over a log's steps: with logging_steps=2 the plan index of passes 'sorted' (2)
-    and 'stock' (0) would read 1.0, 'stock_trimmed', a plan that never ran. The log keeps the last pass's plan."""
+    """TRL averages its metric store over a log's steps: with logging_steps=2 the 0/1 plan keys of passes 'sorted'
+    and 'stock' would read 0.5 each, naming no plan. The log keeps the last pass's plan."""
     config = LenBalanceConfig(predictor_steps_per_round=2)  # 'auto': warm-up pass 'sorted', then 'stock' first
     ours = train(LenBalanceGRPOTrainer, eos_tiny_model_dir, tmp_path, lenbalance=config, max_steps=2,
                  logging_steps=2, max_completion_length=16)
-    (row,) = [row for row in ours.state.log_history if "lenbalance/autotune/strategy" in row]
-    assert ours._autotune.candidates[0] == "stock" and ours._autotune.first == "sorted"
-    assert row["lenbalance/autotune/strategy"] == list(STRATEGIES).index("stock")  # pass 2's, not (2 + 0) / 2
+    (row,) = [row for row in ours.state.log_history if "lenbalance/autotune/strategy/stock" in row]
+    assert ours._lenbalance_loss_tuner.candidates[0] == "stock" and ours._lenbalance_loss_tuner.first == "sorted"
+    assert {name: row[f"lenbalance/autotune/strategy/{name}"] for name in STRATEGIES} == {
+        name: float(name == "stock") for name in STRATEGIES}  # pass 2's, not a mean of passes 1 and 2
+    assert ledger.logged_name(row, "autotune/strategy") == "stock" and "lenbalance/autotune/strategy" not in row
     assert row["lenbalance/autotune/pass"] == 2.0 and row["lenbalance/autotune/exploring"] == 1.0

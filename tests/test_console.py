@@ -10,35 +10,42 @@ import sys
 import warnings
 
 from rl_lenbalance.cli.console import plan_name, step_line, trl_deprecations_silenced
+from rl_lenbalance.ledger import GENERATION_PLANS, named
 from rl_lenbalance.loss import STRATEGIES
 
 NAMES = list(STRATEGIES)
 
 
+def _logged(key: str, names, chosen: str) -> dict:
+    return {f"lenbalance/{name}": value for name, value in named(key, names, chosen).items()}
+
+
 def test_a_step_line_shows_seconds_padding_plan_tuner_state_and_reward():
     logs = {"loss": 0.0, "step_time": 3.912, "lenbalance/train/pad_frac": 0.074, "lenbalance/train/pad_frac_stock": 0.094,
-            "lenbalance/autotune/strategy": float(NAMES.index("sorted")), "lenbalance/autotune/exploring": 1.0,
+            **_logged("autotune/strategy", NAMES, "sorted"), "lenbalance/autotune/exploring": 1.0,
             "lenbalance/autotune/pass": 2.0, "lenbalance/autotune/passes_to_measure": 4.0, "reward": 0.125,
             "entropy": 1.88, "completions/mean_length": 40.0}
     assert step_line(logs, 2, 4) == ("step 2/4 · 3.91 s · loss padding 7.4% (stock 9.4%) · plan sorted "
                                      "(exploring, pass 2 of 4) · reward 0.125")
     chosen = logs | {"lenbalance/autotune/exploring": 0.0}
     assert "plan sorted · " in step_line(chosen, 2, 4)
-    measuring = chosen | {"lenbalance/gen/plan": 0.0, "lenbalance/gen/exploring": 1.0}
+    measuring = chosen | _logged("gen/plan", GENERATION_PLANS, "stock") | {"lenbalance/gen/exploring": 1.0}
     assert " · generation stock (exploring) · " in step_line(measuring, 2, 4)
-    compacting = chosen | {"lenbalance/gen/plan": 1.0, "lenbalance/gen/exploring": 0.0}
+    compacting = chosen | _logged("gen/plan", GENERATION_PLANS, "compaction") | {"lenbalance/gen/exploring": 0.0}
     assert "plan sorted · generation compaction · reward" in step_line(compacting, 2, 4)
-    stock = chosen | {"lenbalance/gen/plan": 0.0, "lenbalance/gen/exploring": 0.0}  # stock's own generate: no word
+    stock = chosen | _logged("gen/plan", GENERATION_PLANS, "stock") | {"lenbalance/gen/exploring": 0.0}  # no word
     assert "generation" not in step_line(stock, 2, 4)
 
 
 def test_a_figure_not_logged_is_left_out():
     assert step_line({"loss": 0.0, "reward": float("nan")}, 3, -1) == "step 3"
-    timed = {f"lenbalance/autotune/{NAMES[1]}_s_per_ktok": 2.0}  # no index logged: the one plan timed this step
+    timed = {f"lenbalance/autotune/{NAMES[1]}_s_per_ktok": 2.0}  # no plan logged: the one plan timed this step
     assert plan_name(timed) == NAMES[1]
     two = timed | {f"lenbalance/autotune/{NAMES[0]}_s_per_ktok": 2.0}  # passes of two plans in one log: no name
     assert plan_name(two) is None
-    assert plan_name({"lenbalance/autotune/strategy": 1.5}) is None  # an average of indices names no plan
+    averaged = _logged("autotune/strategy", NAMES, "sorted") | {"lenbalance/autotune/strategy/sorted": 0.5,
+                                                                "lenbalance/autotune/strategy/stock": 0.5}
+    assert plan_name(averaged) is None  # a mean of two passes' plans names no plan
 
 
 def test_only_transformers_own_checkpointing_deprecations_are_silenced():

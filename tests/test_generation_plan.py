@@ -25,6 +25,11 @@ def logged(trainer, key: str) -> list[float]:
     return [row[f"lenbalance/{key}"] for row in trainer.state.log_history if f"lenbalance/{key}" in row]
 
 
+def logged_names(trainer, key: str) -> list[str]:
+    """The name each log row holds under `key` (`gen/plan`, `gen/choice`: one 0/1 key per name)."""
+    return [name for row in trainer.state.log_history if (name := ledger.logged_name(row, key)) is not None]
+
+
 def recording_rewards(monkeypatch) -> list[list[int]]:
     """Every completion scored from now on, in order (`helpers.train` rewards with `helpers.varied_reward`)."""
     seen: list[list[int]] = []
@@ -55,16 +60,16 @@ def test_greedy_auto_times_both_plans_and_keeps_stocks_completions(embedded_dir,
     config = LenBalanceConfig(predictor_steps_per_round=2, autotune_samples=1)
     monkeypatch.setattr("rl_lenbalance.integrations.trl.generation.compacted_generate", spy)
     ours = train(LenBalanceGRPOTrainer, embedded_dir, tmp_path, lenbalance=config, **run)
-    assert ours.lenbalance_config.compaction == "auto" and ours._gen_autotune.candidates == ["stock", "compaction"]
+    assert ours.lenbalance_config.compaction == "auto" and ours._lenbalance_generation_tuner.candidates == ["stock", "compaction"]
     assert len({len(c) for c in expected}) >= 3, "greedy rows of one length would not exercise compaction"
     assert got == expected  # 4 rounds, stock's and compaction's: stock's completions token for token
-    plans = logged(ours, "gen/plan")
+    plans = logged_names(ours, "gen/plan")
     # round 1 warms up (stock, untimed), rounds 2-3 time stock and compaction, round 4 runs the choice
-    assert plans[:3] == [0.0, 0.0, 1.0] and logged(ours, "gen/exploring") == [1.0, 1.0, 1.0, 0.0]
-    assert calls.count(1) == plans.count(1.0) >= 1  # the compacting loop ran exactly in the compaction rounds
-    assert set(ours._gen_autotune.timings) == {"stock", "compaction"} and ours._gen_autotune.decided
+    assert plans[:3] == ["stock", "stock", "compaction"] and logged(ours, "gen/exploring") == [1.0, 1.0, 1.0, 0.0]
+    assert calls.count(1) == plans.count("compaction") >= 1  # the compacting loop ran exactly in the compaction rounds
+    assert set(ours._lenbalance_generation_tuner.timings) == {"stock", "compaction"} and ours._lenbalance_generation_tuner.decided
     ratio = logged(ours, "gen/ratio_vs_stock")  # once decided (rounds 3 and 4): stock's time over the choice's
-    assert len(ratio) == 2 and ratio[-1] == pytest.approx(ours._gen_autotune.ratio_vs_stock()) and ratio[-1] > 0
+    assert len(ratio) == 2 and ratio[-1] == pytest.approx(ours._lenbalance_generation_tuner.ratio_vs_stock()) and ratio[-1] > 0
     assert len(logged(ours, "gen/s_per_step")) == 4 and all(s > 0 for s in logged(ours, "gen/s_per_step"))
 
 
@@ -87,11 +92,11 @@ def test_greedy_auto_keeps_the_faster_plan_and_rechecks_the_other(eos_tiny_model
     config = LenBalanceConfig(predictor_steps_per_round=2, autotune_samples=1, autotune_every=2)
     ours = train(LenBalanceGRPOTrainer, eos_tiny_model_dir, tmp_path, lenbalance=config, max_steps=5, **GREEDY)
     fast = "stock" if slow == "compaction" else "compaction"
-    tuner, index = ours._gen_autotune, ledger.GENERATION_PLANS.index
+    tuner = ours._lenbalance_generation_tuner
     assert tuner.choice == fast
     # warm-up, stock, compaction (measured), then the choice, then one re-check of the slow plan
-    assert logged(ours, "gen/plan") == [0.0, 0.0, 1.0, index(fast), index(slow)]
-    assert logged(ours, "gen/choice") == [index(fast)] * 3
+    assert logged_names(ours, "gen/plan") == ["stock", "stock", "compaction", fast, slow]
+    assert logged_names(ours, "gen/choice") == [fast] * 3
     ratio = logged(ours, "gen/ratio_vs_stock")[-1]
     assert (ratio == 1.0) if fast == "stock" else (ratio > 1.0)
     summary = ledger.summary(ours.lenbalance_totals, ours.state.log_history, 5)
@@ -100,7 +105,7 @@ def test_greedy_auto_keeps_the_faster_plan_and_rechecks_the_other(eos_tiny_model
     state = json.loads(json.dumps(ours.lenbalance_run_state()))
     resumed = helpers.make_trainer(LenBalanceGRPOTrainer, eos_tiny_model_dir, ours.args, lenbalance_config=config)
     resumed.load_lenbalance_run_state(state, "run_state.json")
-    assert resumed._gen_autotune.state_dict() == tuner.state_dict() and resumed._gen_autotune.next() == tuner.next()
+    assert resumed._lenbalance_generation_tuner.state_dict() == tuner.state_dict() and resumed._lenbalance_generation_tuner.next() == tuner.next()
 
 
 def test_sampled_auto_times_both_plans_and_keeps_stocks_completions(eos_tiny_model_dir, tmp_path, monkeypatch):
@@ -110,9 +115,9 @@ def test_sampled_auto_times_both_plans_and_keeps_stocks_completions(eos_tiny_mod
     got = recording_rewards(monkeypatch)
     ours = train(LenBalanceGRPOTrainer, eos_tiny_model_dir, tmp_path, **run,
                  lenbalance=LenBalanceConfig(predictor_steps_per_round=2, autotune_samples=1))
-    assert ours.lenbalance_config.compaction == "auto" and ours._gen_autotune.candidates == ["stock", "compaction"]
+    assert ours.lenbalance_config.compaction == "auto" and ours._lenbalance_generation_tuner.candidates == ["stock", "compaction"]
     assert len({len(c) for c in expected}) >= 3, "sampled rows of one length would not exercise compaction"
-    assert logged(ours, "gen/plan")[:3] == [0.0, 0.0, 1.0]  # warm-up, then stock and compaction timed
+    assert logged_names(ours, "gen/plan")[:3] == ["stock", "stock", "compaction"]  # warm-up, then both timed
     assert got == expected  # sampled, with and without finished rows in the batch: stock's tokens
 
 
@@ -127,7 +132,7 @@ def test_where_torch_samples_otherwise_auto_never_compacts_under_sampling(eos_ti
     monkeypatch.setattr("rl_lenbalance.integrations.trl.generation.compacted_generate", spy)
     ours = train(LenBalanceGRPOTrainer, eos_tiny_model_dir, tmp_path, max_steps=3, max_completion_length=24,
                  lenbalance=LenBalanceConfig(predictor_steps_per_round=2, autotune_samples=1))
-    assert ours.lenbalance_config.compaction is False and ours._gen_autotune.candidates == ["stock"]
-    assert calls == [] and logged(ours, "gen/plan") == [0.0] * 3 and logged(ours, "gen/exploring") == [0.0] * 3
+    assert ours.lenbalance_config.compaction is False and ours._lenbalance_generation_tuner.candidates == ["stock"]
+    assert calls == [] and logged_names(ours, "gen/plan") == ["stock"] * 3 and logged(ours, "gen/exploring") == [0.0] * 3
     assert logged(ours, "gen/ratio_vs_stock") == []  # one plan: nothing compared
     assert ledger.summary(ours.lenbalance_totals, ours.state.log_history, 3)["generation_plan"] == "stock"

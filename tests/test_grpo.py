@@ -93,9 +93,9 @@ def test_settings_that_contradict_trl_are_refused(eos_tiny_model_dir, tmp_path, 
                      lenbalance_config=LenBalanceConfig(**config))
 
 
-def test_balance_training_off_keeps_stock_prepare_inputs(eos_tiny_model_dir, tmp_path):
+def test_training_plan_off_keeps_stock_prepare_inputs(eos_tiny_model_dir, tmp_path):
     trainer = make_trainer(LenBalanceGRPOTrainer, eos_tiny_model_dir, make_args(tmp_path, loss_type="bnpo", max_steps=1),
-                           lenbalance_config=LenBalanceConfig(balance_training=False))
+                           lenbalance_config=LenBalanceConfig(training_plan="off"))
     trainer.train()
     logged = {key for row in trainer.state.log_history for key in row}
     assert "lenbalance/predictor/mae_static" in logged  # generation is still captured and predicted

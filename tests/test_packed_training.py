@@ -33,7 +33,7 @@ def test_padding_free_training_learns_what_stock_learns(eos_tiny_model_dir, tmp_
     run = dict(loss_type=loss_type, max_steps=2, max_completion_length=24, **extra)
     ours = train(LenBalanceGRPOTrainer, eos_tiny_model_dir, tmp_path, lenbalance=config(plan), **run)
     stock = train(GRPOTrainer, eos_tiny_model_dir, tmp_path, **run)
-    assert ours._autotune.candidates == [plan]
+    assert ours._lenbalance_loss_tuner.candidates == [plan]
     assert ours.loss_forward_shapes and not padded_rows(ours)  # every loss forward ran padding-free
     assert all(rows > 1 for rows, _ in stock.loss_forward_shapes)
     assert_same_update(stock, ours)
@@ -83,7 +83,7 @@ def test_a_model_that_cannot_pack_falls_back_to_sorted_with_a_note(family_model_
     with pytest.warns(UserWarning, match=r"training_plan='packed': .*recurrent state.*using 'sorted'"):
         ours = train(LenBalanceGRPOTrainer, family_model_dir("nemotron_h"), tmp_path, max_steps=1,
                      lenbalance=config("packed"), model_kwargs={"experts_implementation": "eager"})
-    assert ours._autotune.candidates == ["sorted"]
+    assert ours._lenbalance_loss_tuner.candidates == ["sorted"]
 
 
 def test_auto_names_the_strategies_it_leaves_out(tiny_model_dir, tmp_path):
@@ -93,4 +93,4 @@ def test_auto_names_the_strategies_it_leaves_out(tiny_model_dir, tmp_path):
         auto = LenBalanceGRPOTrainer(model=model, reward_funcs=varied_reward, args=make_args(tmp_path),
                                      processing_class=AutoTokenizer.from_pretrained(tiny_model_dir),
                                      train_dataset=prompt_dataset())
-    assert "packed" in auto._autotune.candidates and "shared_prompt" not in auto._autotune.candidates
+    assert "packed" in auto._lenbalance_loss_tuner.candidates and "shared_prompt" not in auto._lenbalance_loss_tuner.candidates

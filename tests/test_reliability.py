@@ -41,7 +41,10 @@ def _wandb_dir(monkeypatch, tmp_path):
 @pytest.mark.parametrize(
     ("sets", "match"),
     [
-        (["lenbalance.balance_training=fals"], r"lenbalance.balance_training='fals' is not valid: expected a boolean"),
+        (["lenbalance.rebucket=fals"], r"lenbalance.rebucket='fals' is not valid: expected a boolean"),
+        (["lenbalance.balance_training=false"], r"lenbalance.balance_training=False was merged into "
+                                                r"lenbalance.training_plan: remove it and set training_plan: off"),
+        (["lenbalance.training_plan=of"], r"lenbalance.training_plan='of' is not valid; use 'auto', 'off' or one"),
         (["lenbalance.compaction=1"], r"lenbalance.compaction=1 is not valid: expected a boolean"),
         (["lenbalance.compaction=fals"], r"lenbalance.compaction='fals' is not valid; use true, false or 'auto'"),
         (["max_steps=abc"], r"max_steps='abc' is not valid: expected an integer"),
@@ -72,9 +75,10 @@ def test_yaml_values_read_as_a_user_means_them(tmp_path):
     assert recipe.training.save_strategy == "no" and recipe.training.learning_rate == 1e-6
     assert recipe.lenbalance.compaction is False and recipe.lenbalance.generation_wave_size == 8
     path = tmp_path / "r.yaml"
-    path.write_text("use_cpu: true\nsave_strategy: no\nlenbalance:\n  balance_training: off\n")  # YAML 1.1: False
-    recipe = load_recipe(path)
-    assert recipe.training.save_strategy == "no" and recipe.lenbalance.balance_training is False
+    path.write_text("use_cpu: true\nsave_strategy: no\nlenbalance:\n  rebucket: off\n  training_plan: off\n")
+    recipe = load_recipe(path)  # YAML 1.1's off: False for a boolean setting, the word for a string one
+    assert recipe.training.save_strategy == "no" and recipe.lenbalance.rebucket is False
+    assert recipe.lenbalance.training_plan == "off"
 
 
 def test_a_missing_or_malformed_recipe_file_is_a_clear_error(tmp_path):

@@ -64,6 +64,7 @@ def partial_run(tmp_path_factory) -> Path:
                      f"{P}predictor/overhead_frac": 0.04 if step == 1 else 0.0,
                      f"{P}predictor/overhead_frac_run": 0.04 / step,
                      f"{P}time/generation_s": 3.0, f"{P}time/loss_phase_s": 1.0 * step, "train/step_time": 4.0,
+                     # plans by index into LEGACY_STRATEGIES, as a run logged before plans were logged by name
                      f"{P}autotune/strategy": 2 if step == 1 else 0, f"{P}autotune/exploring": 1,
                      f"{P}autotune/pass": step, f"{P}autotune/passes_to_measure": 2, **captured}
                     | ({f"{P}autotune/choice": 2, f"{P}autotune/ratio_vs_stock": 1.25} if step == 2 else {}))
@@ -89,7 +90,7 @@ def test_padded_tokens_saved_is_stock_minus_computed(partial_run):
 
 def test_a_report_rebuilt_from_logged_metrics_names_plans_and_the_predictors_round(partial_run):
     rows = {label: (now, stock) for label, now, stock in summary_rows(logged_summary(read_run(locate_run(partial_run))))}
-    assert rows["training plan"] == ("sorted (1.25× stock)", "")  # logged as index 2 into loss.STRATEGIES
+    assert rows["training plan"] == ("sorted (1.25× stock)", "")  # logged as index 2 into LEGACY_STRATEGIES
     assert rows["plan of each step"] == ("1 sorted, 2 stock", "")
     assert rows["predictor MAE at t=0, round 1 of 1 captured (step 1, before online training)"] == (
         "10.0 tok", "naive 12.0 tok")

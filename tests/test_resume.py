@@ -60,10 +60,10 @@ def test_kill_and_resume_trains_what_an_uninterrupted_run_trains(runs):
     # the tuner went on where it stopped: each step trained the same plan (the defaults explore for 11 passes)
     assert per_step(resumed, tuner_keys) == per_step(whole, tuner_keys)
     assert len(set(map(tuple, per_step(whole, tuner_keys)))) == STEPS  # three plans: a restart would repeat one
-    a, b = whole._autotune.state_dict(), resumed._autotune.state_dict()
+    a, b = whole._lenbalance_loss_tuner.state_dict(), resumed._lenbalance_loss_tuner.state_dict()
     assert {k: len(v) for k, v in a.pop("timings").items()} == {k: len(v) for k, v in b.pop("timings").items()}
     assert a == b  # passes, choice, rechecks (the timings are seconds: measured anew by each run)
-    assert resumed._gen_autotune.passes == whole._gen_autotune.passes == STEPS  # the generation tuner's rounds too
+    assert resumed._lenbalance_generation_tuner.passes == whole._lenbalance_generation_tuner.passes == STEPS  # the generation tuner's rounds too
     # the capture budget went on where it stopped: the same rounds were captured (round 1 cost far more than the
     # default 1% of generation time, so no later round fits in either run, whatever their seconds)
     share = per_step(whole, lambda row: row["lenbalance/predictor/overhead_frac_run"])

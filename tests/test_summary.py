@@ -9,8 +9,9 @@ import math
 import pytest
 from rich.console import Console
 
-from rl_lenbalance.ledger import (GenerationLedger, RunTotals, TrainingLedger, logged_totals, round_metrics, summary,
-                                  summary_json, summary_rows, time_metrics, training_metrics, wandb_summary, waste)
+from rl_lenbalance.ledger import (GENERATION_PLANS, LEGACY_STRATEGIES, GenerationLedger, RunTotals, TrainingLedger,
+                                  logged_totals, named, round_metrics, summary, summary_json, summary_rows, time_metrics,
+                                  training_metrics, wandb_summary, waste)
 from rl_lenbalance.loss import STRATEGIES
 from rl_lenbalance.cli.train import print_summary
 
@@ -80,33 +81,46 @@ def test_rows_show_seconds_per_step_and_in_all_next_to_each_phases_padding():
 
 
 def test_the_training_plan_is_shown_by_name_when_chosen_and_omitted_when_absent():
-    logged = [{"lenbalance/autotune/choice": 0.0}, {"lenbalance/autotune/choice": 1.0,
-                                                     "lenbalance/autotune/ratio_vs_stock": 1.5}]
-    result = summary(RunTotals(), logged, steps=2, plan_names=["stock", "sorted_budget"])
+    names = ["stock", "sorted_budget"]  # any strategy's name: the logs hold no registry order
+    logged = [_prefixed(named("autotune/choice", names, "stock")),
+              _prefixed(named("autotune/choice", names, "sorted_budget")) | {"lenbalance/autotune/ratio_vs_stock": 1.5}]
+    result = summary(RunTotals(), logged, steps=2)
     assert (result["autotune_choice"], result["autotune_ratio_vs_stock"]) == ("sorted_budget", 1.5)
     assert ("training plan", "sorted_budget (1.50× stock)", "") in summary_rows(result)
-    assert summary(RunTotals(), logged, steps=2)["autotune_choice"] == "stock_trimmed"  # loss.STRATEGIES' names
+    before_names = [{"lenbalance/autotune/choice": 0.0}, {"lenbalance/autotune/choice": 1.0}]  # a run logged by index
+    assert summary(RunTotals(), before_names, steps=2)["autotune_choice"] == "stock_trimmed"  # LEGACY_STRATEGIES
     assert summary(RunTotals(), [{"lenbalance/autotune/choice": "packed"}], steps=1)["autotune_choice"] == "packed"
+    averaged = [_prefixed(named("autotune/choice", names, "stock")) | {"lenbalance/autotune/choice/stock": 0.5}]
+    assert "autotune_choice" not in summary(RunTotals(), averaged, steps=1)  # a mean of two choices names none
     assert ("training plan", "packed", "") in summary_rows({"steps": 1, "autotune_choice": "packed"})  # a plain string
     absent = summary(RunTotals(), [{"lenbalance/predictor/mae_static": 3.0}], steps=1)
     assert "autotune_choice" not in absent and "autotune_state" not in absent and "plan_by_step" not in absent
     assert not any(label.startswith(("training plan", "plan of each step")) for label, *_ in summary_rows(absent))
 
 
-def _tuned(strategies: list[str], chosen: str | None = None) -> list[dict]:
-    """Log rows of steps that ran `strategies` as the adapter logs them (`autotune/*` as indices), the last
-    step with a choice when `chosen`."""
-    names = list(STRATEGIES)
-    rows = [{"step": float(step), "lenbalance/autotune/strategy": float(names.index(name)),
-             "lenbalance/autotune/exploring": 1.0, "lenbalance/autotune/pass": float(step),
-             "lenbalance/autotune/passes_to_measure": 10.0} for step, name in enumerate(strategies, start=1)]
+def _prefixed(metrics: dict) -> dict:
+    return {f"lenbalance/{key}": value for key, value in metrics.items()}
+
+
+def _tuned(strategies: list[str], chosen: str | None = None, by_index: bool = False) -> list[dict]:
+    """Log rows of steps that ran `strategies` as the adapter logs them (one 0/1 key per name; `by_index`: as a run
+    logged before names, an index into `LEGACY_STRATEGIES`), the last step with a choice when `chosen`."""
+
+    def plan(key: str, name: str) -> dict:
+        return ({f"lenbalance/{key}": float(LEGACY_STRATEGIES.index(name))} if by_index
+                else _prefixed(named(key, STRATEGIES, name)))
+
+    rows = [{"step": float(step), "lenbalance/autotune/exploring": 1.0, "lenbalance/autotune/pass": float(step),
+             "lenbalance/autotune/passes_to_measure": 10.0} | plan("autotune/strategy", name)
+            for step, name in enumerate(strategies, start=1)]
     if chosen:
-        rows[-1] |= {"lenbalance/autotune/choice": float(names.index(chosen)), "lenbalance/autotune/ratio_vs_stock": 1.31}
+        rows[-1] |= plan("autotune/choice", chosen) | {"lenbalance/autotune/ratio_vs_stock": 1.31}
     return rows
 
 
-def test_the_summary_names_every_steps_plan_and_says_the_tuner_is_still_measuring():
-    result = summary(RunTotals(), _tuned(["sorted", "stock", "stock_trimmed", "sorted"]), steps=4)
+@pytest.mark.parametrize("by_index", [False, True], ids=["by_name", "logged_before_names"])
+def test_the_summary_names_every_steps_plan_and_says_the_tuner_is_still_measuring(by_index):
+    result = summary(RunTotals(), _tuned(["sorted", "stock", "stock_trimmed", "sorted"], by_index=by_index), steps=4)
     assert result["plan_by_step"] == {"1": "sorted", "2": "stock", "3": "stock_trimmed", "4": "sorted"}
     assert (result["autotune_state"], result["autotune_pass"], result["autotune_passes_to_measure"]) == (
         "measuring", 4, 10)
@@ -189,13 +203,17 @@ def test_the_generation_tuner_times_a_round_per_decode_step_of_stock_without_the
 def test_the_generation_plan_is_named_with_its_ratio_or_as_measuring():
     from rl_lenbalance.ledger import generation_plan
 
-    measuring = summary(RunTotals(), [{"step": 1, "lenbalance/gen/plan": 0.0, "lenbalance/gen/exploring": 1.0}], 1)
+    def plans(ran: str, chosen: str | None = None) -> dict:
+        return _prefixed(named("gen/plan", GENERATION_PLANS, ran)
+                         | (named("gen/choice", GENERATION_PLANS, chosen) if chosen else {})) | {"step": 1}
+
+    measuring = summary(RunTotals(), [plans("stock") | {"lenbalance/gen/exploring": 1.0}], 1)
     assert measuring["generation_plan"] == "measuring" and generation_plan(measuring) == "measuring, no choice yet"
-    rows = [{"step": 1, "lenbalance/gen/plan": 1.0, "lenbalance/gen/choice": 1.0,
-             "lenbalance/gen/ratio_vs_stock": 1.25}]
-    chosen = summary(RunTotals(), rows, 1)
+    chosen = summary(RunTotals(), [plans("compaction", "compaction") | {"lenbalance/gen/ratio_vs_stock": 1.25}], 1)
     assert (chosen["generation_plan"], chosen["generation_plan_ratio_vs_stock"]) == ("compaction", 1.25)
     assert ("generation plan", "compaction (1.25× stock)", "") in summary_rows(chosen)
-    pinned = summary(RunTotals(), [{"step": 1, "lenbalance/gen/plan": 0.0, "lenbalance/gen/choice": 0.0}], 1)
+    pinned = summary(RunTotals(), [plans("stock", "stock")], 1)
     assert generation_plan(pinned) == "stock" and math.isnan(pinned["generation_plan_ratio_vs_stock"])
+    before_names = [{"step": 1, "lenbalance/gen/plan": 1.0, "lenbalance/gen/choice": 1.0}]  # a run logged by index
+    assert summary(RunTotals(), before_names, 1)["generation_plan"] == "compaction"
     assert "generation_plan" not in summary(RunTotals(), [{"step": 1}], 1)  # nothing logged (vLLM): no entry

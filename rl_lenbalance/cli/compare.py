@@ -33,7 +33,7 @@ import torch
 from transformers import TrainerCallback
 
 from .. import ledger
-from ..loss import LAYOUT_KEY, STRATEGIES
+from ..loss import LAYOUT_KEY
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -261,7 +261,7 @@ def summarize(name: str, trainer, warmup: int, settings: dict | None) -> dict:
                               loss_real_tokens=sum(r.loss_real_tokens for r in records),
                               generate_s=own.generate_s if own else 0.0,
                               predictor_overhead_s=own.predictor_overhead_s if own else 0.0)
-    run = ledger.summary(totals, trainer.state.log_history, len(records), plan_names=list(STRATEGIES))
+    run = ledger.summary(totals, trainer.state.log_history, len(records))
     completion_tokens = sum(r.completion_tokens for r in records)
     out = {"variant": name, "settings": settings, "steps": len(records), "warmup_steps": warmup}
     for phase in PHASES:
@@ -280,10 +280,10 @@ def summarize(name: str, trainer, warmup: int, settings: dict | None) -> dict:
     }
     if own is not None:
         out["predictor_overhead_frac"] = run["predictor_overhead_frac"]
-    autotune = getattr(trainer, "_autotune", None)  # the tuner's own medians: what its choice was based on
+    autotune = getattr(trainer, "_lenbalance_loss_tuner", None)  # the tuner's own medians: what its choice was based on
     if autotune is not None and autotune.timings:
         out["autotune_s_per_ktok_median"] = {name: statistics.median(t) for name, t in autotune.timings.items()}
-    generation = getattr(trainer, "_gen_autotune", None)
+    generation = getattr(trainer, "_lenbalance_generation_tuner", None)
     if generation is not None and generation.timings:
         out["generation_s_per_step_median"] = {name: statistics.median(t) for name, t in generation.timings.items()}
     keys = ("autotune_choice", "autotune_ratio_vs_stock", "generation_plan", "generation_plan_ratio_vs_stock")

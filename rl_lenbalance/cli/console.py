@@ -16,7 +16,7 @@ from typing import Any
 
 from transformers import ProgressCallback
 
-from ..ledger import GENERATION_PLANS
+from ..ledger import logged_name
 from ..loss import STRATEGIES
 
 # transformers 5 renamed `gradient_checkpointing*` to `activation_checkpointing*`; TRL 1.16's
@@ -37,23 +37,22 @@ def step_line(logs: Mapping[str, Any], step: int, max_steps: int) -> str:
     plan = plan_name(logs)
     if plan is not None:
         parts.append(f"plan {plan}{_tuner_state(logs)}")
-    generation, exploring = logs.get("lenbalance/gen/plan"), logs.get("lenbalance/gen/exploring")
-    if _finite(generation) and generation in (0, 1) and (generation or exploring):
-        parts.append(f"generation {GENERATION_PLANS[int(generation)]}{' (exploring)' if exploring else ''}")
+    generation, exploring = logged_name(logs, "gen/plan"), logs.get("lenbalance/gen/exploring")
+    if generation is not None and (generation != "stock" or exploring):
+        parts.append(f"generation {generation}{' (exploring)' if exploring else ''}")
     if _finite(logs.get("reward")):
         parts.append(f"reward {logs['reward']:.3g}")
     return " · ".join(parts)
 
 
 def plan_name(logs: Mapping[str, Any]) -> str | None:
-    """The training plan this step ran: `lenbalance/autotune/strategy` (an index into `loss.STRATEGIES`), else
-    the one strategy whose pass was timed (`lenbalance/autotune/<name>_s_per_ktok`); None when neither names one
-    (no plan logged, or passes of several plans averaged into one log)."""
-    index = logs.get("lenbalance/autotune/strategy")
-    names = list(STRATEGIES)
-    if _finite(index) and float(index).is_integer() and 0 <= index < len(names):
-        return names[int(index)]
-    timed = [name for name in names if f"lenbalance/autotune/{name}_s_per_ktok" in logs]
+    """The training plan this step ran (`lenbalance/autotune/strategy/<name>` at 1), else the one strategy whose pass
+    was timed (`lenbalance/autotune/<name>_s_per_ktok`); None when neither names one (no plan logged, or passes of
+    several plans averaged into one log)."""
+    name = logged_name(logs, "autotune/strategy")
+    if name is not None:
+        return name
+    timed = [name for name in STRATEGIES if f"lenbalance/autotune/{name}_s_per_ktok" in logs]
     return timed[0] if len(timed) == 1 else None
 
 

@@ -227,8 +227,9 @@ def _exploring_steps(run: OfflineRun) -> list[float]:
 
 
 def _plans_by_step(run: OfflineRun) -> dict[float, str]:
-    """The loss plan each step ran, by name (`autotune/strategy`)."""
-    return {step: ledger.plan_name(value) for step, value in zip(*series(run, f"{LB}autotune/strategy"))}
+    """The loss plan each step ran, by name (`autotune/strategy/<name>`, or an index in a run logged before names)."""
+    return {row["step"]: name for row in logged_rows(run)
+            if (name := ledger.logged_name(row, "autotune/strategy", ledger.LEGACY_STRATEGIES)) is not None}
 
 
 def _captured_rounds(run: OfflineRun) -> dict[float, int]:

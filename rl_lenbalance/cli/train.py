@@ -24,7 +24,6 @@ import yaml
 
 from .. import ledger
 from . import console
-from ..loss import STRATEGIES
 from .recipe import Recipe, RecipeError, load_recipe, parse_yaml, preflight
 
 if TYPE_CHECKING:
@@ -54,7 +53,7 @@ def summarize(trainer, wall_s: float) -> dict[str, Any]:
     the naive baseline."""
     logged = [row for row in trainer.state.log_history if any(k.startswith("lenbalance/") for k in row)]
     return ledger.summary(trainer.lenbalance_totals, logged, trainer.state.global_step, wall_s,
-                          trainer.lenbalance.fallbacks, plan_names=list(STRATEGIES))
+                          trainer.lenbalance.fallbacks)
 
 
 def print_summary(summary: dict[str, Any], console: Console | None = None) -> None:

@@ -1,7 +1,7 @@
 """The loss phase, framework-free (torch and transformers only, no TRL import): its strategies (how a generation
 batch's rows become micro-batches, and how each micro-batch's loss forward runs) and their forwards.
 
-`STRATEGIES` lists them by name, stock first; a strategy's index here is how it is logged (`autotune/strategy`).
+`STRATEGIES` lists them by name, stock first; a pass logs its strategy by name (`autotune/strategy/<name>`).
 """
 
 from .shared_prompt import (SharedPrompt, plan_shared_prompt, prompt_groups, shared_prompt_logps_and_entropies,
@@ -17,7 +17,7 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
            "trimmed"),
     Sorted("sorted_uneven", "length-sorted micro-batches of any row count (long rows in small ones), none wider than "
            "stock's", uneven=True),
-    Packed("packed", "sorted_uneven's micro-batches, each run as padding-free sequences (`rl_lenbalance.packing`): "
+    Packed("packed", "sorted_uneven's micro-batches, each run as padding-free sequences (`rl_lenbalance.loss.packed`): "
            "logits only at real completion tokens"),
     SharedPrompt("shared_prompt", "each prompt's rows in one micro-batch where they fit, run as prompt trees: each "
                  "group's prompt computed once (`rl_lenbalance.loss.shared_prompt`)"),

@@ -139,7 +139,7 @@ class Sorted(Strategy):
 
 @dataclass(frozen=True)
 class Packed(Sorted):
-    """`sorted_uneven`'s micro-batches, each run padding-free (`rl_lenbalance.packing`), in parts of at most
+    """`sorted_uneven`'s micro-batches, each run padding-free (`rl_lenbalance.loss.packed`), in parts of at most
     `dense_max_tokens` tokens under a dense mask."""
 
     uneven: bool = True

@@ -18,7 +18,8 @@ from ...generation.capture import CaptureResult
 from ...config import AUTO, LenBalanceConfig
 from ...generation.engine import private_rng
 from ...generation.decode import compacted_generate, replaced_generate, unsupported_options
-from ...ledger import GENERATION_PLANS, GenerationLedger, gather_ledgers, round_metrics, seconds_per_decode_step
+from ...ledger import (GENERATION_PLANS, GenerationLedger, gather_ledgers, named, round_metrics,
+                       seconds_per_decode_step)
 from ...generation.rollout import Backend, RolloutSettings, run_admitted, run_rollout, uncaptured_ledger
 from ...schedule import Autotuner
 from .stock import stock_when_reentered
@@ -29,7 +30,7 @@ class GenerationOverrides:
 
     _lenbalance_tool_turn = False  # True inside TRL's tool loop (later turns of tools / environments)
 
-    def _generation_setup(self, config: LenBalanceConfig) -> None:
+    def _lenbalance_generation_setup(self, config: LenBalanceConfig) -> None:
         """The generation tuner: stock's `generate` against compaction for `compaction: auto` (greedy decoding only:
         `LenBalanceConfig.resolved` turns it off under sampling), else the one plan pinned. Without rl-lenbalance's
         decode loop (vLLM, continuous batching, or a generation config it cannot run: a one-time warning when
@@ -37,40 +38,40 @@ class GenerationOverrides:
         plans = {AUTO: list(GENERATION_PLANS), True: ["compaction"], False: ["stock"]}[config.compaction]
         if not hasattr(self, "generation_config"):  # vLLM: its own generation
             plans = ["stock"]
-        elif config.compaction is True and self._loop_blocked("compaction"):  # warns once
+        elif config.compaction is True and self._lenbalance_loop_blocked("compaction"):  # warns once
             plans = ["stock"]
         elif unsupported_options(self.generation_config):
             plans = ["stock"]
-        self._gen_autotune = Autotuner(plans, "stock", samples=config.autotune_samples, margin=config.autotune_margin,
+        self._lenbalance_generation_tuner = Autotuner(plans, "stock", samples=config.autotune_samples, margin=config.autotune_margin,
                                        recheck_every=config.autotune_every)
 
     @stock_when_reentered
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, *args, **kwargs):
         """Stock: one `generate` over the rank's rows. Here: the rollout (the same call(s) under capture hooks, maybe
         in waves and re-bucketed), then the predictor's online update; completions in stock's order."""
-        stock = self._stock_generation_note(images, multimodal_fields)
+        stock = self._lenbalance_stock_generation_note(images, multimodal_fields)
         if stock:
-            self._warn_once(*stock)
+            self._lenbalance_warn_once(*stock)
             return super()._generate_single_turn(prompt_ids, images, multimodal_fields, *args, **kwargs)
-        engine, device, backend = self.lenbalance, self.accelerator.device, self._backend(args, kwargs)
-        learn, settings = self._within_overhead_budget(), None
+        engine, device, backend = self.lenbalance, self.accelerator.device, self._lenbalance_backend(args, kwargs)
+        learn, settings = self._lenbalance_within_overhead_budget(), None
         if self.use_vllm or self.use_transformers_continuous_batching:  # the backend schedules requests itself
-            admission = self._admission(len(prompt_ids), learn)
+            admission = self._lenbalance_admission(len(prompt_ids), learn)
             completions, logprobs, stats = run_admitted(prompt_ids, backend, engine, admission)
         else:
-            settings = self._rollout_settings()
+            settings = self._lenbalance_rollout_settings()
             if not (learn or settings.rebucket or settings.wave_size):  # nothing reads a capture
-                return self._uncaptured_round(prompt_ids, backend, settings.compact)
+                return self._lenbalance_uncaptured_round(prompt_ids, backend, settings.compact)
             (completions, stats), logprobs = run_rollout(prompt_ids, backend, engine, settings), None
         metrics, self.lenbalance_last_lengths = engine.learn_round(stats.waves, stats.lengths, stats.own_ids,
-                                                                   self._gather_rows) if stats.waves else ({}, [])
+                                                                   self._lenbalance_gather_rows) if stats.waves else ({}, [])
         ranks = gather_ledgers(stats.ledger(completions), self.accelerator.gather, device)
         self.lenbalance_totals.add_generation(ranks, metrics.get("predictor/train_s", 0.0))
-        plan = self._count_generation_plan(settings.compact, ranks) if settings else {}  # not for vLLM & co.
-        self._log_lenbalance(metrics | round_metrics(ranks, metrics) | self._budget_metrics() | plan)
+        plan = self._lenbalance_count_generation_plan(settings.compact, ranks) if settings else {}  # not for vLLM & co.
+        self._lenbalance_log(metrics | round_metrics(ranks, metrics) | self._lenbalance_budget_metrics() | plan)
         return (completions, logprobs) if isinstance(self, GRPOTrainer) else completions
 
-    def _within_overhead_budget(self) -> bool:
+    def _lenbalance_within_overhead_budget(self) -> bool:
         """Whether the capture's cost so far (hooks, prefills, replays and the head's training, over every rank) is
         within `lenbalance.max_overhead` of the generation time (the first round is always captured, to measure; a
         budget of 1.0 or more captures every round).
@@ -79,7 +80,7 @@ class GenerationOverrides:
         within = budget >= 1.0 or self.lenbalance.rounds == 0 or totals.predictor_overhead_s <= budget * totals.generate_s
         return bool(self.accelerator.gather(torch.tensor([float(within)], device=self.accelerator.device)).min())
 
-    def _uncaptured_round(self, prompt_ids, backend: Backend, compact: bool):
+    def _lenbalance_uncaptured_round(self, prompt_ids, backend: Backend, compact: bool):
         """Generation without hooks (the capture is over its budget and nothing reads it this round): stock's own
         call, or the decode loop that drops finished rows (compaction reads no prediction)."""
         start = time.perf_counter()
@@ -88,15 +89,15 @@ class GenerationOverrides:
         ranks = gather_ledgers(ledger, self.accelerator.gather, self.accelerator.device)
         self.lenbalance_totals.add_generation(ranks, 0.0)
         self.lenbalance_totals.uncaptured_rounds += 1
-        self._log_lenbalance(round_metrics(ranks, {}) | self._budget_metrics()
-                             | self._count_generation_plan(compact, ranks))
+        self._lenbalance_log(round_metrics(ranks, {}) | self._lenbalance_budget_metrics()
+                             | self._lenbalance_count_generation_plan(compact, ranks))
         return (completions, None) if isinstance(self, GRPOTrainer) else completions  # GRPO: no logprobs here
 
-    def _count_generation_plan(self, compact: bool, ranks: list[GenerationLedger]) -> dict[str, float]:
+    def _lenbalance_count_generation_plan(self, compact: bool, ranks: list[GenerationLedger]) -> dict[str, float]:
         """Let the generation tuner count the round (every rank's ledger; the same numbers on every rank, so the
-        same choice) and return what to log: the plan it ran (`gen/plan`, an index of `GENERATION_PLANS`), whether
+        same choice) and return what to log: the plan it ran (`gen/plan/<name>`, 0/1 per name), whether
         the tuner was still measuring, and once decided its choice and stock's time over the choice's."""
-        tuner, plan = self._gen_autotune, GENERATION_PLANS[int(compact)]
+        tuner, plan = self._lenbalance_generation_tuner, GENERATION_PLANS[int(compact)]
         exploring = not tuner.decided
         per_step = seconds_per_decode_step(ranks)
         changed = tuner.record(plan, per_step)
@@ -105,31 +106,31 @@ class GenerationOverrides:
             speed = f" ({ratio:.2f}× stock's speed per decode step)" if ratio is not None else ""
             tqdm.write(f"rl-lenbalance: generation plan: {tuner.choice}{speed}, "
                        f"{tuner.passes - tuner.warmup} rounds measured.")
-        out = {"gen/plan": float(int(compact)), "gen/exploring": float(exploring), "gen/s_per_step": per_step}
+        out = named("gen/plan", GENERATION_PLANS, plan) | {"gen/exploring": float(exploring), "gen/s_per_step": per_step}
         if tuner.decided:
-            out["gen/choice"] = float(GENERATION_PLANS.index(tuner.choice))
+            out |= named("gen/choice", GENERATION_PLANS, tuner.choice)
         if tuner.decided and ratio is not None:
             out["gen/ratio_vs_stock"] = ratio
         return out
 
-    def _budget_metrics(self) -> dict[str, float]:
+    def _lenbalance_budget_metrics(self) -> dict[str, float]:
         totals = self.lenbalance_totals
         share = totals.predictor_overhead_s / totals.generate_s if totals.generate_s else 0.0
         return {"predictor/captured_rounds": float(self.lenbalance.rounds), "predictor/overhead_frac_run": share,
                 "predictor/uncaptured_rounds": float(totals.uncaptured_rounds)}
 
-    def _rollout_settings(self) -> RolloutSettings:
+    def _lenbalance_rollout_settings(self) -> RolloutSettings:
         """This round's rollout as the config asks, less what the generation config or the head's health rule out."""
         config, engine = self.lenbalance_config, self.lenbalance
         return RolloutSettings(
             eos_token_ids=self.eos_token_ids, max_completion_length=self.max_completion_length,
-            compact=self._gen_autotune.next() == "compaction" and not self._loop_blocked("compaction"),
-            rebucket=config.rebucket and engine.healthy and engine.rounds > 0 and not self._loop_blocked("rebucket"),
+            compact=self._lenbalance_generation_tuner.next() == "compaction" and not self._lenbalance_loop_blocked("compaction"),
+            rebucket=config.rebucket and engine.healthy and engine.rounds > 0 and not self._lenbalance_loop_blocked("rebucket"),
             wave_size=config.generation_wave_size, probe_tokens=config.probe_tokens,
             partition_method=config.partition_method,
         )
 
-    def _admission(self, rows: int, learn: bool = True) -> RolloutSettings:
+    def _lenbalance_admission(self, rows: int, learn: bool = True) -> RolloutSettings:
         """Admission for continuous batching and vLLM. vLLM's server generates a whole group from one request (its
         rows must stay together, and it serves every rank at once: nothing to balance); a tensor-parallel vLLM
         group generates its ranks' rows together, so only rows can be reordered there."""
@@ -144,7 +145,7 @@ class GenerationOverrides:
             learn=learn,
         )
 
-    def _backend(self, stock_args: tuple, stock_kwargs: dict) -> Backend:
+    def _lenbalance_backend(self, stock_args: tuple, stock_kwargs: dict) -> Backend:
         """TRL's generation, bound once: stock's own call when nothing needs rl-lenbalance's decode loop."""
 
         def decode(prompts: list[list[int]], captured: CaptureResult | None, *, compact: bool,
@@ -152,14 +153,14 @@ class GenerationOverrides:
             if not compact and prefixes is None and max_steps is None:
                 ids = super(GenerationOverrides, self)._generate_single_turn(prompts, None, {}, *stock_args, **stock_kwargs)
                 return ids[0] if isinstance(ids, tuple) else ids  # GRPO adds logprobs (None on this path)
-            with self._generation_model() as model:
+            with self._lenbalance_generation_model() as model:
                 return compacted_generate(model, prompts, self.generation_config, self._tokenizer.pad_token_id,
                                           on_compact=captured.compact if captured else None,
                                           min_finished=1 if compact else len(prompts) + 1,
                                           prefixes=prefixes, max_steps=max_steps)
 
         def forward(input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> None:
-            with self._generation_model() as model, private_rng(self.args.seed + self.state.global_step):
+            with self._lenbalance_generation_model() as model, private_rng(self.args.seed + self.state.global_step):
                 model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=1)
 
         def submit(prompts: list[list[int]]) -> tuple[list[list[int]], list | None]:
@@ -170,7 +171,7 @@ class GenerationOverrides:
                        submit)
 
     @contextmanager
-    def _generation_model(self) -> Iterator[torch.nn.Module]:
+    def _lenbalance_generation_model(self) -> Iterator[torch.nn.Module]:
         """The unwrapped policy exactly as stock's plain-`generate` branch prepares it (gathered ZeRO-3 weights,
         gradient checkpointing off and then back on with the trainer's own kwargs, no grad)."""
         with (
@@ -184,11 +185,11 @@ class GenerationOverrides:
         ):
             yield model
 
-    def _gather_rows(self, rows: torch.Tensor) -> torch.Tensor:
+    def _lenbalance_gather_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """Every rank's rows in rank order (ranks with fewer rows are padded with -1), on the CPU."""
         return self.accelerator.gather(pad_across_processes(rows.to(self.accelerator.device), dim=0, pad_index=-1)).cpu()
 
-    def _stock_generation_note(self, images, multimodal_fields) -> tuple[str, str] | None:
+    def _lenbalance_stock_generation_note(self, images, multimodal_fields) -> tuple[str, str] | None:
         """(key, one-time note) when this generation must run as stock TRL, unpredicted; None when it is captured."""
         if images is not None or multimodal_fields:
             return "multimodal", ("rl-lenbalance predicts text-only generation; this generation (with images) ran "
@@ -210,7 +211,7 @@ class GenerationOverrides:
         finally:
             self._lenbalance_tool_turn = False
 
-    def _loop_blocked(self, setting: str) -> bool:
+    def _lenbalance_loop_blocked(self, setting: str) -> bool:
         """True (with a one-time warning) when rl-lenbalance's decode loop (needed by compaction and re-bucketing)
         cannot stand in for the model's `generate`: the generation config asks for something it does not implement,
         or `generate` itself is replaced (checked every round: a script may patch it after the trainer is built)."""
@@ -218,7 +219,7 @@ class GenerationOverrides:
         why = (f"the generation config sets {unsupported}, which rl-lenbalance's decode loop does not implement"
                if unsupported else replaced_generate(self.accelerator.unwrap_model(self.model)))
         if why:
-            self._warn_once(setting, f"lenbalance.{setting} needs rl-lenbalance's decode loop, but {why}; {setting} "
+            self._lenbalance_warn_once(setting, f"lenbalance.{setting} needs rl-lenbalance's decode loop, but {why}; {setting} "
                             "is off (stock's generate runs).")
         return why is not None
 

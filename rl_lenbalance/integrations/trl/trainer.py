@@ -51,11 +51,11 @@ class LenBalanceMixin(GenerationOverrides, LossPhaseOverrides):
                                  if name in vars(base)}
 
     def _lenbalance_setup(self, config: LenBalanceConfig | None) -> None:
-        self.lenbalance_config = config = self._resolved(config or LenBalanceConfig())
+        self.lenbalance_config = config = self._lenbalance_resolved(config or LenBalanceConfig())
         config.check_trainer_args(self.args)
         self._lenbalance_warned: set[str] = set()
         if self.args.bf16 and self.accelerator.device.type == "cpu" and not cpu_has_fast_bf16():
-            self._warn_once("bf16", "bf16=True (GRPOConfig's default) on a CPU without native bf16 (no AVX-512/AMX): "
+            self._lenbalance_warn_once("bf16", "bf16=True (GRPOConfig's default) on a CPU without native bf16 (no AVX-512/AMX): "
                             "torch emulates bf16 matrix products, many times slower than float32 (the same for stock "
                             "TRL). Set bf16=False in the trainer's config to train in float32 here.")
         model = self.accelerator.unwrap_model(self.model)
@@ -65,8 +65,8 @@ class LenBalanceMixin(GenerationOverrides, LossPhaseOverrides):
         self.lenbalance_last_lengths: list[tuple[float, int]] = []  # (predicted at t=0, actual) of the last round
         self.lenbalance_resume_from: str | None = None  # the checkpoint `train` resumes; the callback restores from it
         self._lenbalance_started = time.perf_counter()  # when this process began training (`train` sets it again)
-        self._loss_phase_setup(config, model)
-        self._generation_setup(config)
+        self._lenbalance_loss_phase_setup(config, model)
+        self._lenbalance_generation_setup(config)
 
     @stock_when_reentered
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
@@ -77,7 +77,7 @@ class LenBalanceMixin(GenerationOverrides, LossPhaseOverrides):
         self._lenbalance_started = time.perf_counter()
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
-    def _resolved(self, config: LenBalanceConfig) -> LenBalanceConfig:
+    def _lenbalance_resolved(self, config: LenBalanceConfig) -> LenBalanceConfig:
         """`config` with the `auto` settings that this trainer's sampling and device decide (the rest are measured)."""
         sampling = getattr(getattr(self, "generation_config", None), "do_sample", True) is not False
         return config.resolved(sampling and not exact_sampling(self.accelerator.device.type))
@@ -91,7 +91,7 @@ class LenBalanceMixin(GenerationOverrides, LossPhaseOverrides):
         checkpoint."""
         totals = self.lenbalance_totals
         wall = totals.earlier_wall_s + time.perf_counter() - self._lenbalance_started
-        return {"autotune": self._autotune.state_dict(), "gen_autotune": self._gen_autotune.state_dict(),
+        return {"autotune": self._lenbalance_loss_tuner.state_dict(), "gen_autotune": self._lenbalance_generation_tuner.state_dict(),
                 "totals": asdict(replace(totals, earlier_wall_s=wall)),
                 "logged_totals": asdict(self._lenbalance_logged_totals),
                 "last_lengths": [list(pair) for pair in self.lenbalance_last_lengths]}
@@ -104,13 +104,13 @@ class LenBalanceMixin(GenerationOverrides, LossPhaseOverrides):
             RunTotals(**{f.name: state[key][f.name] for f in fields(RunTotals) if f.name in state[key]})
             for key in ("totals", "logged_totals"))
         self.lenbalance_last_lengths = [(float(p), int(a)) for p, a in state["last_lengths"]]
-        for key, tuner, name in (("autotune", self._autotune, "training-plan"),
-                                 ("gen_autotune", self._gen_autotune, "generation-plan")):
+        for key, tuner, name in (("autotune", self._lenbalance_loss_tuner, "training-plan"),
+                                 ("gen_autotune", self._lenbalance_generation_tuner, "generation-plan")):
             try:
                 if key in state:
                     tuner.load_state_dict(state[key])
             except ValueError as error:
-                self._warn_once(f"resume_{key}", f"rl-lenbalance: {where}: {error}; the {name} tuner starts over.")
+                self._lenbalance_warn_once(f"resume_{key}", f"rl-lenbalance: {where}: {error}; the {name} tuner starts over.")
 
     # --- logging ------------------------------------------------------------------------------------------------
 
@@ -118,34 +118,34 @@ class LenBalanceMixin(GenerationOverrides, LossPhaseOverrides):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Stock, plus each phase's seconds since the last training log and the count of logged optimizer steps
         whose `grad_norm` was not finite (a divergence alarm)."""
-        for key in LATEST_AT_LOG:  # TRL averages its metric store over a log's steps: a plan index must not be
-            values = self._metrics["train"].get(f"lenbalance/{key}")  # averaged (logging_steps > 1); keep the last
-            if values:
+        for key, values in self._metrics["train"].items():  # TRL averages its metric store over a log's steps: a
+            if values and key.startswith(LATEST_AT_LOG):  # plan's state is the last pass's (logging_steps > 1)
                 del values[:-1]
         if "grad_norm" in logs:
             totals = self.lenbalance_totals
             totals.nonfinite_grad_steps += not math.isfinite(logs["grad_norm"])
             logs["lenbalance/train/nonfinite_grad_steps"] = float(totals.nonfinite_grad_steps)
-            self._log_lenbalance(time_metrics(totals, self._lenbalance_logged_totals))
+            self._lenbalance_log(time_metrics(totals, self._lenbalance_logged_totals))
             self._lenbalance_logged_totals = replace(totals)
         super().log(logs, start_time)
 
-    def _log_lenbalance(self, metrics: dict[str, float]) -> None:
+    def _lenbalance_log(self, metrics: dict[str, float]) -> None:
         """Append to TRL's own metric store (already reduced over ranks): every `report_to` receives them."""
         for name, value in metrics.items():
             self._metrics["train"][f"lenbalance/{name}"].append(float(value))
 
-    def _warn_once(self, key: str, message: str) -> None:
+    def _lenbalance_warn_once(self, key: str, message: str) -> None:
         if key not in self._lenbalance_warned:
             self._lenbalance_warned.add(key)
             warnings.warn(message)
 
 
 
-# what a pass (or a round) logs about the plan it ran: each log keeps the latest pass's value, never a mean of several
-LATEST_AT_LOG = ("autotune/strategy", "autotune/exploring", "autotune/pass", "autotune/passes_to_measure",
-                 "autotune/choice", "autotune/ratio_vs_stock", "gen/plan", "gen/exploring", "gen/choice",
-                 "gen/ratio_vs_stock")
+# what a pass (or a round) logs about the plan it ran (prefixes): each log keeps the latest pass's values, never a
+# mean of several
+LATEST_AT_LOG = tuple(f"lenbalance/{key}" for key in (
+    "autotune/strategy/", "autotune/exploring", "autotune/pass", "autotune/passes_to_measure", "autotune/choice/",
+    "autotune/ratio_vs_stock", "gen/plan/", "gen/exploring", "gen/choice/", "gen/ratio_vs_stock"))
 
 
 
@@ -178,7 +178,7 @@ class LenBalanceRLOOTrainer(_Wrapped, RLOOTrainer):
 def mix_in(trainer, config: LenBalanceConfig | None = None):
     """Turn an existing GRPOTrainer/RLOOTrainer into its rl-lenbalance version in place (no callback); returns it."""
     if isinstance(trainer, LenBalanceMixin):
-        if config is not None and (config := trainer._resolved(config)) != trainer.lenbalance_config:
+        if config is not None and (config := trainer._lenbalance_resolved(config)) != trainer.lenbalance_config:
             running = vars(trainer.lenbalance_config)
             differ = ", ".join(f"{k}={v!r} (running: {running[k]!r})" for k, v in vars(config).items() if v != running[k])
             raise ValueError(
