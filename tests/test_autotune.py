@@ -113,7 +113,8 @@ def test_auto_never_keeps_a_slowed_strategy_and_learns_what_stock_learns(eos_tin
     assert "sorted" not in passes[7:] and len(passes) == 9 and ours._lenbalance_loss_tuner.choice != "sorted"
     logged = {k for row in ours.state.log_history for k in row}
     assert {f"lenbalance/autotune/{name}_s_per_ktok" for name in ALL} <= logged
-    assert {"lenbalance/autotune/choice", "lenbalance/autotune/ratio_vs_stock"} <= logged
+    choice = ours._lenbalance_loss_tuner.choice
+    assert {f"lenbalance/autotune/choice/{choice}", "lenbalance/autotune/ratio_vs_stock"} <= logged
     assert_same_update(stock, ours)
 
 
