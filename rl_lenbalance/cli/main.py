@@ -8,6 +8,7 @@ import math
 import os
 from collections.abc import Callable
 
+from ..extras import MissingExtraError, require
 from ..loss import STRATEGIES
 
 MIN_COMPARE_STEPS = 2  # compare_recipe's one warm-up step, then at least one timed step
@@ -53,6 +54,16 @@ def main(argv: list[str] | None = None) -> None:
     report.add_argument("run_dir", help="A training output_dir, a wandb offline-run-* folder, or its .wandb file.")
     report.add_argument("--out", help="Output folder (default: RUN_DIR/report).")
     args, rest = parser.parse_known_args(argv)
+    try:
+        _run(parser, args, rest)
+    except MissingExtraError as error:
+        parser.exit(2, f"rl-lenbalance: error: {error}\n")
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: list[str]) -> None:
+    """The command `args` names."""
+    if args.command in ("train", "compare") and not rest:
+        require("rich", f"rl-lenbalance {args.command}'s tables")
     if args.command == "train" and not rest:
         from .train import run_command
 
@@ -70,6 +81,8 @@ def main(argv: list[str] | None = None) -> None:
         except CompareError as error:  # the failed variant's traceback (if it raised), then one line
             parser.exit(2, f"{error.details}rl-lenbalance: error: {error}\n")
     elif args.command == "report" and not rest:
+        require("matplotlib", "rl-lenbalance report")
+        require("wandb", "rl-lenbalance report")
         from .report import main as report_main
 
         report_main([args.run_dir] + (["--out", args.out] if args.out else []))
