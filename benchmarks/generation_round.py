@@ -9,7 +9,8 @@ Every variant draws from the same seed each round (compaction samples exactly wh
 decode the same completions and the seconds compare like for like. The order is reversed every round, the first
 round is warm-up, and medians come with ratios against `generate` from the same run.
 
-    python benchmarks/generation_round.py recipes/quickstart.yaml --rounds 7 --out docs/benchmarks/generation_round_cpu.json
+    python benchmarks/generation_round.py recipes/quickstart.yaml --rounds 7 \
+        --out docs/benchmarks/generation_round_cpu.json
 """
 
 from __future__ import annotations

@@ -67,7 +67,8 @@ def token_budget_microbatches(lengths: Sequence[float], max_tokens: int,
 
 
 def grouped_lengths(num_prompts: int, group: int, median: float, cap: int, seed: int) -> tuple[list[int], list[float]]:
-    """True lengths (prompt-major, groups contiguous as TRL generates them) and each row's prompt-level typical length."""
+    """True lengths (prompt-major, groups contiguous as TRL generates them) and each row's prompt-level typical
+    length."""
     g = torch.Generator().manual_seed(seed)
     typical = torch.exp(math.log(median) + 0.8 * torch.randn(num_prompts, generator=g))
     rows = typical.repeat_interleave(group) * torch.exp(0.5 * torch.randn(num_prompts * group, generator=g))
@@ -156,7 +157,8 @@ class Bench:
             "stock_trl": ([stock_order[i:i + mb] for i in range(0, n, mb)], True),
             "random_trimmed": ([stock_order[i:i + mb] for i in range(0, n, mb)], False),
             "lenbalance_sorted": (sorted_equal_chunks(lengths, n // mb), False),
-            "lenbalance_token_budget": (token_budget_microbatches([prompt + x for x in lengths], a.token_budget), False),
+            "lenbalance_token_budget": (token_budget_microbatches([prompt + x for x in lengths], a.token_budget),
+                                        False),
         }
         ids = torch.randint(3, self.vocab, (n, prompt + width), device=self.device)
 
@@ -183,7 +185,8 @@ class Bench:
             computed = sum(len(b) * (prompt + (width if full_width else max(lengths[r] for r in b))) for b in batches)
             seconds[name] = self.timed(lambda: run(batches, full_width), repeats=2)
             self.emit(phase="loss", plan=name, seconds=round(seconds[name], 3), micro_batches=len(batches),
-                      pad_frac=round(1 - real / computed, 4), speedup_vs_stock=round(seconds["stock_trl"] / seconds[name], 3))
+                      pad_frac=round(1 - real / computed, 4),
+                      speedup_vs_stock=round(seconds["stock_trl"] / seconds[name], 3))
         self.model.zero_grad(set_to_none=True)
 
     # --- generation -------------------------------------------------------------------------------------------------
@@ -207,7 +210,8 @@ class Bench:
         ids = self.prompt_ids[rows]
         out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                   max_new_tokens=max_new or max(targets), eos_token_id=EOS, pad_token_id=PAD,
-                                  logits_processor=LogitsProcessorList([ForceLength(targets, ids.shape[1], self.device)]))
+                                  logits_processor=LogitsProcessorList(
+                                      [ForceLength(targets, ids.shape[1], self.device)]))
         return out.shape[1] - ids.shape[1]
 
     def orders(self) -> dict[str, list[int]]:

@@ -9,7 +9,8 @@ the report, which names the task the rounds were generated on (`--task`, a name 
 Splitting the two lets head variants be compared on identical rollouts.
 
     python benchmarks/predictor_online.py run --dump /tmp/plp_rounds --rounds 20
-    python benchmarks/predictor_online.py evaluate --dump /tmp/plp_rounds --out docs/benchmarks/predictor_online_cpu.json
+    python benchmarks/predictor_online.py evaluate --dump /tmp/plp_rounds \
+        --out docs/benchmarks/predictor_online_cpu.json
     python benchmarks/predictor_online.py run --task open_ended --dump /tmp/plp_open --rounds 20  # another task
 """
 
@@ -29,10 +30,10 @@ from _common import save_report  # noqa: E402
 from trl import GRPOConfig  # noqa: E402
 
 from rl_lenbalance import LenBalanceConfig, LenBalanceGRPOTrainer  # noqa: E402
-from rl_lenbalance.generation.capture import GenerationCapture, outputs_of  # noqa: E402
-from rl_lenbalance.generation.decode import prompt_then_completion  # noqa: E402
 from rl_lenbalance.builtin.models import load_model  # noqa: E402
 from rl_lenbalance.builtin.tasks import TASKS  # noqa: E402
+from rl_lenbalance.generation.capture import GenerationCapture, outputs_of  # noqa: E402
+from rl_lenbalance.generation.decode import prompt_then_completion  # noqa: E402
 
 SETTINGS = {  # name -> distinct prompts in the dataset (TRL's sampler reshuffles every epoch)
     "distinct": lambda rounds, prompts_per_round: rounds * prompts_per_round,  # one epoch: no prompt recurs
@@ -121,7 +122,8 @@ def main() -> None:
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--model", default="embedded:smollm2-135m-instruct")
     parser.add_argument("--task", default="arithmetic", choices=list(TASKS),
-                        help="run: the prompts and rewards (rl_lenbalance.builtin.tasks.TASKS); evaluate reads it back.")
+                        help="run: the prompts and rewards (rl_lenbalance.builtin.tasks.TASKS); evaluate reads it "
+                             "back.")
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--completions", type=int, default=32, help="Completions per round.")
     parser.add_argument("--generations", type=int, default=2, help="Completions per prompt (GRPO's G).")

@@ -1,4 +1,5 @@
-"""Save a random-weight causal LM of a real shape, with a real tokenizer, whose sampled completions end at varied lengths.
+"""Save a random-weight causal LM of a real shape, with a real tokenizer, whose sampled completions end at varied
+lengths.
 
 For checks on machines the embedded model cannot travel to (timing and memory depend on shapes, not weights). A
 random model almost never samples EOS, so every completion would run to the cap; the EOS row of the output layer is
@@ -26,7 +27,8 @@ def main() -> None:
     p.add_argument("--tokenizer", required=True, help="A local model folder with config.json and the tokenizer files.")
     p.add_argument("--out", required=True)
     p.add_argument("--shape", default="smollm2-135m", choices=sorted(SHAPES))
-    p.add_argument("--eos-scale", type=float, default=0.9, help="Std of the redrawn EOS output row (0.9: SmolLM2 shape, lengths spread over 0-128).")
+    p.add_argument("--eos-scale", type=float, default=0.9,
+                   help="Std of the redrawn EOS output row (0.9: SmolLM2 shape, lengths spread over 0-128).")
     args = p.parse_args()
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)

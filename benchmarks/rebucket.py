@@ -32,8 +32,8 @@ from trl import GRPOConfig  # noqa: E402
 
 from rl_lenbalance import LenBalanceConfig, LenBalanceGRPOTrainer  # noqa: E402
 from rl_lenbalance.builtin.models import load_model  # noqa: E402
-from rl_lenbalance.schedule import rebucket, wave_cost  # noqa: E402
 from rl_lenbalance.builtin.tasks import REWARD_FUNCS, arithmetic_dataset  # noqa: E402
+from rl_lenbalance.schedule import rebucket, wave_cost  # noqa: E402
 
 VARIANTS = {
     "one_call": {},
@@ -119,7 +119,8 @@ def run_variant(name: str, args: argparse.Namespace) -> dict:
             "rank_imbalance_slots_stock": max(r["rank_imbalance_stock"] for r in later),
         }
         gain = summary["stock_waves_steps"] - summary["oracle_steps"]
-        summary["share_of_oracle_step_gain"] = (summary["stock_waves_steps"] - summary["decode_steps"]) / gain if gain else None
+        summary["share_of_oracle_step_gain"] = ((summary["stock_waves_steps"] - summary["decode_steps"]) / gain
+                                                if gain else None)
     if trainer.accelerator.is_main_process:
         print(json.dumps({k: v for k, v in summary.items() if k != "rounds"}), flush=True)
     return summary

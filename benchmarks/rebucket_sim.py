@@ -2,8 +2,8 @@
 
 On a GPU a decode step costs about the same for 1 or 512 rows (DESIGN.md), so the time of generation in waves is the
 sum over waves of the wave's longest completion. This script counts those steps for the test split of the predictor
-benchmark's data (`python -m benchmarks.forelen build`), with the benchmark's EGTP (prompt-only) and PLP heads trained on its
-train split, for these schedules of the same completions:
+benchmark's data (`python -m benchmarks.forelen build`), with the benchmark's EGTP (prompt-only) and PLP heads trained
+on its train split, for these schedules of the same completions:
 
 - stock: TRL's order (the completions of a prompt side by side), cut into waves;
 - static: longest EGTP prediction first;

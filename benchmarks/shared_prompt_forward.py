@@ -25,10 +25,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from _common import save_report  # noqa: E402
 
-from rl_lenbalance.loss.shared_prompt import (plan_shared_prompt, prompt_groups,  # noqa: E402
-                                              shared_prompt_logps_and_entropies)
 from rl_lenbalance.builtin.models import load_model  # noqa: E402
 from rl_lenbalance.loss.packed import _ChunkedLogpEntropy, packed_logps_and_entropies  # noqa: E402
+from rl_lenbalance.loss.shared_prompt import plan_shared_prompt, prompt_groups, shared_prompt_logps_and_entropies  # noqa: E402
 
 
 def make_step(groups: int, group_size: int, vocab: int, seed: int):

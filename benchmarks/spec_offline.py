@@ -35,10 +35,10 @@ from benchmarks.forelen.spec import (  # noqa: E402
     stock_schedule,
     walk_schedule,
 )
-from rl_lenbalance.generation.decode import _logits_processor, left_pad, prompt_then_completion  # noqa: E402
 from rl_lenbalance.builtin.models import load_model  # noqa: E402
-from rl_lenbalance.cli.recipe import load_recipe  # noqa: E402
 from rl_lenbalance.builtin.tasks import TASKS  # noqa: E402
+from rl_lenbalance.cli.recipe import load_recipe  # noqa: E402
+from rl_lenbalance.generation.decode import _logits_processor, left_pad, prompt_then_completion  # noqa: E402
 
 SOURCES = {"self": False, "group": True}  # own output + prompt; and the siblings' outputs so far
 

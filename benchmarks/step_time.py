@@ -27,9 +27,9 @@ from transformers import TrainerCallback  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from rl_lenbalance import LenBalanceConfig, LenBalanceGRPOTrainer  # noqa: E402
-from rl_lenbalance.cli.compare import compare, print_comparison, timed  # noqa: E402
 from rl_lenbalance.builtin.models import build_tiny_model, embedded_model_dir, load_model  # noqa: E402
 from rl_lenbalance.builtin.tasks import REWARD_FUNCS, arithmetic_dataset  # noqa: E402
+from rl_lenbalance.cli.compare import compare, print_comparison, timed  # noqa: E402
 
 VARIANTS = {  # name -> LenBalanceConfig fields (None: stock TRL)
     "stock": None,
@@ -127,7 +127,8 @@ def main() -> None:
                         "(fewer than the rank's rows: admission order matters). 0: plain generate.")
     parser.add_argument("--setting", default=None, help="A name for the setting, recorded in the output.")
     parser.add_argument("--profile-step", type=int, default=0,
-                        help="Profile this optimizer step of every variant (torch.profiler) into OUT.profile_VARIANT.txt.")
+                        help="Profile this optimizer step of every variant (torch.profiler) into "
+                             "OUT.profile_VARIANT.txt.")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
@@ -141,7 +142,8 @@ def main() -> None:
     for result in results:
         if stock is not None:  # same completions, same real tokens: computed tokens = real / (1 - padding fraction)
             result["loss_tokens_vs_stock"] = (1.0 - stock["loss_pad_frac"]) / (1.0 - result["loss_pad_frac"])
-        result["trainer_settings"] = trainer_settings | {"device": "cuda" if cuda else "cpu", "bf16": cuda and not args.cb_slots}
+        result["trainer_settings"] = trainer_settings | {"device": "cuda" if cuda else "cpu",
+                                                         "bf16": cuda and not args.cb_slots}
         print(json.dumps({k: v for k, v in result.items() if not k.endswith("_per_step")}), flush=True)
     save_report(args.out, results)
 

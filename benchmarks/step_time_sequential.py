@@ -5,8 +5,9 @@ steps; the first step of every block is warm-up. Medians over the remaining step
 `rl-lenbalance compare` alternates the trainers step by step, each in a process of its own; this script runs each
 alone, in blocks, with no other trainer's process alive beside it.
 
-    cd benchmarks && python step_time_sequential.py ../recipes/quickstart.yaml --steps 4 --set output_dir=/tmp/seq_chosen \
-        lenbalance.compaction=true lenbalance.training_plan=shared_prompt --out ../docs/benchmarks/step_time_sequential_chosen_cpu.json
+    cd benchmarks && python step_time_sequential.py ../recipes/quickstart.yaml --steps 4 \
+        --set output_dir=/tmp/seq_chosen lenbalance.compaction=true lenbalance.training_plan=shared_prompt \
+        --out ../docs/benchmarks/step_time_sequential_chosen_cpu.json
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ from trl import GRPOTrainer  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rl_lenbalance.cli.compare import StepClock, timed  # noqa: E402
-from rl_lenbalance.integrations import LenBalanceGRPOTrainer  # noqa: E402
 from rl_lenbalance.cli.recipe import load_recipe  # noqa: E402
 from rl_lenbalance.cli.train import build_trainer, parse_overrides  # noqa: E402
+from rl_lenbalance.integrations import LenBalanceGRPOTrainer  # noqa: E402
 
 ORDER = ("stock", "lenbalance", "lenbalance", "stock")
 

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from .predictor import POOLING_METHODS
 from .loss import GLOBAL_LOSSES, ROW_MEAN_LOSSES, STRATEGIES
+from .predictor import POOLING_METHODS
 from .schedule import PARTITIONERS, Autotuner
 
 AUTO = "auto"
@@ -39,7 +39,8 @@ class LenBalanceConfig:
     )
     hook_module: str | None = field(
         default=None,
-        metadata={"help": "Dotted path of the module whose output is read (e.g. 'model.norm'); overrides feature_layer."},
+        metadata={"help": "Dotted path of the module whose output is read (e.g. 'model.norm'); overrides "
+                          "feature_layer."},
     )
     num_bins: int = field(default=20, metadata={"help": "K, the number of log-spaced length bins of the head."})
     ce_weight: float = field(default=0.95, metadata={"help": "λ in the loss λ·CE + (1-λ)·MSE."})
@@ -63,9 +64,9 @@ class LenBalanceConfig:
         default=0,
         metadata={"help": "Also run the head every this many decode steps during generation (PLP), for inspection; "
                           "0: only at step 0, the one prediction the scheduler reads (re-bucketing predicts from the "
-                          "probe's stream state itself). Each prediction adds kernels to a decode step. Only captured rounds predict: "
-                          "past `max_overhead`, a round whose generation reads no prediction runs without hooks "
-                          "and makes none of these predictions."},
+                          "probe's stream state itself). Each prediction adds kernels to a decode step. Only "
+                          "captured rounds predict: past `max_overhead`, a round whose generation reads no prediction "
+                          "runs without hooks and makes none of these predictions."},
     )
     record_every: int = field(
         default=16,
@@ -176,12 +177,14 @@ class LenBalanceConfig:
         },
     )
     log_table_every: int = field(
-        default=1, metadata={"help": "Log a predicted-vs-actual wandb.Table every this many generation rounds (0: never)."}
+        default=1,
+        metadata={"help": "Log a predicted-vs-actual wandb.Table every this many generation rounds (0: never)."},
     )
 
     def __post_init__(self) -> None:
         if self.pooling not in POOLING_METHODS:
-            raise ValueError(f"lenbalance.pooling={self.pooling!r} is not valid; use one of {', '.join(POOLING_METHODS)}.")
+            raise ValueError(f"lenbalance.pooling={self.pooling!r} is not valid; use one of "
+                             f"{', '.join(POOLING_METHODS)}.")
         if self.partition_method not in PARTITIONERS:
             raise ValueError(
                 f"lenbalance.partition_method={self.partition_method!r} is not valid; use one of "
@@ -204,14 +207,16 @@ class LenBalanceConfig:
         if not 0.0 <= self.ce_weight <= 1.0:
             raise ValueError(f"lenbalance.ce_weight (λ) must lie in [0, 1], got {self.ce_weight}.")
         if self.balance_training is not None:
-            fix = "training_plan: off" if self.balance_training is False else "nothing (training_plan: auto, the default)"
+            fix = ("training_plan: off" if self.balance_training is False
+                   else "nothing (training_plan: auto, the default)")
             raise ValueError(f"lenbalance.balance_training={self.balance_training} was merged into "
                              f"lenbalance.training_plan: remove it and set {fix}.")
         if self.training_plan not in (AUTO, OFF) and self.training_plan not in STRATEGIES:
             raise ValueError(f"lenbalance.training_plan={self.training_plan!r} is not valid; use 'auto', 'off' or one "
                              f"of {', '.join(STRATEGIES)}.")
         if self.max_overhead < 0:
-            raise ValueError(f"lenbalance.max_overhead must be >= 0 (a share of generation time), got {self.max_overhead}.")
+            raise ValueError("lenbalance.max_overhead must be >= 0 (a share of generation time), got "
+                             f"{self.max_overhead}.")
         if self.autotune_samples < 1 or self.autotune_every < 0 or self.autotune_margin < 0:
             raise ValueError("lenbalance.autotune_samples must be >= 1, autotune_every >= 0 and autotune_margin >= 0, "
                              f"got {self.autotune_samples}, {self.autotune_every} and {self.autotune_margin}.")
@@ -239,9 +244,9 @@ class LenBalanceConfig:
             fix = (f"lower lenbalance.probe_tokens to at most {args.max_completion_length - 2}"
                    if args.max_completion_length >= 3 else "raise max_completion_length to at least 3")
             raise ValueError(
-                f"lenbalance.probe_tokens={self.probe_tokens} leaves nothing to re-bucket: rows decode probe_tokens + 1 "
-                f"tokens before regrouping and max_completion_length={args.max_completion_length}; {fix}, or set "
-                "lenbalance.rebucket=False."
+                f"lenbalance.probe_tokens={self.probe_tokens} leaves nothing to re-bucket: rows decode "
+                f"probe_tokens + 1 tokens before regrouping and max_completion_length={args.max_completion_length}; "
+                f"{fix}, or set lenbalance.rebucket=False."
             )
         loss_type = getattr(args, "loss_type", None)  # RLOOConfig has none
         if loss_type is not None and loss_type not in TRL_LOSS_TYPES:

@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 
-
 GENERATION_PLANS = ("stock", "compaction")  # stock's `generate`, or the decode loop that drops finished rows
 # runs logged before plans were logged by name hold an index into these orders (`autotune/strategy`, `gen/plan`, ...)
 LEGACY_STRATEGIES = ("stock", "stock_trimmed", "sorted", "sorted_uneven", "packed", "shared_prompt")
@@ -273,7 +272,8 @@ def _plan_state(logged: Sequence[LoggedRow]) -> dict[str, Any]:
     passes, needed = _last(logged, "autotune/pass"), _last(logged, "autotune/passes_to_measure")
     if passes is None or needed is None:
         return out
-    return out | {"autotune_state": "measuring", "autotune_pass": int(passes), "autotune_passes_to_measure": int(needed)}
+    return out | {"autotune_state": "measuring", "autotune_pass": int(passes),
+                  "autotune_passes_to_measure": int(needed)}
 
 
 def _generation_plan_state(logged: Sequence[LoggedRow]) -> dict[str, Any]:
@@ -478,7 +478,8 @@ def summary_rows(summary: Mapping[str, Any]) -> list[tuple[str, str, str]]:
     if summary.get("capture_stopped"):
         rows.append(("why capture stopped", summary["capture_stopped"], ""))
     if has("predictor_overhead_frac"):
-        rows.append(("predictor overhead, whole run (% of generation time)", pct(summary["predictor_overhead_frac"]), ""))
+        rows.append(("predictor overhead, whole run (% of generation time)",
+                     pct(summary["predictor_overhead_frac"]), ""))
     if has("fallbacks"):
         rows.append(("predictor fallbacks", f"{summary['fallbacks']:.0f}", ""))
     return rows

@@ -76,8 +76,15 @@ def family_model_dir(tiny_model_dir, tmp_path_factory):
     """`family_model_dir(name)`: a tiny random model of a family TRL's own tests cover (one of TINY_FAMILIES), with the
     tiny model's tokenizer; built once per session."""
     import torch
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig, NemotronHConfig,
-                              Qwen2Config, Qwen3MoeConfig)
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        GPT2Config,
+        LlamaConfig,
+        NemotronHConfig,
+        Qwen2Config,
+        Qwen3MoeConfig,
+    )
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,

@@ -136,7 +136,8 @@ def tiny_decoder(model_dir, max_new_tokens: int, do_sample: bool, copies: int):
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     generation = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=do_sample,
                                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    prompts = [tokenizer(text)["input_ids"] for text in ["Hi", "Tell me a story", "2+2?", "Why?"] for _ in range(copies)]
+    prompts = [tokenizer(text)["input_ids"] for text in ["Hi", "Tell me a story", "2+2?", "Why?"]
+               for _ in range(copies)]
 
     def decode(batch, captured, *, compact, prefixes=None, max_steps=None):
         return compacted_generate(model, batch, generation, tokenizer.pad_token_id, on_compact=captured.compact,

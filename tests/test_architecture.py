@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import make_args, make_trainer, tiny_decoder
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -26,8 +27,6 @@ from rl_lenbalance.ledger import (
 )
 from rl_lenbalance.predictor import CONTEXT_SIZE, HeadConfig
 from rl_lenbalance.schedule import optimizer_steps, plan_training, take_rows, trim_padding
-
-from helpers import make_args, make_trainer, tiny_decoder
 
 PACKAGE = Path(__file__).resolve().parents[1] / "rl_lenbalance"
 STAGES = [  # lowest first: a module imports from its own stage or from a lower one, never from a higher one
@@ -322,8 +321,8 @@ def test_the_engine_refuses_a_head_that_would_read_another_layer(tiny_model_dir,
 
 
 def test_a_rollout_in_waves_with_rebucketing_returns_what_one_generate_call_returns(eos_tiny_model_dir):
-    from rl_lenbalance.generation.engine import LenBalanceEngine
     from rl_lenbalance.generation.decode import compacted_generate
+    from rl_lenbalance.generation.engine import LenBalanceEngine
     from rl_lenbalance.generation.rollout import Backend, RolloutSettings, run_rollout
 
     model, tokenizer, generation, prompts, decode = tiny_decoder(eos_tiny_model_dir, 24, do_sample=False, copies=2)

@@ -8,6 +8,7 @@ import time
 from unittest.mock import patch
 
 import pytest
+from helpers import assert_same_update, train
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from trl import GRPOTrainer
@@ -16,8 +17,6 @@ from rl_lenbalance import LenBalanceConfig, LenBalanceGRPOTrainer, ledger
 from rl_lenbalance.generation.decode import compacted_generate
 from rl_lenbalance.loss import STRATEGIES, exact_strategies, regrouping_blockers
 from rl_lenbalance.schedule import Autotuner, decide
-
-from helpers import assert_same_update, train
 
 ALL = list(STRATEGIES)
 

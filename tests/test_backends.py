@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import make_args, make_trainer
+from stand_ins import StandInVLLM, with_stand_in
 from trl import GRPOTrainer
 
 from rl_lenbalance import LenBalanceConfig, LenBalanceGRPOTrainer
 from rl_lenbalance.schedule import admission_order, balance_rows
-
-from helpers import make_args, make_trainer
-from stand_ins import StandInVLLM, with_stand_in
 
 
 @pytest.mark.parametrize("mode", ["colocate", "server"])
@@ -99,9 +98,9 @@ def test_admission_orders_blocks_and_balances_equal_shares():
 
 
 def test_continuous_batching_is_predicted_and_greedy_completions_are_stocks(eos_tiny_model_dir, tmp_path):
-    args = make_args(tmp_path, max_steps=2, use_transformers_continuous_batching=True, generation_kwargs={"do_sample": False}, bf16=False,
-                     max_completion_length=16, per_device_train_batch_size=4, gradient_accumulation_steps=1,
-                     num_generations=4)
+    args = make_args(tmp_path, max_steps=2, use_transformers_continuous_batching=True,
+                     generation_kwargs={"do_sample": False}, bf16=False, max_completion_length=16,
+                     per_device_train_batch_size=4, gradient_accumulation_steps=1, num_generations=4)
     generated = {}
     for cls in (GRPOTrainer, LenBalanceGRPOTrainer):
         extra = {"lenbalance_config": LenBalanceConfig(max_overhead=1.0)} if cls is LenBalanceGRPOTrainer else {}

@@ -10,8 +10,7 @@ from benchmarks.forelen import BenchData, BuildConfig, RunConfig, check_compatib
 from benchmarks.forelen.cli import main
 from benchmarks.forelen.dataset import STEPS
 from benchmarks.forelen.metrics import kendall_tau
-from benchmarks.forelen.online import (entropy_trend, live_summary, online_vs_offline, running_median_mae,
-                                        with_features)
+from benchmarks.forelen.online import entropy_trend, live_summary, online_vs_offline, running_median_mae, with_features
 from benchmarks.forelen.predictors import PREDICTORS
 from benchmarks.forelen.run import run
 from benchmarks.forelen.train import FitSettings, score, train_predictor

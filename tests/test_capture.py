@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rl_lenbalance.generation.capture import GenerationCapture, record_steps
 from rl_lenbalance.config import LenBalanceConfig
+from rl_lenbalance.generation.capture import GenerationCapture, record_steps
 from rl_lenbalance.predictor import HeadConfig, PLPHead, StreamingPool, plp_features, pool_tokens, token_entropy
 
 MAX_NEW = 12
@@ -79,9 +79,10 @@ def test_a_bad_hook_module_is_a_clear_error(model_and_tokenizer):
 def test_a_resumed_capture_continues_the_streams_of_an_uninterrupted_one(model_and_tokenizer):
     """Re-bucketing splits a row over two generate calls; the second resumes from the first's StreamState (fed
     prompt + probe tokens), and records the PLP features an uninterrupted call records."""
+    from transformers import GenerationConfig
+
     from rl_lenbalance.generation.capture import StreamState
     from rl_lenbalance.generation.decode import compacted_generate
-    from transformers import GenerationConfig
 
     model, tokenizer = model_and_tokenizer
     max_new, probe = 24, 9

@@ -10,11 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import QUICKSTART
 from rich.console import Console
 
 from rl_lenbalance.cli.compare import CompareError, Turn, Turnstile, add_ratios, compare_recipe, print_comparison
-
-from helpers import QUICKSTART
 
 
 def _fake_trainer(steps: int, folder: Path, turn: Turn, *, fail_at: int = 0, hang_at: int = 0) -> list[float]:
@@ -98,7 +97,8 @@ def test_compare_recipe_times_stock_and_lenbalance_on_the_same_rollouts(eos_tiny
         assert result["steps"] == 2 and len(result["whole_step_s_per_step"]) == 2
         assert all(w > g > 0 for w, g in zip(result["whole_step_s_per_step"], result["generation_s_per_step"]))
         assert result["microstep_s_median"] > 0 and result["nonfinite_grad_steps"] == 0
-        assert result["page_faults_median"] >= result["generation_page_faults_median"] >= 0  # the step holds its generation
+        # the step holds its generation
+        assert result["page_faults_median"] >= result["generation_page_faults_median"] >= 0
     assert ours["completion_tokens"] == stock["completion_tokens"]  # same draws: the same work was timed
     assert ours["generation_plan"] == "measuring"  # 3 rounds: the generation tuner has not chosen yet
     assert ours["loss_pad_frac"] <= stock["loss_pad_frac"]

@@ -6,12 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 from datasets import Dataset
+from helpers import assert_same_update, train, varied_reward
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import GRPOConfig, GRPOTrainer
 
 from rl_lenbalance import LenBalanceConfig, LenBalanceGRPOTrainer
-
-from helpers import assert_same_update, train, varied_reward
 
 
 def add(a: int, b: int) -> int:

@@ -21,7 +21,8 @@ def _logged(key: str, names, chosen: str) -> dict:
 
 
 def test_a_step_line_shows_seconds_padding_plan_tuner_state_and_reward():
-    logs = {"loss": 0.0, "step_time": 3.912, "lenbalance/train/pad_frac": 0.074, "lenbalance/train/pad_frac_stock": 0.094,
+    logs = {"loss": 0.0, "step_time": 3.912, "lenbalance/train/pad_frac": 0.074,
+            "lenbalance/train/pad_frac_stock": 0.094,
             **_logged("autotune/strategy", NAMES, "sorted"), "lenbalance/autotune/exploring": 1.0,
             "lenbalance/autotune/pass": 2.0, "lenbalance/autotune/passes_to_measure": 4.0, "reward": 0.125,
             "entropy": 1.88, "completions/mean_length": 40.0}
@@ -52,7 +53,8 @@ def test_only_transformers_own_checkpointing_deprecations_are_silenced():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with trl_deprecations_silenced():
-            for name in ("is_gradient_checkpointing", "gradient_checkpointing_disable", "gradient_checkpointing_enable"):
+            for name in ("is_gradient_checkpointing", "gradient_checkpointing_disable",
+                         "gradient_checkpointing_enable"):
                 warnings.warn_explicit(f"`{name}` is deprecated and will be removed in v6.", FutureWarning,
                                        "modeling_utils.py", 1, module="transformers.modeling_utils")
             warnings.warn_explicit("`other` is deprecated and will be removed in v6.", FutureWarning,

@@ -28,8 +28,8 @@ def test_stock_and_lenbalance_learn_the_same_parameters(tiny_model_dir, tmp_path
     results = json.loads(out.read_text())
     settings = {(r["loss_type"], r["grad_acc"], r["num_iterations"], r["steps_per_generation"], r["plan"])
                 for r in results}
-    assert settings == {(l, g, n, g, "sorted_uneven" if n == 1 else "auto") for l in ("dapo", "grpo", "dr_grpo")
-                        for g in (1, 2) for n in (1, 2)} | {
+    assert settings == {(loss_type, g, n, g, "sorted_uneven" if n == 1 else "auto")
+                        for loss_type in ("dapo", "grpo", "dr_grpo") for g in (1, 2) for n in (1, 2)} | {
         ("grpo", 1, 1, 2, "sorted_uneven"), ("dapo", 2, 1, 4, "sorted_uneven"), ("rloo", 2, 1, 2, "sorted_uneven"),
         ("rloo", 2, 2, 2, "auto"), ("dapo", 2, 1, 2, "packed@60"), ("grpo", 2, 2, 2, "shared_prompt"),
         ("dapo", 2, 1, 2, "shared_prompt@60")}

@@ -10,14 +10,13 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import QUICKSTART
 
 from rl_lenbalance.cli import train as train_module
-from rl_lenbalance.cli.main import main as cli_main
 from rl_lenbalance.cli.compare import compare_recipe
-from rl_lenbalance.predictor import CONTEXT_SIZE, HeadConfig, PLPHead
+from rl_lenbalance.cli.main import main as cli_main
 from rl_lenbalance.cli.train import LOCK_NAME, output_dir_lock
-
-from helpers import QUICKSTART
+from rl_lenbalance.predictor import CONTEXT_SIZE, HeadConfig, PLPHead
 
 REPO = Path(__file__).parents[1]
 
@@ -160,9 +159,10 @@ def test_compare_help_states_the_minimum_the_code_accepts(capsys):
 
 def test_a_compare_error_is_one_line_and_exit_2_without_an_abort(eos_tiny_model_dir, tmp_path):
     """A turn timeout shorter than a step: the trainer's process is killed inside it and the CLI says one line."""
-    cmd = [sys.executable, "-m", "rl_lenbalance.cli.main", "compare", str(QUICKSTART), "--turn-timeout", "0.001", "--set",
-           f"model.name_or_path={eos_tiny_model_dir}", f"output_dir={tmp_path}", "per_device_train_batch_size=4",
-           "gradient_accumulation_steps=1", "num_generations=4", "max_completion_length=8", "task.num_prompts=8"]
+    cmd = [sys.executable, "-m", "rl_lenbalance.cli.main", "compare", str(QUICKSTART), "--turn-timeout", "0.001",
+           "--set", f"model.name_or_path={eos_tiny_model_dir}", f"output_dir={tmp_path}",
+           "per_device_train_batch_size=4", "gradient_accumulation_steps=1", "num_generations=4",
+           "max_completion_length=8", "task.num_prompts=8"]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and "terminate called" not in proc.stderr, proc.stderr[-3000:]
@@ -269,10 +269,10 @@ def test_bf16_on_a_cpu_that_emulates_it_is_named_with_the_fix(tiny_model_dir, tm
     stock learns)."""
     import warnings
 
+    from helpers import make_args, make_trainer
+
     from rl_lenbalance import LenBalanceGRPOTrainer
     from rl_lenbalance.integrations.trl import trainer as adapter
-
-    from helpers import make_args, make_trainer
 
     monkeypatch.setattr(adapter, "cpu_has_fast_bf16", lambda: native)
     with warnings.catch_warnings(record=True) as caught:

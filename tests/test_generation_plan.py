@@ -8,12 +8,12 @@ from __future__ import annotations
 import json
 import time
 
+import helpers
 import pytest
 import torch
+from helpers import train
 from trl import GRPOTrainer
 
-import helpers
-from helpers import train
 from rl_lenbalance import LenBalanceConfig, LenBalanceGRPOTrainer, ledger
 from rl_lenbalance.generation.decode import compacted_generate
 
@@ -60,16 +60,19 @@ def test_greedy_auto_times_both_plans_and_keeps_stocks_completions(embedded_dir,
     config = LenBalanceConfig(predictor_steps_per_round=2, autotune_samples=1)
     monkeypatch.setattr("rl_lenbalance.integrations.trl.generation.compacted_generate", spy)
     ours = train(LenBalanceGRPOTrainer, embedded_dir, tmp_path, lenbalance=config, **run)
-    assert ours.lenbalance_config.compaction == "auto" and ours._lenbalance_generation_tuner.candidates == ["stock", "compaction"]
+    assert (ours.lenbalance_config.compaction == "auto"
+            and ours._lenbalance_generation_tuner.candidates == ["stock", "compaction"])
     assert len({len(c) for c in expected}) >= 3, "greedy rows of one length would not exercise compaction"
     assert got == expected  # 4 rounds, stock's and compaction's: stock's completions token for token
     plans = logged_names(ours, "gen/plan")
     # round 1 warms up (stock, untimed), rounds 2-3 time stock and compaction, round 4 runs the choice
     assert plans[:3] == ["stock", "stock", "compaction"] and logged(ours, "gen/exploring") == [1.0, 1.0, 1.0, 0.0]
     assert calls.count(1) == plans.count("compaction") >= 1  # the compacting loop ran exactly in the compaction rounds
-    assert set(ours._lenbalance_generation_tuner.timings) == {"stock", "compaction"} and ours._lenbalance_generation_tuner.decided
+    assert (set(ours._lenbalance_generation_tuner.timings) == {"stock", "compaction"}
+            and ours._lenbalance_generation_tuner.decided)
     ratio = logged(ours, "gen/ratio_vs_stock")  # once decided (rounds 3 and 4): stock's time over the choice's
-    assert len(ratio) == 2 and ratio[-1] == pytest.approx(ours._lenbalance_generation_tuner.ratio_vs_stock()) and ratio[-1] > 0
+    assert (len(ratio) == 2 and ratio[-1] == pytest.approx(ours._lenbalance_generation_tuner.ratio_vs_stock())
+            and ratio[-1] > 0)
     assert len(logged(ours, "gen/s_per_step")) == 4 and all(s > 0 for s in logged(ours, "gen/s_per_step"))
 
 
@@ -105,7 +108,8 @@ def test_greedy_auto_keeps_the_faster_plan_and_rechecks_the_other(eos_tiny_model
     state = json.loads(json.dumps(ours.lenbalance_run_state()))
     resumed = helpers.make_trainer(LenBalanceGRPOTrainer, eos_tiny_model_dir, ours.args, lenbalance_config=config)
     resumed.load_lenbalance_run_state(state, "run_state.json")
-    assert resumed._lenbalance_generation_tuner.state_dict() == tuner.state_dict() and resumed._lenbalance_generation_tuner.next() == tuner.next()
+    assert (resumed._lenbalance_generation_tuner.state_dict() == tuner.state_dict()
+            and resumed._lenbalance_generation_tuner.next() == tuner.next())
 
 
 def test_sampled_auto_times_both_plans_and_keeps_stocks_completions(eos_tiny_model_dir, tmp_path, monkeypatch):
@@ -115,7 +119,8 @@ def test_sampled_auto_times_both_plans_and_keeps_stocks_completions(eos_tiny_mod
     got = recording_rewards(monkeypatch)
     ours = train(LenBalanceGRPOTrainer, eos_tiny_model_dir, tmp_path, **run,
                  lenbalance=LenBalanceConfig(predictor_steps_per_round=2, autotune_samples=1))
-    assert ours.lenbalance_config.compaction == "auto" and ours._lenbalance_generation_tuner.candidates == ["stock", "compaction"]
+    assert (ours.lenbalance_config.compaction == "auto"
+            and ours._lenbalance_generation_tuner.candidates == ["stock", "compaction"])
     assert len({len(c) for c in expected}) >= 3, "sampled rows of one length would not exercise compaction"
     assert logged_names(ours, "gen/plan")[:3] == ["stock", "stock", "compaction"]  # warm-up, then both timed
     assert got == expected  # sampled, with and without finished rows in the batch: stock's tokens
@@ -133,6 +138,7 @@ def test_where_torch_samples_otherwise_auto_never_compacts_under_sampling(eos_ti
     ours = train(LenBalanceGRPOTrainer, eos_tiny_model_dir, tmp_path, max_steps=3, max_completion_length=24,
                  lenbalance=LenBalanceConfig(predictor_steps_per_round=2, autotune_samples=1))
     assert ours.lenbalance_config.compaction is False and ours._lenbalance_generation_tuner.candidates == ["stock"]
-    assert calls == [] and logged_names(ours, "gen/plan") == ["stock"] * 3 and logged(ours, "gen/exploring") == [0.0] * 3
+    assert (calls == [] and logged_names(ours, "gen/plan") == ["stock"] * 3
+            and logged(ours, "gen/exploring") == [0.0] * 3)
     assert logged(ours, "gen/ratio_vs_stock") == []  # one plan: nothing compared
     assert ledger.summary(ours.lenbalance_totals, ours.state.log_history, 3)["generation_plan"] == "stock"

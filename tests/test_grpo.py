@@ -3,11 +3,10 @@ trains online, metrics reach the trainer's logs, checkpoints carry the predictor
 
 import pytest
 import torch
+from helpers import PROMPTS, chat, make_args, make_trainer
 from trl import GRPOTrainer
 
 from rl_lenbalance import LenBalanceCallback, LenBalanceConfig, LenBalanceGRPOTrainer, wrap_trainer
-
-from helpers import PROMPTS, chat, make_args, make_trainer
 
 
 @pytest.mark.slow
@@ -94,7 +93,8 @@ def test_settings_that_contradict_trl_are_refused(eos_tiny_model_dir, tmp_path, 
 
 
 def test_training_plan_off_keeps_stock_prepare_inputs(eos_tiny_model_dir, tmp_path):
-    trainer = make_trainer(LenBalanceGRPOTrainer, eos_tiny_model_dir, make_args(tmp_path, loss_type="bnpo", max_steps=1),
+    trainer = make_trainer(LenBalanceGRPOTrainer, eos_tiny_model_dir,
+                           make_args(tmp_path, loss_type="bnpo", max_steps=1),
                            lenbalance_config=LenBalanceConfig(training_plan="off"))
     trainer.train()
     logged = {key for row in trainer.state.log_history for key in row}

@@ -103,7 +103,8 @@ def scripted_generate(tokenizer):
     valid tool call, a call to an unknown tool or plain text; a turn after a tool result answers 'Done!'."""
     end = tokenizer.eos_token
     first = ['<tool_call>\n{"name": "increment", "arguments": {"step": 1}}\n</tool_call>' + end,
-             '<tool_call>\n{"name": "decrement", "arguments": {"step": 2}}\n</tool_call>' + end, "I won't increment" + end]
+             '<tool_call>\n{"name": "decrement", "arguments": {"step": 2}}\n</tool_call>' + end,
+             "I won't increment" + end]
     first = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in first]
     done = tokenizer("Done!" + end, add_special_tokens=False)["input_ids"]
 
@@ -125,8 +126,9 @@ def train_with_tools(model_dir, tmp_path, path: str, config: LenBalanceConfig | 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64)
     cls = LenBalanceGRPOTrainer if path == "swap" else GRPOTrainer
     extra = {"lenbalance_config": config} if path == "swap" else {}
-    trainer = cls(model=model, processing_class=tokenizer, reward_funcs=varied_reward, args=make_args(tmp_path / path, **args),
-                  train_dataset=prompt_dataset(), environment_factory=CounterEnvironment, **extra)
+    trainer = cls(model=model, processing_class=tokenizer, reward_funcs=varied_reward,
+                  args=make_args(tmp_path / path, **args), train_dataset=prompt_dataset(),
+                  environment_factory=CounterEnvironment, **extra)
     if path == "callback":
         trainer.add_callback(LenBalanceCallback(trainer, config))
     model.generate = scripted_generate(tokenizer)  # after the trainer is built, as `patch.object(trainer.model, ...)`

@@ -227,7 +227,8 @@ def test_tiny_model(tiny_model_dir, embedded_dir):
     assert isinstance(model, LlamaForCausalLM)
     assert model.config.vocab_size == len(tokenizer) == 49152
     assert model.config.num_hidden_layers == 2 and model.config.hidden_size == 64
-    assert model.config.tie_word_embeddings and model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    assert (model.config.tie_word_embeddings
+            and model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr())
     assert model.config.eos_token_id == model.config.pad_token_id == tokenizer.eos_token_id == 2
     assert (tiny_model_dir / "model.safetensors").is_file()
     # Same tokenizer and chat template as the embedded model.

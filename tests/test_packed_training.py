@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import assert_same_update, make_args, prompt_dataset, train, varied_reward
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import GRPOTrainer
 
 from rl_lenbalance import LenBalanceConfig, LenBalanceGRPOTrainer
-
-from helpers import assert_same_update, make_args, prompt_dataset, train, varied_reward
 
 LOSSES = [("dapo", {}), ("grpo", {"num_iterations": 2}), ("dr_grpo", {"mask_truncated_completions": True}),
           ("cispo", {}), ("dapo", {"beta": 0.04})]
@@ -93,4 +92,5 @@ def test_auto_names_the_strategies_it_leaves_out(tiny_model_dir, tmp_path):
         auto = LenBalanceGRPOTrainer(model=model, reward_funcs=varied_reward, args=make_args(tmp_path),
                                      processing_class=AutoTokenizer.from_pretrained(tiny_model_dir),
                                      train_dataset=prompt_dataset())
-    assert "packed" in auto._lenbalance_loss_tuner.candidates and "shared_prompt" not in auto._lenbalance_loss_tuner.candidates
+    assert ("packed" in auto._lenbalance_loss_tuner.candidates
+            and "shared_prompt" not in auto._lenbalance_loss_tuner.candidates)

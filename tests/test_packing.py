@@ -1,6 +1,6 @@
-"""The padding-free loss forward (`rl_lenbalance.loss.packed`) gives TRL's own per-token log-probs, entropies and gradients
-on every family it accepts, refuses the ones it cannot pack with a reason, and each comparison is shown to be able to
-fail (continuous or restarted position ids, an attention without packed masks, a Mamba hybrid).
+"""The padding-free loss forward (`rl_lenbalance.loss.packed`) gives TRL's own per-token log-probs, entropies and
+gradients on every family it accepts, refuses the ones it cannot pack with a reason, and each comparison is shown to
+be able to fail (continuous or restarted position ids, an attention without packed masks, a Mamba hybrid).
 
 "Stock" is the real `GRPOTrainer`/`RLOOTrainer._get_per_token_logps_and_entropies` on the padded batch. TRL 1.16 scores
 through its fused LM head, whose statistics are float32 even for a float64 model (~1e-6 off the float64 values), so:
@@ -13,13 +13,12 @@ from __future__ import annotations
 import pytest
 import torch
 from datasets import Dataset
+from helpers import gap, grad_gap
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
 from rl_lenbalance.loss import packed as packing
 from rl_lenbalance.loss.packed import packed_logps_and_entropies, packing_unsupported
-
-from helpers import gap, grad_gap
 
 TEMPERATURE = 0.7
 PROMPT, COMPLETION = 7, 9
@@ -206,7 +205,10 @@ def test_the_comparison_fails_without_packed_boundaries_or_stock_positions(famil
     model = load(family_model_dir(family)).eval()
     input_ids, attention_mask = make_batch(model.config.vocab_size, model.config.pad_token_id)
     exact = float64_reference(model, input_ids, attention_mask)[0]
-    run = lambda: packed_logps_and_entropies(model, input_ids, attention_mask, COMPLETION, temperature=TEMPERATURE)[0]
+
+    def run():
+        return packed_logps_and_entropies(model, input_ids, attention_mask, COMPLETION, temperature=TEMPERATURE)[0]
+
     assert gap(run(), exact) < 1e-10
     with monkeypatch.context() as patch:
         patch.setattr(packing, "_pack", repack("continuous"))

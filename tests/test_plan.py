@@ -4,7 +4,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rl_lenbalance.schedule import best_partition, imbalance, karmarkar_karp, lpt_partition, padded_cost, plan_microbatches
+from rl_lenbalance.schedule import (
+    best_partition,
+    imbalance,
+    karmarkar_karp,
+    lpt_partition,
+    padded_cost,
+    plan_microbatches,
+)
 
 
 @settings(max_examples=100, deadline=None)

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from helpers import tiny_decoder
 
 from rl_lenbalance.predictor import (
     CONTEXT_SIZE,
@@ -24,8 +25,6 @@ from rl_lenbalance.predictor import (
     soft_labels,
     token_entropy,
 )
-
-from helpers import tiny_decoder
 
 
 def test_entropy_matches_definition_and_survives_masked_logits():

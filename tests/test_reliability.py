@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import QUICKSTART, assert_same, make_args, make_trainer
 from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 from trl import GRPOTrainer
@@ -21,12 +22,10 @@ from trl import GRPOTrainer
 from rl_lenbalance import LenBalanceCallback, LenBalanceConfig, LenBalanceGRPOTrainer, wrap_trainer
 from rl_lenbalance.cli import train as train_module
 from rl_lenbalance.cli.main import main as cli_main
-from rl_lenbalance.generation.engine import LenBalanceEngine, TrainingPairs
-from rl_lenbalance.predictor import CONTEXT_SIZE, HeadConfig, OnlineTrainer, PLPHead, feature_size
 from rl_lenbalance.cli.recipe import RecipeError, load_recipe
 from rl_lenbalance.cli.train import parse_overrides
-
-from helpers import QUICKSTART, assert_same, make_args, make_trainer
+from rl_lenbalance.generation.engine import LenBalanceEngine, TrainingPairs
+from rl_lenbalance.predictor import CONTEXT_SIZE, HeadConfig, OnlineTrainer, PLPHead, feature_size
 
 
 @pytest.fixture(autouse=True)
@@ -100,7 +99,8 @@ def test_the_cli_reports_recipe_errors_without_a_traceback_or_loading_anything(c
 
 
 def test_a_set_value_that_is_not_yaml_is_a_clear_error():
-    with pytest.raises(RecipeError, match=r"--set 'report_to=\[wandb': the value is not valid YAML.*close its brackets"):
+    with pytest.raises(RecipeError,
+                       match=r"--set 'report_to=\[wandb': the value is not valid YAML.*close its brackets"):
         parse_overrides(["report_to=[wandb"])
 
 

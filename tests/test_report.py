@@ -7,13 +7,21 @@ import re
 from pathlib import Path
 
 import pytest
-
-from rl_lenbalance.ledger import summary_rows
-from rl_lenbalance.cli.report import (HTML_NAME, PNG_NAME, build_report, load_length_tables, locate_run, logged_summary,
-                                  loss_tokens_saved, main, render_figure)
-from rl_lenbalance.cli.wandb_offline import find_runs, read_run
-
 from helpers import QUICKSTART
+
+from rl_lenbalance.cli.report import (
+    HTML_NAME,
+    PNG_NAME,
+    build_report,
+    load_length_tables,
+    locate_run,
+    logged_summary,
+    loss_tokens_saved,
+    main,
+    render_figure,
+)
+from rl_lenbalance.cli.wandb_offline import find_runs, read_run
+from rl_lenbalance.ledger import summary_rows
 
 P = "train/lenbalance/"
 
@@ -89,7 +97,8 @@ def test_padded_tokens_saved_is_stock_minus_computed(partial_run):
 
 
 def test_a_report_rebuilt_from_logged_metrics_names_plans_and_the_predictors_round(partial_run):
-    rows = {label: (now, stock) for label, now, stock in summary_rows(logged_summary(read_run(locate_run(partial_run))))}
+    rows = {label: (now, stock)
+            for label, now, stock in summary_rows(logged_summary(read_run(locate_run(partial_run))))}
     assert rows["training plan"] == ("sorted (1.25× stock)", "")  # logged as index 2 into LEGACY_STRATEGIES
     assert rows["plan of each step"] == ("1 sorted, 2 stock", "")
     assert rows["predictor MAE at t=0, round 1 of 1 captured (step 1, before online training)"] == (
@@ -111,7 +120,8 @@ def _legend(ax) -> list[str]:
 def test_missing_metrics_become_no_data_panels(partial_run, tmp_path):
     run = read_run(locate_run(partial_run))
     figure = render_figure(run, {}, "t")
-    no_data = [ax.get_title(loc="left") for ax in figure.axes if any(t.get_text().startswith("no data") for t in ax.texts)]
+    no_data = [ax.get_title(loc="left") for ax in figure.axes
+               if any(t.get_text().startswith("no data") for t in ax.texts)]
     assert any(title.startswith("(e) rank imbalance") for title in no_data)
     assert any(title.startswith("(h) predicted") for title in no_data)
     assert not any(title[:3] in ("(a)", "(b)", "(c)") for title in no_data)  # seconds and padding
@@ -248,7 +258,8 @@ def test_report_of_a_real_run(trained_run, tmp_path):
     rows = run.config["per_device_train_batch_size"] * run.config["steps_per_generation"]  # one process
     assert list(tables) == [1] and len(tables[1]) == rows  # one step; every row was predicted at t=0
     figure = render_figure(run, tables, "t")
-    no_data = [ax.get_title(loc="left") for ax in figure.axes if any(t.get_text().startswith("no data") for t in ax.texts)]
+    no_data = [ax.get_title(loc="left") for ax in figure.axes
+               if any(t.get_text().startswith("no data") for t in ax.texts)]
     assert no_data == []
 
 

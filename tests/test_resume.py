@@ -13,8 +13,8 @@ from helpers import assert_same, make_args, make_trainer
 from transformers import TrainerCallback
 
 from rl_lenbalance import LenBalanceConfig, LenBalanceGRPOTrainer
-from rl_lenbalance.schedule import Autotuner
 from rl_lenbalance.cli.train import summarize
+from rl_lenbalance.schedule import Autotuner
 
 STEPS = 3
 
@@ -63,7 +63,8 @@ def test_kill_and_resume_trains_what_an_uninterrupted_run_trains(runs):
     a, b = whole._lenbalance_loss_tuner.state_dict(), resumed._lenbalance_loss_tuner.state_dict()
     assert {k: len(v) for k, v in a.pop("timings").items()} == {k: len(v) for k, v in b.pop("timings").items()}
     assert a == b  # passes, choice, rechecks (the timings are seconds: measured anew by each run)
-    assert resumed._lenbalance_generation_tuner.passes == whole._lenbalance_generation_tuner.passes == STEPS  # the generation tuner's rounds too
+    # the generation tuner's rounds too
+    assert resumed._lenbalance_generation_tuner.passes == whole._lenbalance_generation_tuner.passes == STEPS
     # the capture budget went on where it stopped: the same rounds were captured (round 1 cost far more than the
     # default 1% of generation time, so no later round fits in either run, whatever their seconds)
     share = per_step(whole, lambda row: row["lenbalance/predictor/overhead_frac_run"])

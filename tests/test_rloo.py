@@ -2,12 +2,11 @@
 completions TRL receives keep RLOO's return type."""
 
 import torch
+from helpers import PROMPTS, chat, make_trainer
 from trl import RLOOConfig, RLOOTrainer
 
 from rl_lenbalance import LenBalanceConfig, LenBalanceRLOOTrainer, wrap_trainer
 from rl_lenbalance.config import cpu_has_fast_bf16
-
-from helpers import PROMPTS, chat, make_trainer
 
 
 def make(cls, model_dir, tmp_path, **kwargs):

@@ -173,7 +173,8 @@ def test_padded_tokens():
     st.lists(st.tuples(st.integers(0, 500), st.integers(0, 3)), max_size=40),
     st.integers(1, 4), st.integers(1, 9), st.booleans(),
 )
-def test_rebucket_keeps_every_row_once_in_ordered_waves_and_bounds_the_slowest_rank(rows, num_ranks, wave_size, compacted):
+def test_rebucket_keeps_every_row_once_in_ordered_waves_and_bounds_the_slowest_rank(rows, num_ranks, wave_size,
+                                                                                     compacted):
     remaining = [float(r) for r, _ in rows]
     origin = [o % num_ranks for _, o in rows]
     plan = schedule.rebucket(remaining, origin, num_ranks, wave_size, compacted)

@@ -10,17 +10,20 @@ from __future__ import annotations
 import pytest
 import torch
 from datasets import Dataset
+from helpers import gap, grad_gap
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import GRPOConfig, GRPOTrainer
 
 from rl_lenbalance.loss import shared_prompt
-from rl_lenbalance.loss.shared_prompt import (plan_shared_prompt, prompt_groups, shared_prompt_logps_and_entropies,
-                                              shared_prompt_unsupported)
 from rl_lenbalance.loss.packed import packed_logps_and_entropies
-
-from helpers import gap, grad_gap
+from rl_lenbalance.loss.shared_prompt import (
+    plan_shared_prompt,
+    prompt_groups,
+    shared_prompt_logps_and_entropies,
+    shared_prompt_unsupported,
+)
 
 TEMPERATURE = 0.7
 PROMPT, COMPLETION = 8, 7  # the micro-batch's prompt and completion widths

@@ -9,11 +9,25 @@ import math
 import pytest
 from rich.console import Console
 
-from rl_lenbalance.ledger import (GENERATION_PLANS, LEGACY_STRATEGIES, GenerationLedger, RunTotals, TrainingLedger,
-                                  logged_totals, named, round_metrics, summary, summary_json, summary_rows, time_metrics,
-                                  training_metrics, wandb_summary, waste)
-from rl_lenbalance.loss import STRATEGIES
 from rl_lenbalance.cli.train import print_summary
+from rl_lenbalance.ledger import (
+    GENERATION_PLANS,
+    LEGACY_STRATEGIES,
+    GenerationLedger,
+    RunTotals,
+    TrainingLedger,
+    logged_totals,
+    named,
+    round_metrics,
+    summary,
+    summary_json,
+    summary_rows,
+    time_metrics,
+    training_metrics,
+    wandb_summary,
+    waste,
+)
+from rl_lenbalance.loss import STRATEGIES
 
 STEPS = [  # (generation ledger, predictor train seconds, training ledger, generation-phase s, loss-phase s)
     (GenerationLedger(100, 160, 40, 40, 90, 2.0, 0.2, 0, 0), 0.3, TrainingLedger(100, 200, 80, 0), 3.0, 1.5),
@@ -130,7 +144,8 @@ def test_the_summary_names_every_steps_plan_and_says_the_tuner_is_still_measurin
     chosen = summary(RunTotals(), _tuned(["sorted", "stock", "stock", "sorted"], chosen="sorted"), steps=4)
     assert chosen["autotune_state"] == "chosen" and "autotune_pass" not in chosen
     rows = {label: now for label, now, _ in summary_rows(chosen)}
-    assert rows["training plan"] == "sorted (1.31× stock)" and rows["plan of each step"] == "1 sorted, 2-3 stock, 4 sorted"
+    assert (rows["training plan"] == "sorted (1.31× stock)"
+            and rows["plan of each step"] == "1 sorted, 2-3 stock, 4 sorted")
     long_run = summary(RunTotals(), _tuned(["stock", "sorted"] * 10), steps=20)
     assert {label: now for label, now, _ in summary_rows(long_run)}["plan of each step"] == (
         "stock: 10 steps, sorted: 10 steps")

@@ -1,12 +1,11 @@
 """The main job end to end on the embedded SmolLM2, its wandb offline run read back, and recipe errors."""
 
 import pytest
+from helpers import QUICKSTART
 
 from rl_lenbalance.cli.recipe import RecipeError, load_recipe
 from rl_lenbalance.cli.train import build_trainer, parse_overrides
 from rl_lenbalance.cli.wandb_offline import find_runs, read_run
-
-from helpers import QUICKSTART
 
 OPEN_ENDED = QUICKSTART.parent / "open_ended.yaml"
 

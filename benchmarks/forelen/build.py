@@ -9,11 +9,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rl_lenbalance.generation.capture import GenerationCapture, outputs_of, resolve_module
-from rl_lenbalance.config import LenBalanceConfig
-from rl_lenbalance.generation.decode import left_pad
 from rl_lenbalance.builtin.models import load_model
+from rl_lenbalance.config import LenBalanceConfig
+from rl_lenbalance.generation.capture import GenerationCapture, outputs_of, resolve_module
+from rl_lenbalance.generation.decode import left_pad
 from rl_lenbalance.predictor import POOLING_METHODS, HeadConfig, PLPHead, pool_tokens, token_entropy
+
 from .config import BuildConfig
 from .dataset import SPLITS, STEPS, BenchData, model_id, scenario_dir
 from .prompts import chat, scenario_prompts

@@ -16,7 +16,8 @@ DOCS = Path("docs/benchmarks")
 def parser() -> argparse.ArgumentParser:
     from .predictors import PREDICTORS
 
-    top = argparse.ArgumentParser(prog="python -m benchmarks.forelen", description="ForeLen-style length-predictor benchmark.")
+    top = argparse.ArgumentParser(prog="python -m benchmarks.forelen",
+                                  description="ForeLen-style length-predictor benchmark.")
     commands = top.add_subparsers(dest="command", required=True)
     build = commands.add_parser("build", help="Generate the scenarios with the policy model and cache the features.")
     build.add_argument("--out", help="Data folder (default: <cache>/bench/full, or .../small with --small).")

@@ -7,6 +7,7 @@ import time
 import torch
 
 from rl_lenbalance.predictor import HeadConfig, PLPHead, StreamingPool, plp_features
+
 from .dataset import BenchData
 from .models import BucketClassifier
 

@@ -12,9 +12,17 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from rl_lenbalance.config import LenBalanceConfig
-from rl_lenbalance.generation.engine import PLP_REPORT_STEP, LenBalanceEngine, TrainingPairs, head_config, lowest_mean_error, new_trainer
+from rl_lenbalance.generation.engine import (
+    PLP_REPORT_STEP,
+    LenBalanceEngine,
+    TrainingPairs,
+    head_config,
+    lowest_mean_error,
+    new_trainer,
+)
 from rl_lenbalance.predictor import PLPHead, feature_size
 from rl_lenbalance.predictor.context import CANDIDATES
+
 from .dataset import BenchData
 from .metrics import mae
 from .predictors import PREDICTORS, Pairs, make_pairs

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from rl_lenbalance.predictor import HeadConfig, PLPHead, plp_features
+
 from .dataset import STEPS, BenchData
 from .models import BucketClassifier, Ranker, Regressor
 

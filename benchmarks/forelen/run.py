@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from rl_lenbalance.predictor import PLPHead, bin_index, soft_labels
+
 from .config import RunConfig
 from .cost import step_cost
 from .dataset import SPLITS, BenchData, check_compatible, model_id, scenario_dir

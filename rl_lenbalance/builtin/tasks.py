@@ -203,7 +203,8 @@ OPEN_STYLES: dict[str, list[str]] = {
                     'Translate into {target} and give only the translation: "{sentence}"',
                     'Translate into {target}, then explain the grammar of the translation word by word: "{sentence}"'],
     "explanation": ["Explain {topic} in one sentence.", "Explain {topic} to a ten-year-old.",
-                    "Write a long, detailed explanation of {topic}: where it comes from, its main ideas, and why it matters."],
+                    "Write a long, detailed explanation of {topic}: where it comes from, its main ideas, "
+                    "and why it matters."],
 }
 
 

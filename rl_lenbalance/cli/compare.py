@@ -362,7 +362,8 @@ def _build_from_recipe(recipe, settings: dict | None, _name: str):
 
     if settings is None:
         return build_trainer(recipe, timed(GRPOTrainer))
-    return build_trainer(replace(recipe, lenbalance=replace(recipe.lenbalance, **settings)), timed(LenBalanceGRPOTrainer))
+    return build_trainer(replace(recipe, lenbalance=replace(recipe.lenbalance, **settings)),
+                         timed(LenBalanceGRPOTrainer))
 
 
 def compare_recipe(recipe_path: str, overrides: dict | None = None, steps: int = 4, warmup: int = 1,
@@ -378,7 +379,8 @@ def compare_recipe(recipe_path: str, overrides: dict | None = None, steps: int =
     fixed = {"max_steps": steps, "save_strategy": "no", "report_to": "none", "disable_tqdm": True}
     recipe = load_recipe(recipe_path, (overrides or {}) | fixed)
 
-    variants = {"stock": None, "lenbalance": {}} | {f"lenbalance_{plan}": {"training_plan": plan} for plan in plans or ()}
+    variants = {"stock": None, "lenbalance": {}} | {f"lenbalance_{plan}": {"training_plan": plan}
+                                                    for plan in plans or ()}
     results = compare(functools.partial(_build_from_recipe, recipe), variants, warmup, turn_timeout_s)
     print_comparison(results)
     out = Path(recipe.training.output_dir, "lenbalance_compare.json")

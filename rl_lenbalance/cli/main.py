@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> None:
                                                              f"{MIN_COMPARE_STEPS} or more (a warm-up step, then the "
                                                              "timed ones)"),
                          help=f"Optimizer steps per trainer, the warm-up step included ({MIN_COMPARE_STEPS} or more).")
-    compare.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="Override recipe keys, as for train.")
+    compare.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                         help="Override recipe keys, as for train.")
     compare.add_argument("--plans", nargs="*", default=[], choices=list(STRATEGIES), metavar="STRATEGY",
                          help="Also run rl-lenbalance with lenbalance.training_plan pinned to each of these loss "
                               f"strategies ({', '.join(STRATEGIES)}), to see what 'auto' chose from.")

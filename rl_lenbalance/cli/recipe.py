@@ -217,8 +217,8 @@ def preflight(recipe: Recipe) -> None:
     weights load: the model path, `lenbalance.feature_layer` against the model's layers, `lenbalance.predictor_path`'s
     head against this run (the same `check_head` the engine applies) and its weights file, and, when
     `resume_from_checkpoint` names a checkpoint folder, the head saved in its `lenbalance/` against this run."""
-    from ..generation.engine import check_head
     from ..builtin.models import model_config
+    from ..generation.engine import check_head
     from ..predictor import read_head_config
     from ..predictor.head import WEIGHTS_NAME
 

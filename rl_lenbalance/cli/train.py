@@ -34,9 +34,9 @@ def build_trainer(recipe: Recipe, trainer_class: type | None = None):
     """Model, task and trainer as the recipe says (`recipe.preflight` first: settings that need only the model's
     config fail before its weights load): `LenBalanceGRPOTrainer` by default; `trainer_class` may be any
     GRPOTrainer subclass (stock TRL's for a comparison), which gets `lenbalance_config` only if it takes one."""
-    from ..integrations import LenBalanceGRPOTrainer, LenBalanceMixin
     from ..builtin.models import load_model
     from ..builtin.tasks import TASKS
+    from ..integrations import LenBalanceGRPOTrainer, LenBalanceMixin
 
     preflight(recipe)
     trainer_class = trainer_class or LenBalanceGRPOTrainer

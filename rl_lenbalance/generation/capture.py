@@ -18,8 +18,8 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from ..config import LenBalanceConfig
-from .decode import prompt_then_completion
 from ..predictor import StreamingPool, plp_features, pool_tokens, token_entropy
+from .decode import prompt_then_completion
 from .timing import DeviceTimer
 
 ENTROPY_CHUNK_ROWS = 8  # prompt rows per lm_head pass at prefill (bounds the (rows, P, V) logits in memory)

@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .capture import CaptureResult, GenerationCapture, StreamState, record_steps
 from ..config import LenBalanceConfig
 from ..predictor import (
     CONTEXT_SIZE,
@@ -32,6 +31,7 @@ from ..predictor import (
 )
 from ..predictor.context import CANDIDATES, ESTIMATES
 from ..predictor.head import CONFIG_NAME, WEIGHTS_NAME
+from .capture import CaptureResult, GenerationCapture, StreamState, record_steps
 
 STATE_NAME = "engine_state.pt"  # beside the head's files: its optimizer, replay buffer, baseline and health
 Gather = Callable[[torch.Tensor], torch.Tensor]  # this rank's rows -> every rank's rows, in rank order
@@ -471,7 +471,8 @@ class LenBalanceEngine:
         self.trainer.skipped_updates = state["skipped_updates"]
         self.baseline.lengths.clear()
         self.baseline.update(state["baseline"])
-        self.history.load_state_dict(state.get("history", {"rows": [], "prompts": []}))  # none in states saved before it
+        # none in states saved before it
+        self.history.load_state_dict(state.get("history", {"rows": [], "prompts": []}))
         self.rounds, self.fallbacks = state["rounds"], state["fallbacks"]
         self.live_errors = {label: deque(rounds, maxlen=SELECTION_ROUNDS)  # none in states saved before it
                             for label, rounds in state.get("live_errors", {}).items()}
@@ -495,7 +496,8 @@ class LenBalanceEngine:
         """Restore what `save` wrote, keeping whatever is readable. An incomplete folder restores nothing; a file that
         cannot be read (a disk or copy fault) is skipped with a warning naming it and what starts fresh; a head saved
         with another contract is refused (`check_head`); non-finite weights are re-initialised (`load_state_dict`)."""
-        missing = [name for name in (CONFIG_NAME, WEIGHTS_NAME, STATE_NAME) if not os.path.isfile(Path(directory, name))]
+        missing = [name for name in (CONFIG_NAME, WEIGHTS_NAME, STATE_NAME)
+                   if not os.path.isfile(Path(directory, name))]
         if missing:
             warnings.warn(f"rl-lenbalance: {directory} is incomplete (no {', '.join(missing)}; an interrupted save?): "
                           "the length predictor starts fresh.")

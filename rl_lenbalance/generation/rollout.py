@@ -17,11 +17,11 @@ from typing import Protocol
 
 import torch
 
-from .capture import CaptureResult, StreamState
-from .engine import LenBalanceEngine, Wave
-from .decode import left_pad
 from ..ledger import GenerationLedger
 from ..schedule import admission_order, balance_rows, padded_tokens, rebucket, waves_by_length
+from .capture import CaptureResult, StreamState
+from .decode import left_pad
+from .engine import LenBalanceEngine, Wave
 
 
 class Decode(Protocol):
@@ -154,7 +154,8 @@ def run_admitted(prompts: list[list[int]], backend: Backend, engine: LenBalanceE
             everyone = backend.gather([(row, prompt, p) for (row, prompt), p in zip(rows, predicted, strict=True)])
             plan = balance_rows([p for _, _, p in everyone], backend.world, settings.group_size,
                                 settings.partition_method)
-            rows, predicted = [everyone[i][:2] for i in plan[backend.rank]], [everyone[i][2] for i in plan[backend.rank]]
+            rows, predicted = ([everyone[i][:2] for i in plan[backend.rank]],
+                               [everyone[i][2] for i in plan[backend.rank]])
             stats.rows_moved_in = sum(row // len(prompts) != backend.rank for row, _ in rows)
         order = admission_order(predicted, settings.group_size)
         stats.prefill_seconds = time.perf_counter() - start

@@ -4,10 +4,25 @@ batch's rows become micro-batches, and how each micro-batch's loss forward runs)
 `STRATEGIES` lists them by name, stock first; a pass logs its strategy by name (`autotune/strategy/<name>`).
 """
 
-from .shared_prompt import (SharedPrompt, plan_shared_prompt, prompt_groups, shared_prompt_logps_and_entropies,
-                            shared_prompt_unsupported)
-from .strategies import (GLOBAL_LOSSES, LAYOUT_KEY, ROW_MEAN_LOSSES, Layout, Packed, PassRows, Sorted, Strategy,
-                         regrouping_blockers, stock_plan)
+from .shared_prompt import (
+    SharedPrompt,
+    plan_shared_prompt,
+    prompt_groups,
+    shared_prompt_logps_and_entropies,
+    shared_prompt_unsupported,
+)
+from .strategies import (
+    GLOBAL_LOSSES,
+    LAYOUT_KEY,
+    ROW_MEAN_LOSSES,
+    Layout,
+    Packed,
+    PassRows,
+    Sorted,
+    Strategy,
+    regrouping_blockers,
+    stock_plan,
+)
 
 STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
     Strategy("stock", "TRL's own shuffle and equal split, every row padded to the batch's width"),
@@ -29,7 +44,7 @@ def exact_strategies(blockers: list[str]) -> list[str]:
     return [name for name, s in STRATEGIES.items() if not (s.regroups and blockers)]
 
 
-__all__ = ["GLOBAL_LOSSES", "LAYOUT_KEY", "ROW_MEAN_LOSSES", "STRATEGIES", "Layout", "Packed", "PassRows", "SharedPrompt", "Sorted",
-           "Strategy",
+__all__ = ["GLOBAL_LOSSES", "LAYOUT_KEY", "ROW_MEAN_LOSSES", "STRATEGIES", "Layout", "Packed", "PassRows",
+           "SharedPrompt", "Sorted", "Strategy",
            "exact_strategies", "plan_shared_prompt", "prompt_groups", "regrouping_blockers",
            "shared_prompt_logps_and_entropies", "shared_prompt_unsupported", "stock_plan"]

@@ -38,9 +38,15 @@ from dataclasses import dataclass
 
 import torch
 
-from .packed import (_text_config, _unwrap, checked_shapes, packed_logps_and_entropies, packing_unsupported,
-                       score_sequence)
 from ..schedule import TrainingPlan
+from .packed import (
+    _text_config,
+    _unwrap,
+    checked_shapes,
+    packed_logps_and_entropies,
+    packing_unsupported,
+    score_sequence,
+)
 from .strategies import Layout, PassRows, Strategy
 
 __all__ = ["SharedPrompt", "plan_shared_prompt", "prompt_groups", "shared_prompt_logps_and_entropies",

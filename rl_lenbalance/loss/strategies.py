@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .packed import packed_logps_and_entropies
 from ..schedule import TrainingPlan, plan_training
+from .packed import packed_logps_and_entropies
 
 ROW_MEAN_LOSSES = ("grpo", "dr_grpo", "sapo", "luspo")  # a micro-batch's loss is a mean over its rows
 GLOBAL_LOSSES = ("dapo", "cispo", "vespo")  # normalised by the whole generation batch's tokens (`num_items_in_batch`)

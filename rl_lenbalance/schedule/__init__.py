@@ -9,11 +9,11 @@ becomes a valid `lenbalance.partition_method`.
 from .admission import admission_order, balance_rows
 from .autotune import Autotuner, decide
 from .batch import fit_columns, take_rows, trim_padding
-from .waves import padded_tokens, waves_by_length
 from .exchange import TrainingPlan, optimizer_steps, plan_training
 from .partition import PARTITIONERS, best_partition, imbalance, karmarkar_karp, lpt_partition
 from .plan import padded_cost, plan_microbatches
 from .rebucket import rebucket, wave_cost
+from .waves import padded_tokens, waves_by_length
 
 __all__ = [
     "PARTITIONERS",

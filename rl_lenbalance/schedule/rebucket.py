@@ -7,8 +7,8 @@ from collections.abc import Sequence
 
 from scipy.optimize import linear_sum_assignment
 
-from .waves import waves_by_length
 from .partition import PARTITIONERS
+from .waves import waves_by_length
 
 RankWaves = list[list[list[int]]]  # rank -> wave -> row indices
 
@@ -62,7 +62,8 @@ def rebucket(
 
 
 def closest_ranks(parts: RankWaves, origin: Sequence[int]) -> RankWaves:
-    """Hand the parts (one per rank) to ranks so that the most rows stay where they were probed (an optimal assignment)."""
+    """Hand the parts (one per rank) to ranks so that the most rows stay where they were probed (an optimal
+    assignment)."""
     held = [[sum(origin[i] == rank for wave in part for i in wave) for rank in range(len(parts))] for part in parts]
     part_of, rank_of = linear_sum_assignment(held, maximize=True)
     out: RankWaves = [[] for _ in parts]

@@ -31,11 +31,11 @@ sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/: the shared stand-i
 
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
+from stand_ins import with_stand_in  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from rl_lenbalance import LenBalanceConfig, LenBalanceGRPOTrainer  # noqa: E402
-from stand_ins import with_stand_in  # noqa: E402
 
 MODEL_DIR, OUT = sys.argv[1], sys.argv[2]
 BACKENDS = sys.argv[3].split(",") if len(sys.argv) > 3 else ["vllm", "cb"]

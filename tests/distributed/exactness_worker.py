@@ -37,7 +37,8 @@ class Replay:
         for ids in prompt_ids:
             k = seen[tuple(ids)] = seen.get(tuple(ids), -1) + 1
             g = torch.Generator().manual_seed(hash(tuple(ids)) % 10_000 + 7919 * k + 31 * self.state.global_step)
-            length = int(torch.randint(1, 40, (1,), generator=g)) if k % 3 else int(torch.randint(1, 6, (1,), generator=g))
+            length = (int(torch.randint(1, 40, (1,), generator=g)) if k % 3
+                      else int(torch.randint(1, 6, (1,), generator=g)))
             tokens = torch.randint(10, 1000, (length,), generator=g).tolist()
             out.append(tokens + ([self.eos_token_ids[0]] if k % 2 else []))
         return (out, None) if isinstance(self, GRPOTrainer) else out  # RLOO returns the ids alone
@@ -107,8 +108,8 @@ def train(cls, loss_type, grad_acc, num_iterations, steps_per_generation=None, *
 results = []
 # (loss_type, grad_acc, num_iterations, steps_per_generation, training_plan); num_iterations=1: uneven micro-batches,
 # 2: 'auto', whose passes over one generation batch alternate strategies
-SETTINGS = [(l, g, n, None, "sorted_uneven" if n == 1 else "auto")
-            for l, g, n in itertools.product(["dapo", "grpo", "dr_grpo"], [1, 2], [1, 2])]
+SETTINGS = [(loss_type, g, n, None, "sorted_uneven" if n == 1 else "auto")
+            for loss_type, g, n in itertools.product(["dapo", "grpo", "dr_grpo"], [1, 2], [1, 2])]
 SETTINGS += [("grpo", 1, 1, 2, "sorted_uneven"), ("dapo", 2, 1, 4, "sorted_uneven")]  # two optimizer steps per
 SETTINGS += [("rloo", 2, 1, None, "sorted_uneven"), ("rloo", 2, 2, None, "auto")]  # generation; RLOOTrainer
 # padding-free loss forwards; "@N": at most N tokens per forward under the dense mask (several forwards per micro-batch)

@@ -14,13 +14,12 @@ from tqdm.auto import tqdm
 from trl import GRPOTrainer
 from trl.models import unwrap_model_for_generation
 
-from ...generation.capture import CaptureResult
 from ...config import AUTO, LenBalanceConfig
-from ...generation.engine import private_rng
+from ...generation.capture import CaptureResult
 from ...generation.decode import compacted_generate, replaced_generate, unsupported_options
-from ...ledger import (GENERATION_PLANS, GenerationLedger, gather_ledgers, named, round_metrics,
-                       seconds_per_decode_step)
+from ...generation.engine import private_rng
 from ...generation.rollout import Backend, RolloutSettings, run_admitted, run_rollout, uncaptured_ledger
+from ...ledger import GENERATION_PLANS, GenerationLedger, gather_ledgers, named, round_metrics, seconds_per_decode_step
 from ...schedule import Autotuner
 from .stock import stock_when_reentered
 
@@ -42,8 +41,9 @@ class GenerationOverrides:
             plans = ["stock"]
         elif unsupported_options(self.generation_config):
             plans = ["stock"]
-        self._lenbalance_generation_tuner = Autotuner(plans, "stock", samples=config.autotune_samples, margin=config.autotune_margin,
-                                       recheck_every=config.autotune_every)
+        self._lenbalance_generation_tuner = Autotuner(plans, "stock", samples=config.autotune_samples,
+                                                      margin=config.autotune_margin,
+                                                      recheck_every=config.autotune_every)
 
     @stock_when_reentered
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, *args, **kwargs):
@@ -63,8 +63,9 @@ class GenerationOverrides:
             if not (learn or settings.rebucket or settings.wave_size):  # nothing reads a capture
                 return self._lenbalance_uncaptured_round(prompt_ids, backend, settings.compact)
             (completions, stats), logprobs = run_rollout(prompt_ids, backend, engine, settings), None
-        metrics, self.lenbalance_last_lengths = engine.learn_round(stats.waves, stats.lengths, stats.own_ids,
-                                                                   self._lenbalance_gather_rows) if stats.waves else ({}, [])
+        metrics, self.lenbalance_last_lengths = (engine.learn_round(stats.waves, stats.lengths, stats.own_ids,
+                                                                    self._lenbalance_gather_rows)
+                                                 if stats.waves else ({}, []))
         ranks = gather_ledgers(stats.ledger(completions), self.accelerator.gather, device)
         self.lenbalance_totals.add_generation(ranks, metrics.get("predictor/train_s", 0.0))
         plan = self._lenbalance_count_generation_plan(settings.compact, ranks) if settings else {}  # not for vLLM & co.
@@ -77,7 +78,8 @@ class GenerationOverrides:
         budget of 1.0 or more captures every round).
         Every rank gets the same answer (the head's training time differs a little between ranks)."""
         totals, budget = self.lenbalance_totals, self.lenbalance_config.max_overhead
-        within = budget >= 1.0 or self.lenbalance.rounds == 0 or totals.predictor_overhead_s <= budget * totals.generate_s
+        within = (budget >= 1.0 or self.lenbalance.rounds == 0
+                  or totals.predictor_overhead_s <= budget * totals.generate_s)
         return bool(self.accelerator.gather(torch.tensor([float(within)], device=self.accelerator.device)).min())
 
     def _lenbalance_uncaptured_round(self, prompt_ids, backend: Backend, compact: bool):
@@ -106,7 +108,8 @@ class GenerationOverrides:
             speed = f" ({ratio:.2f}× stock's speed per decode step)" if ratio is not None else ""
             tqdm.write(f"rl-lenbalance: generation plan: {tuner.choice}{speed}, "
                        f"{tuner.passes - tuner.warmup} rounds measured.")
-        out = named("gen/plan", GENERATION_PLANS, plan) | {"gen/exploring": float(exploring), "gen/s_per_step": per_step}
+        out = named("gen/plan", GENERATION_PLANS, plan) | {"gen/exploring": float(exploring),
+                                                           "gen/s_per_step": per_step}
         if tuner.decided:
             out |= named("gen/choice", GENERATION_PLANS, tuner.choice)
         if tuner.decided and ratio is not None:
@@ -124,8 +127,10 @@ class GenerationOverrides:
         config, engine = self.lenbalance_config, self.lenbalance
         return RolloutSettings(
             eos_token_ids=self.eos_token_ids, max_completion_length=self.max_completion_length,
-            compact=self._lenbalance_generation_tuner.next() == "compaction" and not self._lenbalance_loop_blocked("compaction"),
-            rebucket=config.rebucket and engine.healthy and engine.rounds > 0 and not self._lenbalance_loop_blocked("rebucket"),
+            compact=(self._lenbalance_generation_tuner.next() == "compaction"
+                     and not self._lenbalance_loop_blocked("compaction")),
+            rebucket=(config.rebucket and engine.healthy and engine.rounds > 0
+                      and not self._lenbalance_loop_blocked("rebucket")),
             wave_size=config.generation_wave_size, probe_tokens=config.probe_tokens,
             partition_method=config.partition_method,
         )
@@ -151,7 +156,8 @@ class GenerationOverrides:
         def decode(prompts: list[list[int]], captured: CaptureResult | None, *, compact: bool,
                    prefixes: list[list[int]] | None = None, max_steps: int | None = None) -> list[list[int]]:
             if not compact and prefixes is None and max_steps is None:
-                ids = super(GenerationOverrides, self)._generate_single_turn(prompts, None, {}, *stock_args, **stock_kwargs)
+                ids = super(GenerationOverrides, self)._generate_single_turn(prompts, None, {}, *stock_args,
+                                                                             **stock_kwargs)
                 return ids[0] if isinstance(ids, tuple) else ids  # GRPO adds logprobs (None on this path)
             with self._lenbalance_generation_model() as model:
                 return compacted_generate(model, prompts, self.generation_config, self._tokenizer.pad_token_id,
@@ -187,7 +193,8 @@ class GenerationOverrides:
 
     def _lenbalance_gather_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """Every rank's rows in rank order (ranks with fewer rows are padded with -1), on the CPU."""
-        return self.accelerator.gather(pad_across_processes(rows.to(self.accelerator.device), dim=0, pad_index=-1)).cpu()
+        return self.accelerator.gather(pad_across_processes(rows.to(self.accelerator.device), dim=0,
+                                                            pad_index=-1)).cpu()
 
     def _lenbalance_stock_generation_note(self, images, multimodal_fields) -> tuple[str, str] | None:
         """(key, one-time note) when this generation must run as stock TRL, unpredicted; None when it is captured."""
@@ -219,8 +226,9 @@ class GenerationOverrides:
         why = (f"the generation config sets {unsupported}, which rl-lenbalance's decode loop does not implement"
                if unsupported else replaced_generate(self.accelerator.unwrap_model(self.model)))
         if why:
-            self._lenbalance_warn_once(setting, f"lenbalance.{setting} needs rl-lenbalance's decode loop, but {why}; {setting} "
-                            "is off (stock's generate runs).")
+            self._lenbalance_warn_once(
+                setting, f"lenbalance.{setting} needs rl-lenbalance's decode loop, but {why}; {setting} "
+                "is off (stock's generate runs).")
         return why is not None
 
     @stock_when_reentered

@@ -10,13 +10,27 @@ from dataclasses import dataclass, field
 import torch
 from accelerate.utils import pad_across_processes
 from tqdm.auto import tqdm
-from trl.trainer.utils import (shuffle_sequence_dict, split_pixel_values_by_grid, split_tensor_dict,
-                              unsplit_pixel_values_by_grid)
+from trl.trainer.utils import (
+    shuffle_sequence_dict,
+    split_pixel_values_by_grid,
+    split_tensor_dict,
+    unsplit_pixel_values_by_grid,
+)
 
 from ...config import AUTO, OFF, LenBalanceConfig
 from ...ledger import TrainingLedger, gather_ledgers, named, training_metrics
-from ...loss import (LAYOUT_KEY, ROW_MEAN_LOSSES, STRATEGIES, Layout, PassRows, Strategy, exact_strategies,
-                    prompt_groups, regrouping_blockers, stock_plan)
+from ...loss import (
+    LAYOUT_KEY,
+    ROW_MEAN_LOSSES,
+    STRATEGIES,
+    Layout,
+    PassRows,
+    Strategy,
+    exact_strategies,
+    prompt_groups,
+    regrouping_blockers,
+    stock_plan,
+)
 from ...loss.packed import DENSE_PACK_MAX_TOKENS, skips_masked_blocks
 from ...schedule import Autotuner, TrainingPlan, fit_columns, optimizer_steps, take_rows, trim_padding
 from .stock import stock_when_reentered
@@ -34,8 +48,9 @@ class LossPass:
     stock_tokens: float = 0.0  # every rank's tokens as stock's micro-batches compute them (rows padded to the batch)
     started: float = 0.0
     rows: list[int] = field(default_factory=list)  # a regrouping pass: its rows' ids (rank-major over every rank's)
-    outputs: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # its loss forwards' (logps,
-    # entropies), detached, one per micro-batch so far: `_lenbalance_log_as_stock` scores stock's micro-batches with them
+    # its loss forwards' (logps, entropies), detached, one per micro-batch so far: `_lenbalance_log_as_stock` scores
+    # stock's micro-batches with them
+    outputs: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
 
 class LossPhaseOverrides:
@@ -46,18 +61,21 @@ class LossPhaseOverrides:
         # the longest sequence one packed forward runs under a dense (N, N) mask (None: the kernel skips masked blocks)
         self._lenbalance_dense_max_tokens = None if skips_masked_blocks(model) else DENSE_PACK_MAX_TOKENS
         if not self._lenbalance_left_padding_free and config.training_plan != OFF:
-            self._lenbalance_warn_once("positions", f"{type(model).__name__} adds absolute position embeddings, so a row's left "
-                            "padding changes its outputs: rl-lenbalance keeps stock's prompt padding and every row on "
-                            "its rank (micro-batches are still length-sorted and their completions trimmed).")
+            self._lenbalance_warn_once(
+                "positions", f"{type(model).__name__} adds absolute position embeddings, so a row's left "
+                "padding changes its outputs: rl-lenbalance keeps stock's prompt padding and every row on "
+                "its rank (micro-batches are still length-sorted and their completions trimmed).")
         # a micro-batch's loss is a mean over its rows (RLOO has no loss_type: its loss is a mean over sequences)
-        self._lenbalance_row_mean_loss = getattr(self, "loss_type", None) in ROW_MEAN_LOSSES or not hasattr(self, "loss_type")
+        self._lenbalance_row_mean_loss = (getattr(self, "loss_type", None) in ROW_MEAN_LOSSES
+                                          or not hasattr(self, "loss_type"))
         candidates = self._lenbalance_plan_candidates(config, model) if config.training_plan != OFF else ["stock"]
         first = next(name for name in ("sorted", "stock_trimmed", "stock") if name in candidates + ["stock"])
-        self._lenbalance_loss_tuner = Autotuner(candidates, first, samples=config.autotune_samples, margin=config.autotune_margin,
-                                   recheck_every=config.autotune_every)
+        self._lenbalance_loss_tuner = Autotuner(candidates, first, samples=config.autotune_samples,
+                                                margin=config.autotune_margin, recheck_every=config.autotune_every)
         self._lenbalance_pass: LossPass | None = None  # the generation batch being trained, and its current pass
         self._lenbalance_layout: Layout | None = None  # the layout of the micro-batch `compute_loss` is computing
-        self._lenbalance_replay: tuple[torch.Tensor, torch.Tensor] | None = None  # set inside `_lenbalance_log_as_stock` only
+        # set inside `_lenbalance_log_as_stock` only
+        self._lenbalance_replay: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _lenbalance_plan_candidates(self, config: LenBalanceConfig, model: torch.nn.Module) -> list[str]:
         """The loss-phase strategies the autotuner may use: every exact one that runs on this model for 'auto' (a
@@ -73,22 +91,26 @@ class LossPhaseOverrides:
         runs = [name for name in exact if name in why and why[name] is None]
         if config.training_plan == AUTO:
             if blockers:
-                self._lenbalance_warn_once("plan", f"{'; '.join(blockers)}: regrouping rows would change what is learned, so "
-                                "rl-lenbalance keeps stock's micro-batches (only all-padding columns are cut).")
+                self._lenbalance_warn_once(
+                    "plan", f"{'; '.join(blockers)}: regrouping rows would change what is learned, so "
+                    "rl-lenbalance keeps stock's micro-batches (only all-padding columns are cut).")
             left_out = [f"'{name}' ({reason})" for name, reason in why.items() if reason is not None]
             if left_out:
-                self._lenbalance_warn_once("plan_left_out", f"lenbalance.training_plan='auto' leaves out {'; '.join(left_out)}; it "
-                                f"measures {', '.join(runs)}.")
+                self._lenbalance_warn_once(
+                    "plan_left_out", f"lenbalance.training_plan='auto' leaves out {'; '.join(left_out)}; it "
+                    f"measures {', '.join(runs)}.")
             return runs
         if runs:
             return runs
         if config.training_plan in exact:  # exact here, but this model cannot run its forward
-            self._lenbalance_warn_once("plan", f"lenbalance.training_plan={config.training_plan!r}: {why[config.training_plan]}; "
-                            "using 'sorted' (length-sorted micro-batches, padding trimmed), which is exact.")
+            self._lenbalance_warn_once(
+                "plan", f"lenbalance.training_plan={config.training_plan!r}: {why[config.training_plan]}; "
+                "using 'sorted' (length-sorted micro-batches, padding trimmed), which is exact.")
             return ["sorted"]
-        self._lenbalance_warn_once("plan", f"lenbalance.training_plan={config.training_plan!r} regroups rows, which would "
-                        f"change what is learned with {'; '.join(blockers)}; using 'stock_trimmed' (stock's "
-                        "micro-batches, all-padding columns cut), which is exact.")
+        self._lenbalance_warn_once(
+            "plan", f"lenbalance.training_plan={config.training_plan!r} regroups rows, which would "
+            f"change what is learned with {'; '.join(blockers)}; using 'stock_trimmed' (stock's "
+            "micro-batches, all-padding columns cut), which is exact.")
         return ["stock_trimmed"]
 
     def _lenbalance_balancing_training(self) -> bool:
@@ -114,8 +136,9 @@ class LossPhaseOverrides:
         if self._step % (spg * self.num_iterations) == 0 or self._lenbalance_pass is None:
             batch = self._generate_and_score_completions(generation_batch)
             if "pixel_values" in batch:  # image rows: TRL's own lines, untimed
-                self._lenbalance_warn_once("multimodal_training", "rl-lenbalance does not plan multimodal micro-batches yet; "
-                                "batches with images train as stock TRL.")
+                self._lenbalance_warn_once(
+                    "multimodal_training", "rl-lenbalance does not plan multimodal micro-batches yet; "
+                    "batches with images train as stock TRL.")
                 batches = split_tensor_dict(shuffle_sequence_dict(split_pixel_values_by_grid(batch)), spg)
                 self._lenbalance_pass = LossPass(None, None, [unsplit_pixel_values_by_grid(b) for b in batches])
                 self._buffered_inputs = self._lenbalance_pass.microbatches
@@ -297,7 +320,8 @@ class LossPhaseOverrides:
         loss = super().training_step(model, inputs, num_items_in_batch)
         loss_pass = self._lenbalance_pass
         if loss_pass is not None and loss_pass.rows and self._step % self.args.gradient_accumulation_steps == 0:
-            self._lenbalance_log_as_stock(loss_pass)  # the optimizer step's last micro-step: its logged metrics are complete
+            # the optimizer step's last micro-step: its logged metrics are complete
+            self._lenbalance_log_as_stock(loss_pass)
         totals.loss_phase_s += time.perf_counter() - start - (totals.generation_phase_s - generated)
         if loss_pass is not None and loss_pass.strategy and self._step % self.args.steps_per_generation == 0:
             self._lenbalance_end_pass(loss_pass)

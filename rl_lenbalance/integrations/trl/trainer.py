@@ -26,13 +26,13 @@ from transformers.trainer_utils import get_last_checkpoint
 from trl import GRPOTrainer, RLOOTrainer
 
 from ...config import LenBalanceConfig, cpu_has_fast_bf16
-from ...generation.engine import LenBalanceEngine
 from ...generation.decode import exact_sampling
+from ...generation.engine import LenBalanceEngine
 from ...ledger import RunTotals, time_metrics
 from .callback import EngineCallback
-from .stock import stock_when_reentered
 from .generation import GenerationOverrides
 from .loss import LossPhaseOverrides
+from .stock import stock_when_reentered
 
 
 class LenBalanceMixin(GenerationOverrides, LossPhaseOverrides):
@@ -55,9 +55,10 @@ class LenBalanceMixin(GenerationOverrides, LossPhaseOverrides):
         config.check_trainer_args(self.args)
         self._lenbalance_warned: set[str] = set()
         if self.args.bf16 and self.accelerator.device.type == "cpu" and not cpu_has_fast_bf16():
-            self._lenbalance_warn_once("bf16", "bf16=True (GRPOConfig's default) on a CPU without native bf16 (no AVX-512/AMX): "
-                            "torch emulates bf16 matrix products, many times slower than float32 (the same for stock "
-                            "TRL). Set bf16=False in the trainer's config to train in float32 here.")
+            self._lenbalance_warn_once(
+                "bf16", "bf16=True (GRPOConfig's default) on a CPU without native bf16 (no AVX-512/AMX): "
+                "torch emulates bf16 matrix products, many times slower than float32 (the same for stock "
+                "TRL). Set bf16=False in the trainer's config to train in float32 here.")
         model = self.accelerator.unwrap_model(self.model)
         self.lenbalance = LenBalanceEngine(model, config, self.max_completion_length, seed=self.args.seed)
         self.lenbalance_totals = RunTotals()  # summed over the run, for the summary table
@@ -91,7 +92,8 @@ class LenBalanceMixin(GenerationOverrides, LossPhaseOverrides):
         checkpoint."""
         totals = self.lenbalance_totals
         wall = totals.earlier_wall_s + time.perf_counter() - self._lenbalance_started
-        return {"autotune": self._lenbalance_loss_tuner.state_dict(), "gen_autotune": self._lenbalance_generation_tuner.state_dict(),
+        return {"autotune": self._lenbalance_loss_tuner.state_dict(),
+                "gen_autotune": self._lenbalance_generation_tuner.state_dict(),
                 "totals": asdict(replace(totals, earlier_wall_s=wall)),
                 "logged_totals": asdict(self._lenbalance_logged_totals),
                 "last_lengths": [list(pair) for pair in self.lenbalance_last_lengths]}
@@ -110,7 +112,8 @@ class LenBalanceMixin(GenerationOverrides, LossPhaseOverrides):
                 if key in state:
                     tuner.load_state_dict(state[key])
             except ValueError as error:
-                self._lenbalance_warn_once(f"resume_{key}", f"rl-lenbalance: {where}: {error}; the {name} tuner starts over.")
+                self._lenbalance_warn_once(f"resume_{key}",
+                                           f"rl-lenbalance: {where}: {error}; the {name} tuner starts over.")
 
     # --- logging ------------------------------------------------------------------------------------------------
 
@@ -180,7 +183,8 @@ def mix_in(trainer, config: LenBalanceConfig | None = None):
     if isinstance(trainer, LenBalanceMixin):
         if config is not None and (config := trainer._lenbalance_resolved(config)) != trainer.lenbalance_config:
             running = vars(trainer.lenbalance_config)
-            differ = ", ".join(f"{k}={v!r} (running: {running[k]!r})" for k, v in vars(config).items() if v != running[k])
+            differ = ", ".join(f"{k}={v!r} (running: {running[k]!r})" for k, v in vars(config).items()
+                               if v != running[k])
             raise ValueError(
                 f"This {type(trainer).__name__} already runs rl-lenbalance; a second LenBalanceCallback/wrap_trainer "
                 f"with a different config ({differ}) would be ignored. Pass the config once (lenbalance_config= or the "
