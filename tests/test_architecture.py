@@ -39,7 +39,8 @@ STAGES = [  # lowest first: a module imports from its own stage or from a lower 
     ["cli"],  # the command and what it runs
     ["__init__", "train"],  # the public names, the `accelerate launch -m rl_lenbalance.train` shim
 ]
-PURE = ["generation", "config", "ledger", "schedule", "predictor", "loss", "builtin", "extras"]  # never reach TRL or accelerate
+# never reach TRL or accelerate
+PURE = ["generation", "config", "ledger", "schedule", "predictor", "loss", "builtin", "extras"]
 
 
 def _module_file(name: str) -> Path | None:

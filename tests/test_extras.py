@@ -38,8 +38,9 @@ def test_the_callback_trains_without_the_extras_and_a_command_names_the_missing_
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert "TRAINED 1 True" in proc.stdout, proc.stderr[-3000:]
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert proc.stderr.strip().splitlines()[-1] == ('rl-lenbalance: error: rl-lenbalance report needs matplotlib, which '
-                                                    'is not installed: pip install "rl-lenbalance[report]"')
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == ('rl-lenbalance: error: rl-lenbalance report needs matplotlib, which is not installed: '
+                    'pip install "rl-lenbalance[report]"')
 
 
 def test_require_names_the_extra_of_every_optional_package(monkeypatch):
