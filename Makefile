@@ -1,5 +1,5 @@
 # Two commands on a fresh machine:  `make demo` (set up + run the main job),  `make test` (set up + run the tests);
-# `make test-fast` leaves out the tests marked slow (a minute or more each on 2 CPU cores).
+# `make test-fast` leaves out the tests marked slow (a minute or more each on 2 CPU cores); `make lint` runs ruff.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test test-fast setup setup-test
+.PHONY: demo test test-fast lint setup setup-test
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,9 @@ demo: export MALLOC_MMAP_THRESHOLD_ := 17179869184
 demo: export MALLOC_TRIM_THRESHOLD_ := 17179869184
 demo: setup
 	$(VENV)/bin/rl-lenbalance train recipes/quickstart.yaml
+
+lint: setup
+	$(VENV)/bin/ruff check .
 
 test: setup
 	$(PY) -m pytest -q tests
