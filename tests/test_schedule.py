@@ -214,7 +214,8 @@ def test_auto_compaction_is_off_only_where_it_would_change_tokens():
     assert config.compaction == config.training_plan == "auto"
     greedy = config.resolved(compaction_changes_tokens=False)
     assert greedy.compaction == greedy.training_plan == "auto"  # both measured in the run, on any device
-    with pytest.raises(ValueError, match="lenbalance.training_plan='sortd' is not valid; use 'auto' or one of stock"):
+    with pytest.raises(ValueError,
+                       match="lenbalance.training_plan='sortd' is not valid; use 'auto', 'off' or one of stock"):
         LenBalanceConfig(training_plan="sortd")
     assert config.resolved(compaction_changes_tokens=True).compaction is False
     assert LenBalanceConfig(compaction=True).resolved(True).compaction is True  # an explicit choice stays
