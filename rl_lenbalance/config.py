@@ -8,11 +8,10 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from .loss import GLOBAL_LOSSES, ROW_MEAN_LOSSES, STRATEGIES
+from .loss.phase import LossSettings
 from .predictor import POOLING_METHODS
-from .schedule import PARTITIONERS, Autotuner
+from .schedule import AUTO, OFF, PARTITIONERS, Autotuner
 
-AUTO = "auto"
-OFF = "off"  # training_plan: TRL's own `_prepare_inputs`, untouched
 STATIC_TARGETS = ("draw", "group_median")  # what the head learns at t=0 (`LenBalanceConfig.static_target`)
 TRL_LOSS_TYPES = ROW_MEAN_LOSSES + GLOBAL_LOSSES + ("bnpo",)  # TRL 1.16's loss_type values (bnpo: per micro-batch)
 
@@ -230,6 +229,11 @@ class LenBalanceConfig:
         where `generation.exact_sampling` fails); elsewhere it stays 'auto', measured in the run."""
         return replace(self, compaction=False if compaction_changes_tokens and self.compaction == AUTO
                        else self.compaction)
+
+    def loss_settings(self) -> LossSettings:
+        """What the loss phase (`loss.phase.LossPhase`) reads of these settings."""
+        return LossSettings(self.training_plan, self.autotune_samples, self.autotune_margin, self.autotune_every,
+                            self.balance_ranks, self.attention_alpha, self.partition_method)
 
     def check_trainer_args(self, args) -> None:
         """Refuse settings that contradict the trainer's (`args` is a GRPOConfig or RLOOConfig)."""

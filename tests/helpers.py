@@ -4,10 +4,12 @@ tests/distributed workers run as scripts of their own.)"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import GRPOConfig
@@ -15,7 +17,8 @@ from trl import GRPOConfig
 from rl_lenbalance import LenBalanceConfig, LenBalanceGRPOTrainer
 from rl_lenbalance.config import cpu_has_fast_bf16
 
-QUICKSTART = Path(__file__).parents[1] / "recipes" / "quickstart.yaml"
+REPO = Path(__file__).parents[1]
+QUICKSTART = REPO / "recipes" / "quickstart.yaml"
 PROMPTS = ["What is 2+2?", "List 5 fruits.", "Write a poem about the sea.", "Hi", "Explain gravity.", "Count to 9."]
 
 
@@ -145,3 +148,21 @@ def tiny_decoder(model_dir, max_new_tokens: int, do_sample: bool, copies: int):
                                   max_steps=max_steps)
 
     return model, tokenizer, generation, prompts, decode
+
+
+def checkpointing_recipe(path: Path, model_dir, output_dir: Path, **keys) -> Path:
+    """A recipe for `rl-lenbalance train`, written to `path`: `model_dir` for up to 50 steps, a checkpoint every step
+    (`keys` add or override recipe keys)."""
+    recipe = {"model": {"name_or_path": str(model_dir)}, "task": {"num_prompts": 16}, "output_dir": str(output_dir),
+              "use_cpu": True, "max_steps": 50, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1,
+              "num_generations": 4, "max_completion_length": 8, "save_strategy": "steps", "save_steps": 1,
+              "report_to": "none"} | keys
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def cli_env(**extra: str) -> dict:
+    """The environment of a CLI subprocess: this checkout on the path, one thread, no WANDB_MODE from conftest."""
+    env = {key: value for key, value in os.environ.items() if key != "WANDB_MODE"}
+    return env | {"OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+                  **extra}

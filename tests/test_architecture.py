@@ -30,10 +30,10 @@ from rl_lenbalance.schedule import optimizer_steps, plan_training, take_rows, tr
 
 PACKAGE = Path(__file__).resolve().parents[1] / "rl_lenbalance"
 STAGES = [  # lowest first: a module imports from its own stage or from a lower one, never from a higher one
-    ["predictor", "schedule", "builtin", "extras"],  # pure parts: the head's math, row assignments, the demo's model
-    # and tasks, the optional dependencies
-    ["loss"],  # training strategies and their kernels
-    ["config", "ledger"],  # the settings (checked against the registries below them) and the counts
+    ["predictor", "schedule", "ledger", "builtin", "extras"],  # pure parts: the head's math, row assignments, the
+    # counts, the demo's model and tasks, the optional dependencies
+    ["loss"],  # training strategies, their kernels, a pass's lifecycle
+    ["config"],  # the settings, checked against the registries below them
     ["generation"],  # decode loop, capture, the predictor at run time, a round's orchestration
     ["integrations"],  # TRL glue
     ["cli"],  # the command and what it runs
@@ -159,7 +159,7 @@ def test_every_name_the_adapter_adds_to_a_trainer_says_lenbalance(tiny_model_dir
     stock = make_trainer(GRPOTrainer, tiny_model_dir, make_args(tmp_path))
     ours = make_trainer(LenBalanceGRPOTrainer, tiny_model_dir, make_args(tmp_path))
     added = names(ours) - names(stock)
-    assert {"lenbalance", "lenbalance_config", "_lenbalance_loss_tuner"} <= added  # the reader sees what it adds
+    assert {"lenbalance", "lenbalance_config", "_lenbalance_loss"} <= added  # the reader sees what it adds
     assert not [name for name in added if "lenbalance" not in name]
 
 
@@ -316,6 +316,48 @@ def test_the_engine_refuses_a_head_that_would_read_another_layer(tiny_model_dir,
     with pytest.raises(ValueError, match="lenbalance.feature_layer"):
         LenBalanceEngine(model, LenBalanceConfig(), max_length=16).load(tmp_path / "head")
     LenBalanceEngine(model, LenBalanceConfig(feature_layer=1, predictor_path=str(tmp_path / "head")), max_length=16)
+
+
+# --- a loss pass without TRL --------------------------------------------------------------------------------------
+
+
+class _OneRank:
+    """The `Ranks` of a single process."""
+
+    num_processes, process_index, device = 1, 0, torch.device("cpu")
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+
+def test_a_loss_phase_without_trl_measures_every_candidate_and_trains_each_row_once_per_pass(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from rl_lenbalance.loss import LAYOUT_KEY
+    from rl_lenbalance.loss.phase import LossPhase, LossSettings
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    warned = []
+    off = LossPhase(LossSettings(training_plan="off"), model, [], lambda key, _: warned.append(key))
+    assert off.tuner.candidates == ["stock"] and not off.plans(3, 1)
+    phase = LossPhase(LossSettings(autotune_samples=1), model, [], lambda key, _: warned.append(key))
+    assert phase.plans(3, 1) and not phase.plans(3, 2) and warned == ["steps_per_generation"]
+    assert phase.tuner.candidates[0] == "stock" and "sorted" in phase.tuner.candidates
+    batch, totals, ran = _batch(), RunTotals(), []
+    phase.begin(batch)
+    for _ in range(phase.tuner.passes_to_measure + 1):
+        chosen = phase.tuner.next()
+        trained = phase.start_pass(_OneRank(), lambda *_: pytest.fail("one rank exchanges no row"), totals, 3, 1)
+        microbatches = phase.current.microbatches
+        assert len(microbatches) == 3 and all(LAYOUT_KEY in b for b in microbatches)
+        assert sorted(torch.cat([b["advantages"] for b in microbatches]).tolist()) == [-1.0, 0.25, 0.5]
+        assert trained["train/pad_frac_stock"] > 0 and trained["train/pad_frac"] <= trained["train/pad_frac_stock"]
+        logged, _ = phase.end_pass(_OneRank())
+        assert logged[f"autotune/strategy/{chosen}"] == 1.0 and f"autotune/{chosen}_s_per_ktok" in logged
+        ran.append(chosen)
+    assert set(ran) == set(phase.tuner.candidates) and phase.tuner.decided
+    assert logged["autotune/exploring"] == 0.0 and logged[f"autotune/choice/{phase.tuner.choice}"] == 1.0
+    assert totals.loss_tokens_stock == len(ran) * 3 * (4 + 5)  # every pass counted, stock's rows padded to 4 + 5
 
 
 # --- a rollout round without TRL -----------------------------------------------------------------------------------

@@ -97,10 +97,10 @@ def test_auto_never_keeps_a_slowed_strategy_and_learns_what_stock_learns(eos_tin
     compute_loss = LenBalanceGRPOTrainer.compute_loss
 
     def slowed(self, *args, **kwargs):
-        if self._lenbalance_pass.strategy == "sorted":
+        if self._lenbalance_loss.current.strategy == "sorted":
             time.sleep(1.0)
         if not passes or self._step % self.args.steps_per_generation == 0:
-            passes.append(self._lenbalance_pass.strategy)
+            passes.append(self._lenbalance_loss.current.strategy)
         return compute_loss(self, *args, **kwargs)
 
     monkeypatch.setattr(LenBalanceGRPOTrainer, "compute_loss", slowed)
@@ -109,10 +109,10 @@ def test_auto_never_keeps_a_slowed_strategy_and_learns_what_stock_learns(eos_tin
     ours = train(LenBalanceGRPOTrainer, eos_tiny_model_dir, tmp_path, lenbalance=config, **run)
     stock = train(GRPOTrainer, eos_tiny_model_dir, tmp_path, **run)
     assert passes[:7] == ["sorted"] + ALL  # warm-up, then one timed pass of each candidate
-    assert "sorted" not in passes[7:] and len(passes) == 9 and ours._lenbalance_loss_tuner.choice != "sorted"
+    assert "sorted" not in passes[7:] and len(passes) == 9 and ours._lenbalance_loss.tuner.choice != "sorted"
     logged = {k for row in ours.state.log_history for k in row}
     assert {f"lenbalance/autotune/{name}_s_per_ktok" for name in ALL} <= logged
-    choice = ours._lenbalance_loss_tuner.choice
+    choice = ours._lenbalance_loss.tuner.choice
     assert {f"lenbalance/autotune/choice/{choice}", "lenbalance/autotune/ratio_vs_stock"} <= logged
     assert_same_update(stock, ours)
 
@@ -126,7 +126,7 @@ def test_settings_with_per_microbatch_statistics_train_stock_micro_batches_trimm
     with pytest.warns(UserWarning, match="regrouping rows would change what is learned"):
         ours = train(LenBalanceGRPOTrainer, eos_tiny_model_dir, tmp_path, **run)
     stock = train(GRPOTrainer, eos_tiny_model_dir, tmp_path, **run)
-    assert set(ours._lenbalance_loss_tuner.candidates) == {"stock", "stock_trimmed"}
+    assert set(ours._lenbalance_loss.tuner.candidates) == {"stock", "stock_trimmed"}
     assert ours.lenbalance_totals.loss_tokens < ours.lenbalance_totals.loss_tokens_stock  # columns were cut
     assert_same_update(stock, ours)
 
@@ -157,7 +157,7 @@ def test_an_inexact_training_plan_falls_back_to_stock_trimmed_with_a_note(eos_ti
     with pytest.warns(UserWarning, match=r"training_plan='sorted' regroups rows.*loss_type='bnpo'.*'stock_trimmed'"):
         ours = train(LenBalanceGRPOTrainer, eos_tiny_model_dir, tmp_path, loss_type="bnpo", max_steps=1,
                      lenbalance=LenBalanceConfig(training_plan="sorted", predictor_steps_per_round=2))
-    assert ours._lenbalance_loss_tuner.candidates == ["stock_trimmed"]
+    assert ours._lenbalance_loss.tuner.candidates == ["stock_trimmed"]
 
 
 def test_a_tiny_overhead_budget_captures_only_some_rounds_and_still_trains_the_head(eos_tiny_model_dir, tmp_path):
@@ -188,7 +188,7 @@ def test_a_log_over_several_steps_names_the_last_passs_plan_not_a_mean_of_indice
     ours = train(LenBalanceGRPOTrainer, eos_tiny_model_dir, tmp_path, lenbalance=config, max_steps=2,
                  logging_steps=2, max_completion_length=16)
     (row,) = [row for row in ours.state.log_history if "lenbalance/autotune/strategy/stock" in row]
-    assert ours._lenbalance_loss_tuner.candidates[0] == "stock" and ours._lenbalance_loss_tuner.first == "sorted"
+    assert ours._lenbalance_loss.tuner.candidates[0] == "stock" and ours._lenbalance_loss.tuner.first == "sorted"
     assert {name: row[f"lenbalance/autotune/strategy/{name}"] for name in STRATEGIES} == {
         name: float(name == "stock") for name in STRATEGIES}  # pass 2's, not a mean of passes 1 and 2
     assert ledger.logged_name(row, "autotune/strategy") == "stock" and "lenbalance/autotune/strategy" not in row

@@ -120,7 +120,7 @@ def test_grpo_trains_balanced_on_gpt2_and_nemotron_h_and_the_update_is_stocks(fa
     stock = train(GRPOTrainer, family_model_dir(family), tmp_path, **run)
     ours = train(LenBalanceGRPOTrainer, family_model_dir(family), tmp_path, **run)
     assert ours.lenbalance.rounds == 1
-    assert ours._lenbalance_left_padding_free == (family != "gpt2")
+    assert ours._lenbalance_loss.left_padding_free == (family != "gpt2")
     assert_same_update(stock, ours, tol=1e-8 if family == "gpt2" else 1e-6)  # NemotronH casts logits to float32
 
 
@@ -155,11 +155,11 @@ def test_moe_router_aux_loss_trains_stock_micro_batches_and_is_exact(family_mode
     model_dir, run = family_model_dir("qwen3_moe"), dict(max_steps=1, model_kwargs={"experts_implementation": "eager"})
     with pytest.warns(UserWarning, match=r"router_aux_loss_coef != 0.*keeps stock's micro-batches"):
         ours = train(LenBalanceGRPOTrainer, model_dir, tmp_path, **run)
-    assert ours._lenbalance_loss_tuner.candidates == ["stock", "stock_trimmed"]
+    assert ours._lenbalance_loss.tuner.candidates == ["stock", "stock_trimmed"]
     assert_same_update(train(GRPOTrainer, model_dir, tmp_path, **run), ours)
     stock = train(GRPOTrainer, model_dir, tmp_path, router_aux_loss_coef=0.0, **run)
     ours = train(LenBalanceGRPOTrainer, model_dir, tmp_path, router_aux_loss_coef=0.0, **run)
-    assert "sorted" in ours._lenbalance_loss_tuner.candidates
+    assert "sorted" in ours._lenbalance_loss.tuner.candidates
     assert_same_update(stock, ours)
 
 

@@ -7,18 +7,15 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
-from helpers import QUICKSTART
+from helpers import QUICKSTART, checkpointing_recipe, cli_env
 
 from rl_lenbalance.cli import train as train_module
 from rl_lenbalance.cli.compare import compare_recipe
 from rl_lenbalance.cli.main import main as cli_main
 from rl_lenbalance.cli.train import LOCK_NAME, output_dir_lock
 from rl_lenbalance.predictor import CONTEXT_SIZE, HeadConfig, PLPHead
-
-REPO = Path(__file__).parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -37,13 +34,6 @@ def _one_line_error(capsys, argv: list[str], code: int = 2) -> str:
     return line
 
 
-def _env(**extra: str) -> dict:
-    """The environment of a CLI subprocess: this checkout on the path, one thread, no WANDB_MODE from conftest."""
-    env = {key: value for key, value in os.environ.items() if key != "WANDB_MODE"}
-    return env | {"OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-                  **extra}
-
-
 # --- Ctrl-C ------------------------------------------------------------------------------------------------------
 
 
@@ -51,22 +41,8 @@ def test_ctrl_c_names_the_last_checkpoint_and_the_resume_override(eos_tiny_model
     """SIGINT a CLI run once a checkpoint is whole: one line naming it and `--set resume_from_checkpoint=true`, exit
     130, no traceback, the lock released; and no wandb banner, since the run does not report to wandb."""
     out = tmp_path / "out"
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(f"""
-model: {{name_or_path: {eos_tiny_model_dir}}}
-task: {{num_prompts: 16}}
-output_dir: {out}
-use_cpu: true
-max_steps: 50
-per_device_train_batch_size: 4
-gradient_accumulation_steps: 1
-num_generations: 4
-max_completion_length: 8
-save_strategy: steps
-save_steps: 1
-report_to: none
-""")
-    process = subprocess.Popen([sys.executable, "-m", "rl_lenbalance.cli.main", "train", str(recipe)], env=_env(),
+    recipe = checkpointing_recipe(tmp_path / "recipe.yaml", eos_tiny_model_dir, out)
+    process = subprocess.Popen([sys.executable, "-m", "rl_lenbalance.cli.main", "train", str(recipe)], env=cli_env(),
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as from a terminal
     deadline = time.monotonic() + 600
@@ -163,7 +139,7 @@ def test_a_compare_error_is_one_line_and_exit_2_without_an_abort(eos_tiny_model_
            "--set", f"model.name_or_path={eos_tiny_model_dir}", f"output_dir={tmp_path}",
            "per_device_train_batch_size=4", "gradient_accumulation_steps=1", "num_generations=4",
            "max_completion_length=8", "task.num_prompts=8"]
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and "terminate called" not in proc.stderr, proc.stderr[-3000:]
     assert proc.stderr.rstrip().splitlines()[-1].startswith(

@@ -37,7 +37,7 @@ def stock_keys(row):
 def test_every_metric_stock_logs_is_logged_as_stock_computes_it(stock, eos_tiny_model_dir, tmp_path, plan):
     ours = train(LenBalanceGRPOTrainer, eos_tiny_model_dir, tmp_path, **RUN,
                  lenbalance=LenBalanceConfig(training_plan=plan, predictor_steps_per_round=2))
-    assert ours._lenbalance_loss_tuner.candidates == [plan]
+    assert ours._lenbalance_loss.tuner.candidates == [plan]
     theirs, mine = stock.state.log_history, ours.state.log_history
     assert len(theirs) == len(mine)
     for a, b in zip(theirs, mine, strict=True):
@@ -161,4 +161,4 @@ def test_tool_environment_and_reward_metrics_read_as_stocks(family_model_dir, tm
             assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-9), (path, a["step"], key)
     assert [e._counter for e in ours.environments] == [e._counter for e in stock.environments]
     if plan != "auto":
-        assert ours._lenbalance_loss_tuner.candidates == [plan]  # regrouped rows, not stock's micro-batches
+        assert ours._lenbalance_loss.tuner.candidates == [plan]  # regrouped rows, not stock's micro-batches

@@ -32,7 +32,7 @@ def test_padding_free_training_learns_what_stock_learns(eos_tiny_model_dir, tmp_
     run = dict(loss_type=loss_type, max_steps=2, max_completion_length=24, **extra)
     ours = train(LenBalanceGRPOTrainer, eos_tiny_model_dir, tmp_path, lenbalance=config(plan), **run)
     stock = train(GRPOTrainer, eos_tiny_model_dir, tmp_path, **run)
-    assert ours._lenbalance_loss_tuner.candidates == [plan]
+    assert ours._lenbalance_loss.tuner.candidates == [plan]
     assert ours.loss_forward_shapes and not padded_rows(ours)  # every loss forward ran padding-free
     assert all(rows > 1 for rows, _ in stock.loss_forward_shapes)
     assert_same_update(stock, ours)
@@ -70,7 +70,7 @@ def test_a_microbatch_over_the_dense_mask_limit_runs_in_parts_and_learns_what_st
     """Under sdpa a sequence of N tokens builds an (N, N) mask: past the limit a micro-batch runs as several
     padding-free forwards (rows kept whole), never padded."""
     run = dict(max_steps=2, max_completion_length=24)
-    monkeypatch.setattr("rl_lenbalance.integrations.trl.loss.DENSE_PACK_MAX_TOKENS", 60)
+    monkeypatch.setattr("rl_lenbalance.loss.phase.DENSE_PACK_MAX_TOKENS", 60)
     ours = train(LenBalanceGRPOTrainer, eos_tiny_model_dir, tmp_path, lenbalance=config(plan), **run)
     stock = train(GRPOTrainer, eos_tiny_model_dir, tmp_path, **run)
     assert not padded_rows(ours) and len(ours.loss_forward_shapes) >= 2 * len(stock.loss_forward_shapes)
@@ -82,7 +82,7 @@ def test_a_model_that_cannot_pack_falls_back_to_sorted_with_a_note(family_model_
     with pytest.warns(UserWarning, match=r"training_plan='packed': .*recurrent state.*using 'sorted'"):
         ours = train(LenBalanceGRPOTrainer, family_model_dir("nemotron_h"), tmp_path, max_steps=1,
                      lenbalance=config("packed"), model_kwargs={"experts_implementation": "eager"})
-    assert ours._lenbalance_loss_tuner.candidates == ["sorted"]
+    assert ours._lenbalance_loss.tuner.candidates == ["sorted"]
 
 
 def test_auto_names_the_strategies_it_leaves_out(tiny_model_dir, tmp_path):
@@ -92,5 +92,5 @@ def test_auto_names_the_strategies_it_leaves_out(tiny_model_dir, tmp_path):
         auto = LenBalanceGRPOTrainer(model=model, reward_funcs=varied_reward, args=make_args(tmp_path),
                                      processing_class=AutoTokenizer.from_pretrained(tiny_model_dir),
                                      train_dataset=prompt_dataset())
-    assert ("packed" in auto._lenbalance_loss_tuner.candidates
-            and "shared_prompt" not in auto._lenbalance_loss_tuner.candidates)
+    assert ("packed" in auto._lenbalance_loss.tuner.candidates
+            and "shared_prompt" not in auto._lenbalance_loss.tuner.candidates)

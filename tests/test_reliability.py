@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import QUICKSTART, assert_same, make_args, make_trainer
+from helpers import QUICKSTART, assert_same, checkpointing_recipe, cli_env, make_args, make_trainer
 from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 from trl import GRPOTrainer
@@ -301,28 +301,11 @@ def test_a_killed_cli_run_resumes_with_its_step_count_and_all_predictor_state(eo
     """SIGKILL a CLI run once its first checkpoint is whole, then resume it: the step count goes on from the
     checkpoint, and the head, its optimizer, the replay buffer, the baseline and the health counters come back."""
     out = tmp_path / "out"
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(f"""
-model: {{name_or_path: {eos_tiny_model_dir}}}
-task: {{num_prompts: 16}}
-lenbalance: {{predictor_steps_per_round: 2, predictor_batch_size: 16, max_overhead: 1.0}}
-output_dir: {out}
-use_cpu: true
-max_steps: 50
-per_device_train_batch_size: 4
-gradient_accumulation_steps: 1
-num_generations: 4
-max_completion_length: 16
-temperature: 1.0
-top_k: 0
-beta: 0.0
-logging_steps: 1
-save_strategy: steps
-save_steps: 1
-report_to: none
-""")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]),
-                                                                                 os.environ.get("PYTHONPATH", "")])}
+    recipe = checkpointing_recipe(
+        tmp_path / "recipe.yaml", eos_tiny_model_dir, out, max_completion_length=16, temperature=1.0, top_k=0,
+        beta=0.0, logging_steps=1,
+        lenbalance={"predictor_steps_per_round": 2, "predictor_batch_size": 16, "max_overhead": 1.0})
+    env = cli_env()
     log = tmp_path / "killed_run.log"
     with log.open("w") as handle:
         process = subprocess.Popen([sys.executable, "-m", "rl_lenbalance.cli.main", "train", str(recipe)], env=env,

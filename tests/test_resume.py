@@ -60,7 +60,7 @@ def test_kill_and_resume_trains_what_an_uninterrupted_run_trains(runs):
     # the tuner went on where it stopped: each step trained the same plan (the defaults explore for 11 passes)
     assert per_step(resumed, tuner_keys) == per_step(whole, tuner_keys)
     assert len(set(map(tuple, per_step(whole, tuner_keys)))) == STEPS  # three plans: a restart would repeat one
-    a, b = whole._lenbalance_loss_tuner.state_dict(), resumed._lenbalance_loss_tuner.state_dict()
+    a, b = whole._lenbalance_loss.tuner.state_dict(), resumed._lenbalance_loss.tuner.state_dict()
     assert {k: len(v) for k, v in a.pop("timings").items()} == {k: len(v) for k, v in b.pop("timings").items()}
     assert a == b  # passes, choice, rechecks (the timings are seconds: measured anew by each run)
     # the generation tuner's rounds too

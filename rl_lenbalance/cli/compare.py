@@ -280,7 +280,7 @@ def summarize(name: str, trainer, warmup: int, settings: dict | None) -> dict:
     }
     if own is not None:
         out["predictor_overhead_frac"] = run["predictor_overhead_frac"]
-    autotune = getattr(trainer, "_lenbalance_loss_tuner", None)  # the tuner's own medians: what its choice was based on
+    autotune = getattr(trainer, "_lenbalance_loss.tuner", None)  # the tuner's own medians: what its choice was based on
     if autotune is not None and autotune.timings:
         out["autotune_s_per_ktok_median"] = {name: statistics.median(t) for name, t in autotune.timings.items()}
     generation = getattr(trainer, "_lenbalance_generation_tuner", None)

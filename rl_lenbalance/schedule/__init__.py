@@ -7,7 +7,7 @@ becomes a valid `lenbalance.partition_method`.
 """
 
 from .admission import admission_order, balance_rows
-from .autotune import Autotuner, decide
+from .autotune import AUTO, OFF, Autotuner, decide
 from .batch import fit_columns, take_rows, trim_padding
 from .exchange import TrainingPlan, optimizer_steps, plan_training
 from .partition import PARTITIONERS, best_partition, imbalance, karmarkar_karp, lpt_partition
@@ -16,6 +16,8 @@ from .rebucket import rebucket, wave_cost
 from .waves import padded_tokens, waves_by_length
 
 __all__ = [
+    "AUTO",
+    "OFF",
     "PARTITIONERS",
     "Autotuner",
     "TrainingPlan",

@@ -8,6 +8,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 STOCK = "stock"
+AUTO = "auto"  # a setting the tuner decides by measurement
+OFF = "off"  # a plan left to the trainer: its own micro-batches, untouched
 
 
 def spread(samples: Sequence[float]) -> float:

@@ -15,33 +15,26 @@ import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import replay  # noqa: E402
 import torch  # noqa: E402
-from datasets import Dataset  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer  # noqa: E402
 
 from rl_lenbalance import LenBalanceConfig, LenBalanceGRPOTrainer, LenBalanceRLOOTrainer  # noqa: E402
-from rl_lenbalance.integrations.trl import loss as trl_loss  # noqa: E402
+from rl_lenbalance.loss import phase as loss_phase  # noqa: E402
 from rl_lenbalance.loss.packed import DENSE_PACK_MAX_TOKENS  # noqa: E402
 
 MODEL_DIR, OUT = sys.argv[1], sys.argv[2]
-PROMPTS = ["What is 2+2?", "List 5 fruits.", "Write a poem.", "Explain gravity in detail.", "Hi", "Count to 20."]
 
 
-class Replay:
-    """Completions as a pure function of (prompt, occurrence in the batch): same for both trainers."""
+class Replay(replay.Replay):
+    """Every third occurrence of a prompt short, the others up to 40 tokens."""
 
-    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, *args, **kwargs):
-        seen: dict[tuple, int] = {}
-        out = []
-        for ids in prompt_ids:
-            k = seen[tuple(ids)] = seen.get(tuple(ids), -1) + 1
-            g = torch.Generator().manual_seed(hash(tuple(ids)) % 10_000 + 7919 * k + 31 * self.state.global_step)
-            length = (int(torch.randint(1, 40, (1,), generator=g)) if k % 3
-                      else int(torch.randint(1, 6, (1,), generator=g)))
-            tokens = torch.randint(10, 1000, (length,), generator=g).tolist()
-            out.append(tokens + ([self.eos_token_ids[0]] if k % 2 else []))
-        return (out, None) if isinstance(self, GRPOTrainer) else out  # RLOO returns the ids alone
+    def replayed(self, ids: list[int], k: int) -> list[int]:
+        g = torch.Generator().manual_seed(hash(tuple(ids)) % 10_000 + 7919 * k + 31 * self.state.global_step)
+        length = (int(torch.randint(1, 40, (1,), generator=g)) if k % 3
+                  else int(torch.randint(1, 6, (1,), generator=g)))
+        return torch.randint(10, 1000, (length,), generator=g).tolist()
 
 
 class RecordMicrobatches:
@@ -81,10 +74,6 @@ class LenBalanceRLOOReplay(RecordMicrobatches, Replay, LenBalanceRLOOTrainer):
     pass
 
 
-def reward(completion_ids, **kwargs):
-    return [len(c) / 40.0 + (c[0] % 7) / 7.0 for c in completion_ids]
-
-
 def train(cls, loss_type, grad_acc, num_iterations, steps_per_generation=None, **extra):
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR, padding_side="left")
@@ -97,8 +86,8 @@ def train(cls, loss_type, grad_acc, num_iterations, steps_per_generation=None, *
         steps_per_generation=steps_per_generation, max_steps=3, learning_rate=1e-2, beta=0.0, use_cpu=True,
         report_to="none", save_strategy="no", logging_steps=1, seed=0, optim="sgd", max_grad_norm=0.0, **loss,
     )
-    dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": p}]} for p in PROMPTS * 8])
-    trainer = cls(model=model, processing_class=tokenizer, reward_funcs=reward, args=args, train_dataset=dataset,
+    trainer = cls(model=model, processing_class=tokenizer, reward_funcs=replay.reward, args=args,
+                  train_dataset=replay.dataset(),
                   **extra)
     trainer.loss_forward_rows = record_loss_forwards(trainer)
     trainer.train()
@@ -120,7 +109,7 @@ for loss_type, grad_acc, num_iterations, spg, plan in SETTINGS:
         StockReplay, LenBalanceReplay)
     _, initial, stock = train(stock_class, loss_type, grad_acc, num_iterations, spg)
     strategy, _, limit = plan.partition("@")
-    trl_loss.DENSE_PACK_MAX_TOKENS = int(limit) if limit else DENSE_PACK_MAX_TOKENS
+    loss_phase.DENSE_PACK_MAX_TOKENS = int(limit) if limit else DENSE_PACK_MAX_TOKENS
     config = LenBalanceConfig(training_plan=strategy, autotune_samples=1)
     lb, _, ours = train(our_class, loss_type, grad_acc, num_iterations, spg, lenbalance_config=config)
     rel = max(((stock[n] - ours[n]).norm() / stock[n].norm().clamp(min=1e-12)).item() for n in stock)

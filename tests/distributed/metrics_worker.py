@@ -12,31 +12,24 @@ import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import replay  # noqa: E402
 import torch  # noqa: E402
-from datasets import Dataset  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer  # noqa: E402
 
 from rl_lenbalance import LenBalanceConfig, LenBalanceGRPOTrainer, LenBalanceRLOOTrainer  # noqa: E402
 
 MODEL_DIR, OUT = sys.argv[1], sys.argv[2]
-PROMPTS = ["What is 2+2?", "List 5 fruits.", "Write a poem.", "Explain gravity in detail.", "Hi", "Count to 20."]
 WALL_CLOCK = {"step_time", "train_runtime", "train_samples_per_second", "train_steps_per_second"}
 
 
-class Replay:
-    """Completions as a pure function of (prompt, occurrence in the batch, step): rank 0's long, rank 1's short."""
+class Replay(replay.Replay):
+    """Rank 0's completions long, rank 1's short."""
 
-    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, *args, **kwargs):
-        seen: dict[tuple, int] = {}
-        out = []
-        for ids in prompt_ids:
-            k = seen[tuple(ids)] = seen.get(tuple(ids), -1) + 1
-            g = torch.Generator().manual_seed(len(ids) + 7919 * k + 31 * self.state.global_step)
-            longest = 40 if self.accelerator.process_index == 0 else 8
-            tokens = torch.randint(10, 1000, (int(torch.randint(1, longest, (1,), generator=g)),), generator=g)
-            out.append(tokens.tolist() + ([self.eos_token_ids[0]] if k % 2 else []))
-        return (out, None) if isinstance(self, GRPOTrainer) else out  # RLOO returns the ids alone
+    def replayed(self, ids: list[int], k: int) -> list[int]:
+        g = torch.Generator().manual_seed(len(ids) + 7919 * k + 31 * self.state.global_step)
+        longest = 40 if self.accelerator.process_index == 0 else 8
+        return torch.randint(10, 1000, (int(torch.randint(1, longest, (1,), generator=g)),), generator=g).tolist()
 
 
 class StockGRPO(Replay, GRPOTrainer):
@@ -55,10 +48,6 @@ class OursRLOO(Replay, LenBalanceRLOOTrainer):
     pass
 
 
-def reward(completion_ids, **kwargs):
-    return [len(c) / 40.0 + (c[0] % 7) / 7.0 for c in completion_ids]
-
-
 def train(cls, loss_type, **extra):
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR, padding_side="left")
@@ -71,8 +60,8 @@ def train(cls, loss_type, **extra):
         learning_rate=1e-2, use_cpu=True, report_to="none", save_strategy="no", logging_steps=1, seed=0,
         optim="sgd", max_grad_norm=0.0, **loss,
     )
-    dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": p}]} for p in PROMPTS * 8])
-    trainer = cls(model=model, processing_class=tokenizer, reward_funcs=reward, args=args, train_dataset=dataset,
+    trainer = cls(model=model, processing_class=tokenizer, reward_funcs=replay.reward, args=args,
+                  train_dataset=replay.dataset(),
                   **extra)
     trainer.train()
     return trainer

@@ -6,11 +6,11 @@ delegates the work to the framework-free parts:
   own generation, or `rollout.run_admitted` around TRL's continuous batching / vLLM call, then the engine's online
   update and the generation ledger; a `schedule.Autotuner` over the rounds' measured seconds picks stock's
   `generate` or compaction (`compaction: auto`, greedy decoding); `_generate_and_score_completions` is stock, timed;
-- loss phase (`loss.LossPhaseOverrides`): `_prepare_inputs` cuts each pass over a generation batch into
-  micro-batches by one strategy of `loss.STRATEGIES` (picked by `schedule.Autotuner` from the passes' measured
-  seconds), each micro-batch carrying its layout; `compute_loss` runs it with that layout and reweights a row-mean
-  loss; `_get_per_token_logps_and_entropies` runs the layout's forward; `training_step` is stock, timed, and a
-  regrouping pass logs its per-token metrics as stock's micro-batches would;
+- loss phase (`loss.LossPhaseOverrides`): `_prepare_inputs` hands each pass over a generation batch to
+  `loss.phase.LossPhase` (strategy, tuner, micro-batches with their layouts, ledger, clock); `compute_loss` runs a
+  micro-batch with its layout and reweights a row-mean loss; `_get_per_token_logps_and_entropies` runs the layout's
+  forward; `training_step` is stock, timed, and a regrouping pass logs its per-token metrics as stock's micro-batches
+  would;
 - here: `train` (remembers the checkpoint it resumes) and `log` (each phase's seconds), and the run state a
   checkpoint keeps.
 """
@@ -92,7 +92,7 @@ class LenBalanceMixin(GenerationOverrides, LossPhaseOverrides):
         checkpoint."""
         totals = self.lenbalance_totals
         wall = totals.earlier_wall_s + time.perf_counter() - self._lenbalance_started
-        return {"autotune": self._lenbalance_loss_tuner.state_dict(),
+        return {"autotune": self._lenbalance_loss.tuner.state_dict(),
                 "gen_autotune": self._lenbalance_generation_tuner.state_dict(),
                 "totals": asdict(replace(totals, earlier_wall_s=wall)),
                 "logged_totals": asdict(self._lenbalance_logged_totals),
@@ -106,7 +106,7 @@ class LenBalanceMixin(GenerationOverrides, LossPhaseOverrides):
             RunTotals(**{f.name: state[key][f.name] for f in fields(RunTotals) if f.name in state[key]})
             for key in ("totals", "logged_totals"))
         self.lenbalance_last_lengths = [(float(p), int(a)) for p, a in state["last_lengths"]]
-        for key, tuner, name in (("autotune", self._lenbalance_loss_tuner, "training-plan"),
+        for key, tuner, name in (("autotune", self._lenbalance_loss.tuner, "training-plan"),
                                  ("gen_autotune", self._lenbalance_generation_tuner, "generation-plan")):
             try:
                 if key in state:
