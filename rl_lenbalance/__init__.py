@@ -1,8 +1,15 @@
 """rl-lenbalance: length-aware rollout balancing for TRL, driven by an online-trained length predictor."""
 
 from importlib import import_module
+from importlib.metadata import version
 
-from .config import LenBalanceConfig
+from packaging.version import Version
+
+if Version(version("transformers")).release < (5, 10):  # pip enforces it; a `--no-deps` install may not
+    raise ImportError(f"rl-lenbalance needs transformers>=5.10 (this environment has {version('transformers')}): "
+                      "pip install 'transformers>=5.10'")
+
+from .config import LenBalanceConfig  # noqa: E402
 
 __all__ = ["LenBalanceCallback", "LenBalanceConfig", "LenBalanceGRPOTrainer", "LenBalanceRLOOTrainer", "wrap_trainer"]
 __version__ = "0.1.0"

@@ -10,6 +10,9 @@ for _key, _value in {
     "WANDB_MODE": "offline",
     "WANDB_SILENT": "true",
     "TOKENIZERS_PARALLELISM": "false",
+    # glibc's own trim threshold, named so that `build_trainer` leaves the allocator as glibc's (`cli.allocator`):
+    # one pytest process builds many trainers, and memory kept for reuse would add up over the suite
+    "MALLOC_TRIM_THRESHOLD_": "131072",
 }.items():
     os.environ.setdefault(_key, _value)
 

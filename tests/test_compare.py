@@ -99,6 +99,8 @@ def test_compare_recipe_times_stock_and_lenbalance_on_the_same_rollouts(eos_tiny
         assert result["microstep_s_median"] > 0 and result["nonfinite_grad_steps"] == 0
         # the step holds its generation
         assert result["page_faults_median"] >= result["generation_page_faults_median"] >= 0
+        # each variant's own process, under the allocator settings it ran with (conftest names glibc's)
+        assert result["peak_resident_mb"] > 100 and result["malloc"] == "MALLOC_TRIM_THRESHOLD_=131072"
     assert ours["completion_tokens"] == stock["completion_tokens"]  # same draws: the same work was timed
     assert ours["generation_plan"] == "measuring"  # 3 rounds: the generation tuner has not chosen yet
     assert ours["loss_pad_frac"] <= stock["loss_pad_frac"]

@@ -34,6 +34,7 @@ from transformers import TrainerCallback
 
 from .. import ledger
 from ..loss import LAYOUT_KEY
+from . import allocator
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -263,7 +264,9 @@ def summarize(name: str, trainer, warmup: int, settings: dict | None) -> dict:
                               predictor_overhead_s=own.predictor_overhead_s if own else 0.0)
     run = ledger.summary(totals, trainer.state.log_history, len(records))
     completion_tokens = sum(r.completion_tokens for r in records)
-    out = {"variant": name, "settings": settings, "steps": len(records), "warmup_steps": warmup}
+    out = {"variant": name, "settings": settings, "steps": len(records), "warmup_steps": warmup,
+           "malloc": allocator.in_force(),
+           "peak_resident_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}  # this variant's process
     for phase in PHASES:
         out[f"{phase}_median"] = _median([getattr(r, phase) for r in records])
         out[f"{phase}_per_step"] = [getattr(r, phase) for r in records]
@@ -280,7 +283,8 @@ def summarize(name: str, trainer, warmup: int, settings: dict | None) -> dict:
     }
     if own is not None:
         out["predictor_overhead_frac"] = run["predictor_overhead_frac"]
-    autotune = getattr(trainer, "_lenbalance_loss.tuner", None)  # the tuner's own medians: what its choice was based on
+    phase = getattr(trainer, "_lenbalance_loss", None)
+    autotune = phase.tuner if phase is not None else None  # the tuner's own medians: what its choice was based on
     if autotune is not None and autotune.timings:
         out["autotune_s_per_ktok_median"] = {name: statistics.median(t) for name, t in autotune.timings.items()}
     generation = getattr(trainer, "_lenbalance_generation_tuner", None)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from .. import ledger
-from . import console
+from . import allocator, console
 from .recipe import Recipe, RecipeError, load_recipe, parse_yaml, preflight
 
 if TYPE_CHECKING:
@@ -34,11 +34,15 @@ def build_trainer(recipe: Recipe, trainer_class: type | None = None):
     """Model, task and trainer as the recipe says (`recipe.preflight` first: settings that need only the model's
     config fail before its weights load): `LenBalanceGRPOTrainer` by default; `trainer_class` may be any
     GRPOTrainer subclass (stock TRL's for a comparison), which gets `lenbalance_config` only if it takes one."""
+    import torch
+
     from ..builtin.models import load_model
     from ..builtin.tasks import TASKS
     from ..integrations import LenBalanceGRPOTrainer, LenBalanceMixin
 
     preflight(recipe)
+    if recipe.training.use_cpu or not torch.cuda.is_available():
+        allocator.keep_freed_memory()  # before the model's weights: the first large allocation
     trainer_class = trainer_class or LenBalanceGRPOTrainer
     model, tokenizer = load_model(recipe.model.name_or_path, dtype=recipe.model.dtype)
     make_dataset, reward_funcs = TASKS[recipe.task.name]

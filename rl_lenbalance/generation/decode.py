@@ -17,6 +17,8 @@ from collections.abc import Callable
 from functools import cache
 
 import torch
+import transformers
+from packaging.version import Version
 from transformers import (
     DynamicCache,
     GenerationConfig,
@@ -30,6 +32,8 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+# the forward's keyword for the KV cache: `cache` from transformers 5.24, `past_key_values` before (deprecated since)
+CACHE_KEYWORD = "cache" if Version(transformers.__version__).release >= (5, 24) else "past_key_values"
 SUPPORTED = frozenset(
     {
         "max_new_tokens",
@@ -221,7 +225,7 @@ def compacted_generate(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache=cache,
+            **{CACHE_KEYWORD: cache},
             use_cache=True,
             logits_to_keep=1,
         ).logits
