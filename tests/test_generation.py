@@ -6,6 +6,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from rl_lenbalance.generation.decode import compacted_generate, exact_sampling, sample_rows, unsupported_options
 
+pytestmark = pytest.mark.compat  # also on transformers 5.17 (`make test-compat`)
+
 QUESTIONS = [
     "What is 7 times 8? Answer with the number only.",
     "Write a haiku about the sea.",

@@ -8,6 +8,8 @@ from trl import GRPOTrainer
 
 from rl_lenbalance import LenBalanceCallback, LenBalanceConfig, LenBalanceGRPOTrainer, wrap_trainer
 
+pytestmark = pytest.mark.compat  # also on transformers 5.17 (`make test-compat`)
+
 
 @pytest.mark.slow
 def test_greedy_generation_in_waves_and_compacted_equals_stock_row_for_row(embedded_dir, tmp_path):

@@ -13,6 +13,8 @@ from trl import GRPOTrainer
 
 from rl_lenbalance import LenBalanceConfig, LenBalanceGRPOTrainer
 
+pytestmark = pytest.mark.compat  # also on transformers 5.17 (`make test-compat`)
+
 LOSSES = [("dapo", {}), ("grpo", {"num_iterations": 2}), ("dr_grpo", {"mask_truncated_completions": True}),
           ("cispo", {}), ("dapo", {"beta": 0.04})]
 

@@ -20,6 +20,8 @@ from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 from rl_lenbalance.loss import packed as packing
 from rl_lenbalance.loss.packed import packed_logps_and_entropies, packing_unsupported
 
+pytestmark = pytest.mark.compat  # also on transformers 5.17 (`make test-compat`)
+
 TEMPERATURE = 0.7
 PROMPT, COMPLETION = 7, 9
 # (prompt tokens, completion tokens) per row: a full row, padding on both sides, an empty completion, a one-token

@@ -25,6 +25,8 @@ from rl_lenbalance.loss.shared_prompt import (
     shared_prompt_unsupported,
 )
 
+pytestmark = pytest.mark.compat  # also on transformers 5.17 (`make test-compat`)
+
 TEMPERATURE = 0.7
 PROMPT, COMPLETION = 8, 7  # the micro-batch's prompt and completion widths
 # rows as (group, prompt length, completion length), groups interleaved: prompts of 3 lengths (two left-padded), a
