@@ -30,11 +30,6 @@ $(COMPAT_VENV)/.installed: pyproject.toml
 	$(COMPAT_VENV)/bin/python -m pip install -q -e ".[demo,report,test]" "transformers==$(COMPAT_TRANSFORMERS)"
 	touch $@
 
-# glibc keeps freed memory for reuse instead of handing it back and faulting it in again: the quickstart's stock step
-# took 28.6 s instead of 40.2 s on 2 cores (docs/benchmarks/README.md). Not for the tests: one pytest process keeps
-# every heap it ever grew (15 GB peak resident in a full run, 12.7 GB without; the CI machine has 24 GB).
-demo: export MALLOC_MMAP_THRESHOLD_ := 17179869184
-demo: export MALLOC_TRIM_THRESHOLD_ := 17179869184
 demo: setup
 	$(VENV)/bin/rl-lenbalance train recipes/quickstart.yaml
 
