@@ -13,6 +13,7 @@ class StandInVLLM:
     completions: a pure function of the prompt, of which copy of it this is in the call, and of the call's index,
     as vLLM's server (one request per group, `n` completions) or colocate mode (one request per row) would.
 
+    Its completions do not depend on the order or rank a request comes in, as a greedy engine's (temperature 0);
     `lengths(prompt)`: the range `[low, high)` a completion's length (before its eos) is drawn from;
     `logprob(token)`: the sampling logprob reported for a token. Neither depends on the rank that asks, so a row
     generated on another rank comes back the same."""
@@ -20,6 +21,7 @@ class StandInVLLM:
     def __init__(self, mode: str, eos: int, lengths: Callable[[list[int]], tuple[int, int]] = lambda prompt: (1, 30),
                  logprob: Callable[[int], float] = lambda token: -0.5) -> None:
         self.mode, self.eos, self.submitted = mode, eos, []
+        self.temperature, self.generation_kwargs = 0.0, {}  # what TRL's `VLLMGeneration` samples with
         self.lengths, self.logprob = lengths, logprob
 
     def sync_weights(self) -> None:

@@ -142,13 +142,29 @@ class GenerationOverrides:
         config, engine = self.lenbalance_config, self.lenbalance
         server = self.use_vllm and self.vllm_mode == "server"
         group = self.num_generations if server or rows % self.num_generations == 0 else 1
+        sampled = not self._lenbalance_order_free()
+        if sampled:
+            self._lenbalance_warn_once(
+                "sampled_admission", "rl-lenbalance keeps stock's request order and ranks under sampling: the engine "
+                "draws all requests from one random stream, so reordering them would change the completions. The "
+                "head still learns, and the loss phase is balanced.")
         return RolloutSettings(
             eos_token_ids=self.eos_token_ids, max_completion_length=self.max_completion_length,
             partition_method=config.partition_method, group_size=group,
-            admit_by_prediction=engine.healthy and engine.rounds > 0 and rows % group == 0,
-            balance_ranks=config.balance_ranks and not server and getattr(self, "vllm_tensor_parallel_size", 1) == 1,
+            admit_by_prediction=not sampled and engine.healthy and engine.rounds > 0 and rows % group == 0,
+            balance_ranks=(config.balance_ranks and not server and not sampled
+                           and getattr(self, "vllm_tensor_parallel_size", 1) == 1),
             learn=learn,
         )
+
+    def _lenbalance_order_free(self) -> bool:
+        """Whether the engine draws each request's completion whatever the order and rank it is submitted in: greedy
+        decoding, or vLLM requests seeded one by one. A sampling engine draws all requests from one random stream per
+        rank (vLLM, continuous batching), so another order or rank would draw other completions than stock's."""
+        if self.use_vllm:
+            vllm, kwargs = self.vllm_generation, self.vllm_generation.generation_kwargs
+            return kwargs.get("temperature", vllm.temperature) == 0 or kwargs.get("seed") is not None
+        return getattr(self.generation_config, "do_sample", True) is False
 
     def _lenbalance_backend(self, stock_args: tuple, stock_kwargs: dict) -> Backend:
         """TRL's generation, bound once: stock's own call when nothing needs rl-lenbalance's decode loop."""
@@ -183,7 +199,7 @@ class GenerationOverrides:
         with (
             unwrap_model_for_generation(
                 self.model_wrapped, self.accelerator, gather_deepspeed3_params=self.args.ds3_gather_for_generation,
-                generation_kwargs=self.generation_kwargs,
+                generation_kwargs=getattr(self, "generation_kwargs", None),  # vLLM runs: none
                 gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
             ) as model,
             torch.no_grad(),
@@ -201,7 +217,8 @@ class GenerationOverrides:
         if images is not None or multimodal_fields:
             return "multimodal", ("rl-lenbalance predicts text-only generation; this generation (with images) ran "
                                   "as stock TRL, unpredicted (training-side balancing still applies).")
-        if (self.generation_config.num_beams or 1) > 1:  # the capture streams one row per prompt, not prompts × beams
+        beams = getattr(getattr(self, "generation_config", None), "num_beams", None)  # vLLM: no generation config
+        if (beams or 1) > 1:  # the capture streams one row per prompt, not prompts × beams
             return "beams", ("rl-lenbalance does not capture beam search (num_beams > 1); generation runs as stock "
                              "TRL, unpredicted (training-side balancing still applies).")
         if self._lenbalance_tool_turn:  # rows and turn counts differ per rank: no collective may run here
