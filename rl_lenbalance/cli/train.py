@@ -38,11 +38,13 @@ def build_trainer(recipe: Recipe, trainer_class: type | None = None):
 
     from ..builtin.models import load_model
     from ..builtin.tasks import TASKS
-    from ..integrations import LenBalanceGRPOTrainer, LenBalanceMixin
+    from ..integrations import LenBalanceGRPOTrainer, LenBalanceMixin, vllm_cpu
 
     preflight(recipe)
     if recipe.training.use_cpu or not torch.cuda.is_available():
         allocator.keep_freed_memory()  # before the model's weights: the first large allocation
+    if getattr(recipe.training, "use_vllm", False) and vllm_cpu.cpu_build():
+        vllm_cpu.keep_weights_loadable()  # before TRL's engine loads the model
     trainer_class = trainer_class or LenBalanceGRPOTrainer
     model, tokenizer = load_model(recipe.model.name_or_path, dtype=recipe.model.dtype)
     make_dataset, reward_funcs = TASKS[recipe.task.name]
