@@ -59,7 +59,8 @@ class PerStep(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.rows.append(dict(FAULTS, step=state.global_step, step_faults=faults() - self.start,
-                              seconds=round(time.perf_counter() - self.clock, 1)))
+                              seconds=round(time.perf_counter() - self.clock, 1),
+                              peak_resident_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024))
 
 
 def main() -> None:
