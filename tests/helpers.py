@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import GRPOConfig
 
 from rl_lenbalance import LenBalanceConfig, LenBalanceGRPOTrainer
+from rl_lenbalance.cli.recipe import CHECKPOINTING
 from rl_lenbalance.config import cpu_has_fast_bf16
 
 REPO = Path(__file__).parents[1]
@@ -68,7 +69,7 @@ def train(cls, model_dir, tmp_path, tokenizer=None, trainer_kwargs=None, lenbala
                   gradient_accumulation_steps=2, max_completion_length=16, max_steps=2, use_cpu=True,
                   report_to="none", save_strategy="no", logging_steps=1, seed=0, beta=0.0, loss_type="dapo",
                   temperature=1.0, top_k=0, learning_rate=1e-2, optim="sgd", max_grad_norm=0.0,
-                  activation_checkpointing=False, bf16=cpu_has_fast_bf16())
+                  **{CHECKPOINTING: False}, bf16=cpu_has_fast_bf16())
     values.update(overrides)
     tokenizer = tokenizer or AutoTokenizer.from_pretrained(model_dir, padding_side="left")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **(model_kwargs or {}))
@@ -166,3 +167,8 @@ def cli_env(**extra: str) -> dict:
     env = {key: value for key, value in os.environ.items() if key != "WANDB_MODE"}
     return env | {"OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
                   **extra}
+
+
+def enable_checkpointing(model) -> None:
+    """The model's activation checkpointing on, under this transformers' name for it."""
+    getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable()

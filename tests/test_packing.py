@@ -13,10 +13,11 @@ from __future__ import annotations
 import pytest
 import torch
 from datasets import Dataset
-from helpers import gap, grad_gap
+from helpers import enable_checkpointing, gap, grad_gap
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
+from rl_lenbalance.cli.recipe import CHECKPOINTING
 from rl_lenbalance.loss import packed as packing
 from rl_lenbalance.loss.packed import packed_logps_and_entropies, packing_unsupported
 
@@ -48,7 +49,7 @@ def make_trainer(model, model_dir, tmp_path, cls=GRPOTrainer):
     config_cls = GRPOConfig if cls is GRPOTrainer else RLOOConfig
     args = config_cls(output_dir=str(tmp_path / cls.__name__), per_device_train_batch_size=4, num_generations=4,
                       max_completion_length=COMPLETION, use_cpu=True, report_to="none", beta=0.0,
-                      temperature=TEMPERATURE, activation_checkpointing=False, bf16=False)
+                      temperature=TEMPERATURE, bf16=False, **{CHECKPOINTING: False})
     tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
     return cls(model=model, processing_class=tokenizer, reward_funcs=lambda completions, **_: [0.0] * len(completions),
                args=args, train_dataset=Dataset.from_list([{"prompt": "Hi"}] * 8))
@@ -84,7 +85,7 @@ def test_packed_values_and_gradients_are_stocks(family_model_dir, tmp_path, fami
     trainer = make_trainer(model, model_dir, tmp_path, trainer_cls)
     model = trainer.model
     if checkpointing:  # TRL's default; the model must still see use_cache=False and the packed positions
-        model.activation_checkpointing_enable()
+        enable_checkpointing(model)
         model.train()
     else:
         model.eval()

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import GRPOConfig, GRPOTrainer
 
+from rl_lenbalance.cli.recipe import CHECKPOINTING
 from rl_lenbalance.loss import shared_prompt
 from rl_lenbalance.loss.packed import packed_logps_and_entropies
 from rl_lenbalance.loss.shared_prompt import (
@@ -174,7 +175,7 @@ def test_fused_lm_head_is_trls_own(llama, tiny_model_dir, tmp_path):
     model = llama()
     args = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4, use_cpu=True,
                       max_completion_length=COMPLETION, report_to="none", temperature=TEMPERATURE, bf16=False,
-                      activation_checkpointing=False)
+                      **{CHECKPOINTING: False})
     trainer = GRPOTrainer(model=model, processing_class=AutoTokenizer.from_pretrained(tiny_model_dir), args=args,
                           reward_funcs=lambda completions, **_: [0.0] * len(completions),
                           train_dataset=Dataset.from_list([{"prompt": "Hi"}] * 8))

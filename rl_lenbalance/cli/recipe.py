@@ -15,7 +15,7 @@ from enum import Enum
 from pathlib import Path
 
 import yaml
-from transformers import HfArgumentParser
+from transformers import HfArgumentParser, TrainingArguments
 
 from ..config import LenBalanceConfig, cpu_has_fast_bf16
 
@@ -38,6 +38,10 @@ _YamlLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:tru
                                   list("tTfF"))
 _YamlLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
                                   list("-+0123456789."))
+# the trainer's checkpointing switch: transformers renamed `gradient_checkpointing` to `activation_checkpointing`
+# (5.25 has both, the old name warns; 5.17 only the old one). A recipe may use either name.
+CHECKPOINTING = ("activation_checkpointing" if "activation_checkpointing" in {f.name for f in fields(TrainingArguments)}
+                 else "gradient_checkpointing")
 _YAML11_BOOLS = {"yes": True, "on": True, "no": False, "off": False}  # accepted as booleans for boolean fields
 
 
@@ -314,8 +318,10 @@ def load_recipe(path: str | Path, overrides: dict | None = None) -> Recipe:
     task = _parse("task", "task.", TaskArguments, values.pop("task", None) or {})
     lenbalance = _parse("lenbalance", "lenbalance.", LenBalanceConfig, values.pop("lenbalance", None) or {})
     resume = _checked("resume_from_checkpoint", bool | str | None, values.pop("resume_from_checkpoint", None))
+    if CHECKPOINTING == "gradient_checkpointing" and "activation_checkpointing" in values:  # the new name, older
+        values["gradient_checkpointing"] = values.pop("activation_checkpointing")  # transformers
     if "gradient_checkpointing" not in values:  # TRL's default under transformers' new name: the old one warns
-        values.setdefault("activation_checkpointing", GRPOConfig.gradient_checkpointing)
+        values.setdefault(CHECKPOINTING, GRPOConfig.gradient_checkpointing)
     if not {"bf16", "fp16"} & values.keys() and (values.get("use_cpu") or not _cuda_available()):
         values["bf16"] = cpu_has_fast_bf16()  # TRL defaults to bf16, which is ~10x slower where the CPU emulates it
     training = _parse("top-level (GRPOConfig)", "", GRPOConfig, values, extra=SECTIONS)

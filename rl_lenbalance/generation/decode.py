@@ -13,6 +13,7 @@ reads the rows still in the batch. `exact_sampling` checks that the installed to
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from functools import cache
 
@@ -124,12 +125,22 @@ def prompt_then_completion(prompts: list[list[int]], completions: list[list[int]
             torch.cat([positions, positions[:, -1:] + generated_mask.cumsum(1)], 1))
 
 
+@cache
+def _generate_skips_left_pads() -> bool:
+    """Whether this transformers' `generate` leaves each row's left padding out of the repetition penalty."""
+    return "prompt_ignore_length" in inspect.getsource(GenerationMixin._get_logits_processor)
+
+
 def _logits_processor(config: GenerationConfig, attention_mask: torch.Tensor) -> LogitsProcessorList:
     """The processors `generate` builds for the SUPPORTED options, in its order (`_get_logits_processor`)."""
     processors = LogitsProcessorList()
     if config.repetition_penalty is not None and config.repetition_penalty != 1.0:
-        pad_lengths = (attention_mask != 0).int().argmax(dim=1)  # the left pads are not penalised
-        processors.append(RepetitionPenaltyLogitsProcessor(config.repetition_penalty, prompt_ignore_length=pad_lengths))
+        if _generate_skips_left_pads():
+            pad_lengths = (attention_mask != 0).int().argmax(dim=1)  # the left pads are not penalised
+            processors.append(RepetitionPenaltyLogitsProcessor(config.repetition_penalty,
+                                                               prompt_ignore_length=pad_lengths))
+        else:  # older transformers: every token of the row, its left pads too
+            processors.append(RepetitionPenaltyLogitsProcessor(penalty=config.repetition_penalty))
     if config.do_sample:
         if config.temperature is not None and config.temperature != 1.0:
             processors.append(TemperatureLogitsWarper(config.temperature))
