@@ -161,9 +161,11 @@ class GenerationOverrides:
         """Whether the engine draws each request's completion whatever the order and rank it is submitted in: greedy
         decoding, or vLLM requests seeded one by one. A sampling engine draws all requests from one random stream per
         rank (vLLM, continuous batching), so another order or rank would draw other completions than stock's."""
-        if self.use_vllm:
-            vllm, kwargs = self.vllm_generation, self.vllm_generation.generation_kwargs
-            return kwargs.get("temperature", vllm.temperature) == 0 or kwargs.get("seed") is not None
+        if self.use_vllm:  # TRL's `VLLMGeneration`: its sampling settings, then the generation kwargs over them
+            vllm = getattr(self, "vllm_generation", None)
+            kwargs = getattr(vllm, "generation_kwargs", None) or {}
+            temperature = kwargs.get("temperature", getattr(vllm, "temperature", self.temperature))
+            return temperature == 0 or kwargs.get("seed") is not None
         return getattr(self.generation_config, "do_sample", True) is False
 
     def _lenbalance_backend(self, stock_args: tuple, stock_kwargs: dict) -> Backend:
